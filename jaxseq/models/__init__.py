@@ -1,0 +1,1 @@
+"""Models built on the pure cells: classifier, captioning, seq2seq, forecasting."""

@@ -1,0 +1,237 @@
+"""The time loop: ``unroll`` over ``lax.scan`` with lengths, padding-aware reverse, bidirectional and stacking.
+
+Public tensors are batch-major ``[*batch, time, features]`` (``time_major=True`` takes
+``[time, *batch, features]``); the scan itself always runs time-major.
+
+Variable length: ``lengths`` ``int[*batch]`` marks each sequence's valid prefix. Padded steps keep the carry
+and emit zeros, so the final carry is each sequence's last valid one and a length-0 sequence returns its
+initial carry. ``reverse=True`` runs each sequence backwards *inside its own length*: the padding stays at the
+end and outputs stay aligned with their inputs (unlike a plain ``lax.scan(reverse=True)``).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxseq.cells import Cell
+
+MERGES = ("concat", "sum", "mean", "mul", None)
+
+
+def _describe(x) -> str:
+    return f"shape {tuple(np.shape(x))} and dtype {jnp.result_type(x)}"
+
+
+def check_sequence_inputs(params, carry, xs, lengths=None, *, time_major: bool = False) -> None:
+    """Raise a ``ValueError`` naming the argument if ``xs``, ``carry`` or ``lengths`` do not fit ``params``.
+
+    Runs at trace time on shapes and dtypes only, so errors appear before ``lax.scan`` is entered. Cells that
+    follow jaxseq's layout (input kernel ``params["U"]``) also get their feature size and dtype checked.
+    """
+    if np.ndim(xs) < 2:
+        raise ValueError(
+            f"xs must be a sequence of feature vectors, [batch, time, features] (or [time, features]); got "
+            f"{_describe(xs)}")
+    time_axis = 0 if time_major else np.ndim(xs) - 2
+    num_steps = np.shape(xs)[time_axis]
+    if num_steps == 0:
+        raise ValueError(f"xs has an empty time axis (axis {time_axis}) in {_describe(xs)}: nothing to unroll")
+    batch_shape = _batch_shape(xs, time_major)
+    if isinstance(params, Mapping) and "U" in params:
+        expected = params["U"].shape[0]
+        if np.shape(xs)[-1] != expected:
+            raise ValueError(
+                f"xs has {np.shape(xs)[-1]} features (last axis of {_describe(xs)}) but the cell's input kernel "
+                f"U {tuple(params['U'].shape)} expects {expected}")
+        if jnp.issubdtype(jnp.result_type(xs), jnp.floating) and jnp.result_type(xs) != params["U"].dtype:
+            raise ValueError(
+                f"xs has dtype {jnp.result_type(xs)} but the cell's params have dtype {params['U'].dtype}; cast one "
+                f"of them (e.g. xs.astype({params['U'].dtype.name}))")
+    for i, leaf in enumerate(jax.tree_util.tree_leaves(carry)):
+        if tuple(np.shape(leaf)[:-1]) != batch_shape:
+            raise ValueError(
+                f"carry leaf {i} has {_describe(leaf)} but xs {tuple(np.shape(xs))} has batch shape {batch_shape}; "
+                f"expected carry shape {(*batch_shape, np.shape(leaf)[-1] if np.ndim(leaf) else 'hidden')}")
+    if lengths is not None:
+        if tuple(np.shape(lengths)) != batch_shape:
+            raise ValueError(
+                f"lengths has shape {tuple(np.shape(lengths))} but xs {tuple(np.shape(xs))} has batch shape "
+                f"{batch_shape}; expected one length per sequence, shape {batch_shape}")
+        if not jnp.issubdtype(jnp.result_type(lengths), jnp.integer):
+            raise ValueError(f"lengths must be integers, got dtype {jnp.result_type(lengths)}")
+        if not isinstance(lengths, jax.core.Tracer):
+            values = np.asarray(lengths)
+            if values.size and (values.min() < 0 or values.max() > num_steps):
+                raise ValueError(
+                    f"lengths must lie in [0, {num_steps}] (the time axis of xs {tuple(np.shape(xs))}); got values "
+                    f"from {values.min()} to {values.max()}")
+
+
+def _batch_shape(xs, time_major: bool) -> tuple:
+    shape = tuple(np.shape(xs))
+    return shape[1:-1] if time_major else shape[:-2]
+
+
+def _mask_like(valid: jax.Array, leaf: jax.Array) -> jax.Array:
+    """Broadcast a ``[*batch]`` mask against a ``[*batch, ...]`` leaf."""
+    return valid.reshape(valid.shape + (1,) * (leaf.ndim - valid.ndim))
+
+
+def reverse_within_lengths(xs_t: jax.Array, lengths: jax.Array) -> jax.Array:
+    """Reverse each sequence of a time-major ``[time, *batch, ...]`` array inside its own length.
+
+    Position ``t < L`` maps to ``L - 1 - t``; padded positions stay where they are. The map is its own
+    inverse, so the same call un-reverses outputs.
+    """
+    num_steps = xs_t.shape[0]
+    t = jnp.arange(num_steps).reshape((num_steps,) + (1,) * lengths.ndim)
+    index = jnp.where(t < lengths, lengths - 1 - t, t)
+    index = index.reshape(index.shape + (1,) * (xs_t.ndim - index.ndim))
+    return jnp.take_along_axis(xs_t, index, axis=0)
+
+
+def unroll(apply: Callable, params, carry, xs, *, lengths=None, reverse: bool = False, unroll: int = 1,
+           time_major: bool = False):
+    """Run ``apply(params, carry, x_t) -> (carry, y_t)`` over the time axis of ``xs`` with ``lax.scan``.
+
+    Args:
+      apply: a cell's step function (``Cell.apply``) or any function of that shape.
+      params: the cell's parameter pytree.
+      carry: initial carry, leaves ``[*batch, hidden]`` (e.g. ``cell.init_carry(batch_shape, hidden)``).
+      xs: inputs ``[*batch, time, features]`` (``[time, *batch, features]`` if ``time_major``).
+      lengths: optional ``int[*batch]`` valid lengths in ``[0, time]``; padded steps keep the carry and emit
+        zeros. Checked when concrete; under ``jit`` a traced length outside the range is clipped into it.
+      reverse: run backwards in time (inside each sequence's length when ``lengths`` is given); outputs stay
+        aligned with their inputs.
+      unroll: steps per scan iteration, passed to ``lax.scan``.
+      time_major: whether ``xs`` and the returned ``ys`` put time first.
+
+    Returns:
+      ``(final_carry, ys)``: the carry after each sequence's last valid step and the outputs
+      ``[*batch, time, out]`` (time-major if ``time_major``).
+    """
+    xs = jnp.asarray(xs)
+    check_sequence_inputs(params, carry, xs, lengths, time_major=time_major)
+    xs_t = xs if time_major else jnp.moveaxis(xs, -2, 0)
+
+    if lengths is None:
+        carry, ys = lax.scan(lambda c, x: apply(params, c, x), carry, xs_t, reverse=reverse, unroll=unroll)
+    else:
+        num_steps = xs_t.shape[0]
+        lengths = jnp.clip(jnp.asarray(lengths, jnp.int32), 0, num_steps)
+        if reverse:
+            xs_t = reverse_within_lengths(xs_t, lengths)
+
+        def step(c, inputs):
+            x, t = inputs
+            valid = t < lengths
+            new_c, y = apply(params, c, x)
+            new_c = jax.tree_util.tree_map(lambda n, o: jnp.where(_mask_like(valid, n), n, o), new_c, c)
+            return new_c, jnp.where(_mask_like(valid, y), y, jnp.zeros((), y.dtype))
+
+        carry, ys = lax.scan(step, carry, (xs_t, jnp.arange(num_steps)), unroll=unroll)
+        if reverse:
+            ys = reverse_within_lengths(ys, lengths)
+    return carry, (ys if time_major else jnp.moveaxis(ys, 0, -2))
+
+
+_unroll = unroll  # `bidirectional` and `stacked` take an argument named `unroll`, which shadows the function.
+
+
+def merge_outputs(y_forward: jax.Array, y_backward: jax.Array, merge: str | None):
+    """Combine the two directions' outputs: concat (features), sum, mean, mul, or None for the pair."""
+    if merge == "concat":
+        return jnp.concatenate([y_forward, y_backward], axis=-1)
+    if merge == "sum":
+        return y_forward + y_backward
+    if merge == "mean":
+        return (y_forward + y_backward) / 2
+    if merge == "mul":
+        return y_forward * y_backward
+    if merge is None:
+        return y_forward, y_backward
+    raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
+
+
+def init_bidirectional(cell: Cell, key, input_size: int, hidden_size: int, dtype=jnp.float32) -> dict:
+    """Params ``{"forward": ..., "backward": ...}`` for ``bidirectional``."""
+    k_f, k_b = jax.random.split(key)
+    return {"forward": cell.init(k_f, input_size, hidden_size, dtype),
+            "backward": cell.init(k_b, input_size, hidden_size, dtype)}
+
+
+def bidirectional(cell: Cell, params, xs, *, lengths=None, merge: str | None = "concat", carry=None,
+                  unroll: int = 1, time_major: bool = False):
+    """Run ``cell`` forwards and, padding-aware, backwards over ``xs`` and merge the outputs.
+
+    Args:
+      params: ``{"forward": cell_params, "backward": cell_params}`` (see ``init_bidirectional``).
+      carry: optional ``(forward_carry, backward_carry)``; zeros by default.
+      merge: ``"concat"`` (``[..., 2 * hidden]``), ``"sum"``, ``"mean"``, ``"mul"``, or ``None`` for the pair.
+
+    Returns:
+      ``((forward_final, backward_final), ys)``; the backward final carry is the state after each sequence's
+      first element.
+    """
+    if merge not in MERGES:
+        raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
+    if carry is None:
+        batch_shape = _batch_shape(xs, time_major)
+        carry = tuple(cell.init_carry(batch_shape, params[d]["W"].shape[0], params[d]["W"].dtype)
+                      for d in ("forward", "backward"))
+    kwargs = dict(lengths=lengths, unroll=unroll, time_major=time_major)
+    c_f, y_f = _unroll(cell.apply, params["forward"], carry[0], xs, reverse=False, **kwargs)
+    c_b, y_b = _unroll(cell.apply, params["backward"], carry[1], xs, reverse=True, **kwargs)
+    return (c_f, c_b), merge_outputs(y_f, y_b, merge)
+
+
+_bidirectional = bidirectional  # `stacked` takes a flag named `bidirectional`.
+
+
+def init_stacked(cell: Cell, key, input_size: int, hidden_size: int, num_layers: int, *,
+                 bidirectional: bool = False, merge: str = "concat", dtype=jnp.float32) -> list:
+    """Params for ``stacked``: one entry per layer (``{"forward", "backward"}`` when bidirectional)."""
+    layers, size = [], input_size
+    for k in jax.random.split(key, num_layers):
+        if bidirectional:
+            layers.append(init_bidirectional(cell, k, size, hidden_size, dtype))
+            size = 2 * hidden_size if merge == "concat" else hidden_size
+        else:
+            layers.append(cell.init(k, size, hidden_size, dtype))
+            size = hidden_size
+    return layers
+
+
+def stacked(cell: Cell, layer_params: Sequence[Any], xs, *, lengths=None, bidirectional: bool = False,
+            merge: str = "concat", dropout_rate: float = 0.0, key=None, unroll: int = 1,
+            time_major: bool = False):
+    """Stack recurrent layers, each reading the previous layer's outputs, with dropout between layers.
+
+    Dropout (as PyTorch's ``nn.LSTM(dropout=...)``) applies to each layer's input except the first, so not
+    after the last layer. Pass ``key`` to enable it (training); ``key=None`` means deterministic.
+
+    Returns:
+      ``(final_carries, ys)``: a list with each layer's final carry and the last layer's outputs.
+    """
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"dropout_rate must lie in [0, 1), got {dropout_rate}")
+    if bidirectional and merge is None:
+        raise ValueError("stacked bidirectional layers need a merge mode that gives one output, not None")
+    carries, ys = [], xs
+    for layer, params in enumerate(layer_params):
+        if layer > 0 and dropout_rate > 0.0 and key is not None:
+            keep = jax.random.bernoulli(jax.random.fold_in(key, layer), 1.0 - dropout_rate, ys.shape)
+            ys = jnp.where(keep, ys / (1.0 - dropout_rate), jnp.zeros((), ys.dtype))
+        if bidirectional:
+            carry, ys = _bidirectional(cell, params, ys, lengths=lengths, merge=merge, unroll=unroll,
+                                       time_major=time_major)
+        else:
+            carry0 = cell.init_carry(_batch_shape(ys, time_major), params["W"].shape[0], params["W"].dtype)
+            carry, ys = _unroll(cell.apply, params, carry0, ys, lengths=lengths, unroll=unroll,
+                                  time_major=time_major)
+        carries.append(carry)
+    return carries, ys
