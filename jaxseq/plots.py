@@ -20,3 +20,125 @@ def save_figure(fig, path) -> pathlib.Path:
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
+
+# --- forecasting ---
+import numpy as np  # noqa: E402  (each section imports what it uses)
+
+
+def plot_forecast(dates, actual, forecasts: dict, path, *, title: str = "", ylabel: str = "price",
+                  zoom_days: int = 60) -> pathlib.Path:
+    """Test period: actual vs each forecast, full period on the left and the last ``zoom_days`` on the right.
+
+    Args:
+      dates: ``datetime64`` ``[N]`` of the forecast targets.
+      actual: true values ``[N]``.
+      forecasts: name -> ``[N]`` forecasts for the same dates; a name starting with "persistence" is drawn
+        dashed grey, so a model that merely lags the truth by a day is visible against it.
+    """
+    dates = np.asarray(dates, "datetime64[D]").astype("datetime64[ms]").astype(object)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw={"width_ratios": [2, 1]})
+    for ax, start in zip(axes, (0, max(0, len(dates) - zoom_days))):
+        ax.plot(dates[start:], np.asarray(actual)[start:], color="black", linewidth=1.4, label="actual")
+        for name, values in forecasts.items():
+            style = (dict(color="0.55", linestyle="--", linewidth=1.0) if name.startswith("persistence")
+                     else dict(linewidth=1.0))
+            ax.plot(dates[start:], np.asarray(values)[start:], label=name, **style)
+        ax.grid(alpha=0.3)
+        ax.tick_params(axis="x", labelrotation=30)
+    axes[0].set_ylabel(ylabel)
+    axes[0].set_title(title or "test period")
+    axes[1].set_title(f"last {min(zoom_days, len(dates))} days")
+    axes[0].legend(loc="best", fontsize=8)
+    return save_figure(fig, path)
+
+
+# --- training ---
+
+def loss_curve(train_steps, train_loss, path, *, eval_steps=None, eval_values=None, eval_label: str = "eval loss",
+               title: str | None = None) -> pathlib.Path:
+    """Training loss against step (and an eval metric at its steps), log-scaled when every value is positive.
+
+    Args:
+      train_steps, train_loss: `[records]` step and mean training loss of each metrics.jsonl train record.
+      path: the PNG to write.
+      eval_steps, eval_values: `[evals]` optional eval metric to draw on the same axes.
+      eval_label: legend text of the eval line.
+    """
+    train_steps, train_loss = list(train_steps), list(train_loss)
+    if len(train_steps) != len(train_loss):
+        raise ValueError(f"train_steps has {len(train_steps)} entries but train_loss has {len(train_loss)}")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(train_steps, train_loss, label="train loss", lw=1.2)
+    values = list(train_loss)
+    if eval_steps is not None and eval_values is not None:
+        ax.plot(list(eval_steps), list(eval_values), "o-", label=eval_label, ms=3, lw=1.2)
+        values += list(eval_values)
+    if values and min(values) > 0:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title or "training")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    return save_figure(fig, path)
+
+
+# --- gradients ---
+
+def plot_gradnorms(timesteps, measured, theory, path, *, theory_label: str = "theory",
+                   measured_label: str = "measured", extra: dict | None = None, title: str | None = None):
+    """Log-scale ``‖∂s_T/∂s_t‖`` against ``t`` with the theory overlaid (``extra``: more labelled curves)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.semilogy(timesteps, measured, "o-", ms=3, label=measured_label)
+    ax.semilogy(timesteps, theory, "k--", label=theory_label)
+    for label, values in (extra or {}).items():
+        ax.semilogy(timesteps, values, ":", label=label)
+    ax.set_xlabel("time step t")
+    ax.set_ylabel("Jacobian norm (log scale)")
+    ax.set_title(title or "gradient norm across time steps")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="best", fontsize=8)
+    return save_figure(fig, path)
+
+
+def plot_gradnorm_bands(distance, curves: dict, path, *, theory: dict | None = None, xlabel: str = "T - t",
+                        ylabel: str = "||dh_T/dh_t||_2 (log scale)", title: str | None = None):
+    """Median curves with a shaded band: ``curves[label] = (median, low, high)`` over seeds, each ``[n]``.
+
+    ``theory[label] = values`` are drawn dashed in the colour of the curve with the same label when there
+    is one (so a bound sits beside its measurement).
+    """
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    colours = {}
+    for label, (median, low, high) in curves.items():
+        (line,) = ax.semilogy(distance, median, label=label)
+        ax.fill_between(distance, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+        colours[label] = line.get_color()
+    for label, values in (theory or {}).items():
+        ax.semilogy(distance, values, "--", color=colours.get(label.split(" bound")[0].split(" theory")[0], "k"),
+                    linewidth=1, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title or "gradient norms: median and 10-90% band over seeds")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="best", fontsize=7)
+    return save_figure(fig, path)
+
+
+def plot_training_runs(runs: dict, path, *, metric: str = "loss", baseline: float | None = None,
+                       log_y: bool = True, xlabel: str = "training step", ylabel: str | None = None,
+                       title: str | None = None):
+    """One line per run: ``runs[label] = (steps, values)``; an optional dotted ``baseline`` level."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, (steps, values) in runs.items():
+        ax.plot(steps, values, label=label)
+    if baseline is not None:
+        ax.axhline(baseline, color="k", linestyle=":", linewidth=1, label=f"baseline {baseline:.3g}")
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel or metric)
+    ax.set_title(title or metric)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="best", fontsize=8)
+    return save_figure(fig, path)
