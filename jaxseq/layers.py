@@ -1,0 +1,472 @@
+"""Layer functions: a whole recurrent layer over ``xs`` ``[batch, time, features]`` in one call.
+
+``layers.lstm(params, xs, ...)`` is the path models call. It has several implementations with the same
+parameters (``jaxseq.cells.lstm.init``) and the same semantics as ``jaxseq.unroll(cells.lstm.apply, ...)``:
+
+* ``impl="scan"``: ``jaxseq.unroll`` over the cell; autodiff through ``lax.scan`` gives the backward pass.
+* ``impl="fused"``: a ``jax.custom_vjp`` whose backward pass is the hand-derived BPTT (the recursion of
+  ``jaxseq.bptt``): the reverse loop carries only ``(δh, δc)`` and emits ``δz_t``; the weight gradients
+  ``Σ_t [x_t, h_{t-1}]ᵀ δz_t`` and the input gradients ``δz_t Uᵀ`` are formed after the loop as single GEMMs
+  over all timesteps instead of one thin product per step (which is what autodiff through a scan does).
+* ``impl="cudnn"``: ``jax.experimental.rnn.lstm`` (cuDNN) on a CUDA GPU for float32; elsewhere it falls back
+  to ``"fused"``.
+* ``impl="auto"``: cuDNN on a CUDA GPU for float32 without a checkpoint policy, ``"fused"`` otherwise.
+
+Memory-bounded training: ``checkpoint="sqrt"`` (or an int segment length) keeps only the carries at segment
+boundaries in the forward pass and recomputes each segment in the backward pass, so activation memory grows
+like ``O(√T)`` segments plus one segment's worth instead of ``O(T)`` gate tensors. With ``impl="fused"`` the
+weight gradients are accumulated per segment (one GEMM per segment); with ``impl="scan"`` (and for the GRU
+and simple RNN) the segments are ``jax.checkpoint``-ed inner scans.
+
+``layers.gru`` and ``layers.rnn`` run on ``jaxseq.unroll`` (``impl="scan"``); they have no fused backward yet.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxseq import cells
+from jaxseq.cells import LSTMState
+from jaxseq.scan import _batch_shape, check_sequence_inputs, merge_outputs, reverse_within_lengths, unroll
+
+IMPLS = ("auto", "scan", "fused", "cudnn")
+# How the fused forward forms z_t = x_t U + h_{t-1} W + b (see `_choose_form`):
+#   "hoist":  xs U + b for all steps as one GEMM before the loop; only h W inside it.
+#   "step":   x_t U and h W as two products inside the loop.
+#   "concat": one product [x_t, h_{t-1}] [U; W] inside the loop.
+FORMS = ("hoist", "step", "concat")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Argument handling shared by the layers
+
+
+def _check_impl(impl: str, allowed=IMPLS) -> None:
+    if impl not in allowed:
+        raise ValueError(f"impl must be one of {allowed}, got {impl!r}")
+
+
+def _segment_length(checkpoint, num_steps: int) -> int | None:
+    """Segment length for a checkpoint policy: None (store everything), "sqrt", or a positive int."""
+    if checkpoint is None:
+        return None
+    if checkpoint == "sqrt":
+        return max(1, math.ceil(math.sqrt(num_steps)))
+    if isinstance(checkpoint, (int, np.integer)) and not isinstance(checkpoint, bool) and checkpoint >= 1:
+        return int(min(checkpoint, num_steps))
+    raise ValueError(f"checkpoint must be None, 'sqrt' or a positive int segment length, got {checkpoint!r}")
+
+
+def _prepare(cell, params, xs, carry, lengths):
+    xs = jnp.asarray(xs)
+    if carry is None:
+        if np.ndim(xs) < 2:
+            check_sequence_inputs(params, carry, xs, lengths)  # raises the rank error
+        carry = cell.init_carry(_batch_shape(xs, False), cells.hidden_size(params), params["W"].dtype)
+    check_sequence_inputs(params, carry, xs, lengths)
+    return xs, carry
+
+
+def _pad_time(x_t, total: int):
+    """Zero-pad a time-major array to ``total`` steps."""
+    extra = total - x_t.shape[0]
+    return x_t if extra == 0 else jnp.concatenate([x_t, jnp.zeros((extra, *x_t.shape[1:]), x_t.dtype)])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scan implementation (any cell), optionally checkpointed in segments
+
+
+def _scan_layer(apply: Callable, params, carry, xs, lengths, reverse: bool, segment: int | None):
+    """``jaxseq.unroll``; with ``segment``, a scan over ``jax.checkpoint``-ed segments of ``segment`` steps."""
+    if segment is None:
+        return unroll(apply, params, carry, xs, lengths=lengths, reverse=reverse)
+    num_steps = xs.shape[-2]
+    batch_shape = _batch_shape(xs, False)
+    lengths = (jnp.full(batch_shape, num_steps, jnp.int32) if lengths is None
+               else jnp.clip(jnp.asarray(lengths, jnp.int32), 0, num_steps))
+    xs_t = jnp.moveaxis(xs, -2, 0)
+    if reverse:
+        xs_t = reverse_within_lengths(xs_t, lengths)
+    n = -(-num_steps // segment)
+    xs_seg = _pad_time(xs_t, n * segment).reshape(n, segment, *xs_t.shape[1:])
+
+    def valid_mask(t, leaf):
+        valid = t < lengths
+        return valid.reshape(valid.shape + (1,) * (leaf.ndim - valid.ndim))
+
+    @jax.checkpoint
+    def run_segment(c, seg):
+        x_seg, k = seg
+
+        def step(c, inp):
+            x, t = inp
+            new_c, y = apply(params, c, x)
+            new_c = jax.tree_util.tree_map(lambda a, b: jnp.where(valid_mask(t, a), a, b), new_c, c)
+            return new_c, jnp.where(valid_mask(t, y), y, jnp.zeros((), y.dtype))
+
+        return lax.scan(step, c, (x_seg, k * segment + jnp.arange(segment)))
+
+    carry, ys = lax.scan(run_segment, carry, (xs_seg, jnp.arange(n)))
+    ys = ys.reshape(n * segment, *ys.shape[2:])[:num_steps]
+    if reverse:
+        ys = reverse_within_lengths(ys, lengths)
+    return carry, jnp.moveaxis(ys, 0, -2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fused LSTM: custom VJP whose backward pass is the hand BPTT
+
+
+def _lstm_activations(z):
+    """Gate activations ``[i, f, g, o]`` (``[..., 4H]``) from pre-activations ``z``."""
+    i, f, g, o = jnp.split(z, 4, axis=-1)
+    return jnp.concatenate([jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)], axis=-1)
+
+
+def _forward_loop(form: str, U, W, b, h0, c0, xs_t, valid_t, save: bool):
+    """Run the LSTM over time-major ``xs_t`` ``[T, B, I]``.
+
+    ``valid_t`` is ``bool[T, B]`` or None (all steps valid). Returns ``(h, c, ys, saved)`` where ``ys`` is
+    ``[T, B, H]`` (zeros at invalid steps) and, if ``save``, ``saved = (acts [T, B, 4H], cs [T, B, H])``
+    with the gate activations and cell states the backward pass needs.
+    """
+    hidden = W.shape[0]
+    if form == "hoist":
+        num_steps, batch = xs_t.shape[:2]
+        inputs = (xs_t.reshape(num_steps * batch, -1) @ U + b).reshape(num_steps, batch, 4 * hidden)
+    else:
+        inputs = xs_t
+    UW = jnp.concatenate([U, W], axis=0) if form == "concat" else None
+
+    def step(carry, inp):
+        h, c = carry
+        x, valid = inp if valid_t is not None else (inp, None)
+        if form == "hoist":
+            z = x + h @ W
+        elif form == "step":
+            z = x @ U + h @ W + b
+        else:
+            z = jnp.concatenate([x, h], axis=-1) @ UW + b
+        acts = _lstm_activations(z)
+        i, f, g, o = jnp.split(acts, 4, axis=-1)
+        c_new = f * c + i * g
+        h_new = o * jnp.tanh(c_new)
+        if valid is not None:
+            keep = valid[:, None]
+            c_new = jnp.where(keep, c_new, c)
+            h_new = jnp.where(keep, h_new, h)
+            y = jnp.where(keep, h_new, jnp.zeros((), h_new.dtype))
+        else:
+            y = h_new
+        out = (y, acts, c_new) if save else y
+        return (h_new, c_new), out
+
+    (h, c), out = lax.scan(step, (h0, c0), inputs if valid_t is None else (inputs, valid_t))
+    if save:
+        ys, acts, cs = out
+        return h, c, ys, (acts, cs)
+    return h, c, out, None
+
+
+def _backward_loop(WT, acts, cs, c0, dys, valid_t, dh, dc):
+    """The LSTM BPTT recursion over one stretch of time, newest step first.
+
+    Args:
+      WT: ``W.T`` ``[4H, H]``.
+      acts, cs: the forward's saved gate activations ``[T, B, 4H]`` and cell states ``[T, B, H]``.
+      c0: the cell state before the stretch ``[B, H]``.
+      dys: output cotangents ``[T, B, H]``; valid_t: ``bool[T, B]`` or None.
+      dh, dc: cotangents of the carry after the stretch.
+
+    Returns:
+      ``(dh, dc, dz)``: carry cotangents before the stretch and ``δz_t`` ``[T, B, 4H]`` (zero at invalid steps).
+    """
+    c_prev = jnp.concatenate([c0[None], cs[:-1]], axis=0)
+
+    def step(carry, inp):
+        dh, dc = carry
+        if valid_t is not None:
+            a, c, cp, dy, valid = inp
+        else:
+            (a, c, cp, dy), valid = inp, None
+        i, f, g, o = jnp.split(a, 4, axis=-1)
+        dh_t = dh + dy
+        tc = jnp.tanh(c)
+        dc_t = dc + dh_t * o * (1 - tc * tc)
+        dz = jnp.concatenate([dc_t * g * i * (1 - i), dc_t * cp * f * (1 - f), dc_t * i * (1 - g * g),
+                              dh_t * tc * o * (1 - o)], axis=-1)
+        dh_new = dz @ WT
+        dc_new = dc_t * f
+        if valid is not None:
+            keep = valid[:, None]
+            dz = jnp.where(keep, dz, jnp.zeros((), dz.dtype))
+            dh_new = jnp.where(keep, dh_new, dh)
+            dc_new = jnp.where(keep, dc_new, dc)
+        return (dh_new, dc_new), dz
+
+    inputs = (acts, cs, c_prev, dys) if valid_t is None else (acts, cs, c_prev, dys, valid_t)
+    (dh, dc), dz = lax.scan(step, (dh, dc), inputs, reverse=True)
+    return dh, dc, dz
+
+
+def _gemm_t(a, b):
+    """``Σ_t a_tᵀ b_t`` for time-major ``[T, B, m]`` and ``[T, B, n]``: one GEMM over all ``T·B`` rows."""
+    return a.reshape(-1, a.shape[-1]).T @ b.reshape(-1, b.shape[-1])
+
+
+def _weight_grads(xs_t, h_prev, dz):
+    return _gemm_t(xs_t, dz), _gemm_t(h_prev, dz), dz.sum(axis=(0, 1))
+
+
+def _valid(lengths, num_steps: int):
+    if lengths is None:
+        return None
+    return jnp.arange(num_steps)[:, None] < lengths[None, :]
+
+
+def _h_prev(h0, ys):
+    # Outputs are zero at invalid steps, but every step whose δz is nonzero is valid and so is its
+    # predecessor (validity is a prefix), so the outputs shifted by one are the previous hidden states there.
+    return jnp.concatenate([h0[None], ys[:-1]], axis=0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fused_lstm(form, segment, U, W, b, h0, c0, xs_t, lengths):
+    h, c, ys = _fused_lstm_fwd(form, segment, U, W, b, h0, c0, xs_t, lengths)[0]
+    return h, c, ys
+
+
+def _fused_lstm_fwd(form, segment, U, W, b, h0, c0, xs_t, lengths):
+    num_steps = xs_t.shape[0]
+    if segment is None:
+        valid_t = _valid(lengths, num_steps)
+        h, c, ys, (acts, cs) = _forward_loop(form, U, W, b, h0, c0, xs_t, valid_t, save=True)
+        return (h, c, ys), (U, W, h0, c0, xs_t, lengths, ys, acts, cs)
+    # Checkpointed: keep the carry at each segment start, nothing else per step.
+    n = -(-num_steps // segment)
+    xs_seg = _pad_time(xs_t, n * segment).reshape(n, segment, *xs_t.shape[1:])
+    lengths_eff = lengths if lengths is not None or n * segment == num_steps else \
+        jnp.full(xs_t.shape[1:2], num_steps, jnp.int32)
+
+    def run_segment(carry, seg):
+        x_seg, k = seg
+        valid = None if lengths_eff is None else _valid(lengths_eff - k * segment, segment)
+        h, c, ys, _ = _forward_loop(form, U, W, b, *carry, x_seg, valid, save=False)
+        return (h, c), (carry, ys)
+
+    (h, c), (starts, ys) = lax.scan(run_segment, (h0, c0), (xs_seg, jnp.arange(n)))
+    ys = ys.reshape(n * segment, *ys.shape[2:])[:num_steps]
+    return (h, c, ys), (U, W, b, starts, xs_t, lengths_eff)
+
+
+def _fused_lstm_bwd(form, segment, res, cotangents):
+    dh, dc, dys = cotangents
+    if segment is None:
+        U, W, h0, c0, xs_t, lengths, ys, acts, cs = res
+        valid_t = _valid(lengths, xs_t.shape[0])
+        dh0, dc0, dz = _backward_loop(W.T, acts, cs, c0, dys, valid_t, dh, dc)
+        dU, dW, db = _weight_grads(xs_t, _h_prev(h0, ys), dz)
+        dxs = (dz.reshape(-1, dz.shape[-1]) @ U.T).reshape(xs_t.shape)
+        return dU, dW, db, dh0, dc0, dxs, None
+    U, W, b, starts, xs_t, lengths = res
+    num_steps = xs_t.shape[0]
+    n = starts[0].shape[0]
+    xs_seg = _pad_time(xs_t, n * segment).reshape(n, segment, *xs_t.shape[1:])
+    dys_seg = _pad_time(dys, n * segment).reshape(n, segment, *dys.shape[1:])
+    WT, UT = W.T, U.T
+
+    def segment_bwd(carry, seg):
+        dh, dc, dU, dW, db = carry
+        x_seg, dy_seg, h0, c0, k = seg
+        valid = None if lengths is None else _valid(lengths - k * segment, segment)
+        _, _, ys, (acts, cs) = _forward_loop(form, U, W, b, h0, c0, x_seg, valid, save=True)
+        dh, dc, dz = _backward_loop(WT, acts, cs, c0, dy_seg, valid, dh, dc)
+        gU, gW, gb = _weight_grads(x_seg, _h_prev(h0, ys), dz)
+        dx = (dz.reshape(-1, dz.shape[-1]) @ UT).reshape(x_seg.shape)
+        return (dh, dc, dU + gU, dW + gW, db + gb), dx
+
+    zeros = (jnp.zeros_like(U), jnp.zeros_like(W), jnp.zeros_like(b))
+    (dh0, dc0, dU, dW, db), dxs = lax.scan(
+        segment_bwd, (dh, dc, *zeros), (xs_seg, dys_seg, starts[0], starts[1], jnp.arange(n)), reverse=True)
+    dxs = dxs.reshape(n * segment, *xs_t.shape[1:])[:num_steps]
+    return dU, dW, db, dh0, dc0, dxs, None
+
+
+_fused_lstm.defvjp(_fused_lstm_fwd, _fused_lstm_bwd)
+
+
+def _choose_form(batch: int, input_size: int, hidden: int, num_steps: int) -> str:
+    """Where z_t's input product goes, by shape (measured on a 2-core x86 CPU, see benchmarks/RESULTS.md).
+
+    Hoisting ``xs U`` out of the loop turns ``T`` thin products into one tall GEMM, which pays off when the
+    per-step products are matrix-vector sized (batch 1), but at larger batches XLA:CPU runs the two
+    per-step products at a better rate than it streams the hoisted ``[T, B, 4H]`` tensor back through
+    the loop.
+    """
+    del input_size, hidden, num_steps
+    return "hoist" if batch <= 8 else "step"
+
+
+def _run_fused(params, carry, xs, lengths, reverse, segment, form):
+    batch_shape = _batch_shape(xs, False)
+    hidden = cells.hidden_size(params)
+    num_steps, in_size = xs.shape[-2], xs.shape[-1]
+    # Flatten any leading batch dimensions into one: the loops work on [T, B, ...].
+    batch = int(np.prod(batch_shape)) if batch_shape else 1
+    xs_t = jnp.moveaxis(xs.reshape(batch, num_steps, in_size), 1, 0)
+    h0 = carry.h.reshape(batch, hidden)
+    c0 = carry.c.reshape(batch, hidden)
+    if lengths is not None:
+        lengths = jnp.clip(jnp.asarray(lengths, jnp.int32), 0, num_steps).reshape(batch)
+    if reverse:
+        xs_t = (jnp.flip(xs_t, 0) if lengths is None else reverse_within_lengths(xs_t, lengths))
+    form = form or _choose_form(batch, in_size, hidden, num_steps)
+    h, c, ys = _fused_lstm(form, segment, params["U"], params["W"], params["b"], h0, c0, xs_t, lengths)
+    if reverse:
+        ys = jnp.flip(ys, 0) if lengths is None else reverse_within_lengths(ys, lengths)
+    ys = jnp.moveaxis(ys, 0, 1).reshape(*batch_shape, num_steps, hidden)
+    return LSTMState(h.reshape(*batch_shape, hidden), c.reshape(*batch_shape, hidden)), ys
+
+
+# ----------------------------------------------------------------------------------------------------------
+# cuDNN LSTM (jax.experimental.rnn), CUDA GPUs only
+
+
+def _cudnn_available(xs, params) -> bool:
+    """Whether ``jax.experimental.rnn`` can run this call: float32 on a CUDA GPU default backend."""
+    if xs.dtype != jnp.float32 or params["W"].dtype != jnp.float32 or jax.default_backend() != "gpu":
+        return False
+    # jax reports both CUDA and ROCm devices as "gpu"; the cuDNN lowering is the one tested here.
+    return "rocm" not in str(getattr(jax.devices()[0].client, "platform_version", "")).lower()
+
+
+def to_cudnn_weights(params) -> jax.Array:
+    """Pack jaxseq LSTM params into cuDNN's flat vector for one layer, one direction.
+
+    cuDNN (and ``jax.experimental.rnn``) stores ``W_ih [4H, I]`` (= ``U.T``), ``W_hh [4H, H]`` (= ``W.T``),
+    then ``b_ih`` and ``b_hh`` (``b`` and zeros), gates i, f, g, o as jaxseq.
+    """
+    b = params["b"]
+    return jnp.concatenate([params["U"].T.reshape(-1), params["W"].T.reshape(-1), b, jnp.zeros_like(b)])
+
+
+def _run_cudnn(params, carry, xs, lengths, reverse):
+    from jax.experimental import rnn as jrnn  # imported here: only the cuDNN path needs it
+
+    batch_shape = _batch_shape(xs, False)
+    hidden = cells.hidden_size(params)
+    num_steps, in_size = xs.shape[-2], xs.shape[-1]
+    batch = int(np.prod(batch_shape)) if batch_shape else 1
+    xs = xs.reshape(batch, num_steps, in_size)
+    h0 = carry.h.reshape(batch, hidden)
+    c0 = carry.c.reshape(batch, hidden)
+    full = lengths is None
+    lengths = (jnp.full((batch,), num_steps, jnp.int32) if full
+               else jnp.clip(jnp.asarray(lengths, jnp.int32), 0, num_steps).reshape(batch))
+    if reverse:
+        xs = jnp.swapaxes(reverse_within_lengths(jnp.swapaxes(xs, 0, 1), lengths), 0, 1)
+    # cuDNN fails on zero-length sequences (jax-ml/jax#17966): run them as length 1 and restore the initial
+    # carry and zero outputs afterwards, which also gives them zero gradient through cuDNN.
+    empty = lengths == 0
+    ys, h, c = jrnn.lstm(xs, h0[None], c0[None], to_cudnn_weights(params), jnp.maximum(lengths, 1),
+                         input_size=in_size, hidden_size=hidden, num_layers=1, dropout=0.0,
+                         bidirectional=False, precision=lax.Precision.HIGHEST)
+    h = jnp.where(empty[:, None], h0, h[0])
+    c = jnp.where(empty[:, None], c0, c[0])
+    if not full:
+        ys = jnp.where((jnp.arange(num_steps)[None, :] < lengths[:, None])[..., None], ys, 0.0)
+    if reverse:
+        ys = jnp.swapaxes(reverse_within_lengths(jnp.swapaxes(ys, 0, 1), lengths), 0, 1)
+    ys = ys.reshape(*batch_shape, num_steps, hidden)
+    return LSTMState(h.reshape(*batch_shape, hidden), c.reshape(*batch_shape, hidden)), ys
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public layers
+
+
+def lstm(params, xs, *, carry=None, lengths=None, reverse: bool = False, impl: str = "auto",
+         checkpoint=None, form: str | None = None):
+    """An LSTM layer over ``xs`` ``[*batch, time, features]`` (params from ``jaxseq.cells.lstm.init``).
+
+    Same results as ``jaxseq.unroll(cells.lstm.apply, params, carry, xs, lengths=..., reverse=...)``.
+
+    Args:
+      params: ``{"U": [I, 4H], "W": [H, 4H], "b": [4H]}``, gates i, f, g, o.
+      xs: inputs ``[*batch, time, features]``.
+      carry: initial ``LSTMState(h, c)``, each ``[*batch, hidden]``; zeros by default.
+      lengths: optional ``int[*batch]`` valid lengths in ``[0, time]``; padded steps keep the carry and emit
+        zeros, ``reverse`` runs inside each length.
+      reverse: run backwards in time (outputs stay aligned with inputs).
+      impl: ``"auto"``, ``"scan"``, ``"fused"`` or ``"cudnn"`` (see the module docstring). ``"cudnn"`` falls back
+        to ``"fused"`` off CUDA, for dtypes other than float32, and when ``checkpoint`` is set.
+      checkpoint: ``None`` (store what the backward pass needs for every step), ``"sqrt"`` (segments of
+        ``ceil(√time)`` steps) or an int segment length: store only segment-start carries and recompute each
+        segment in the backward pass (about one extra forward pass of time for ``O(√T)`` memory).
+      form: fused path only, where the input product goes: ``"hoist"``, ``"step"`` or ``"concat"`` (see
+        ``FORMS``); None picks by shape.
+
+    Returns:
+      ``(final_carry, ys)``: ``LSTMState`` after each sequence's last valid step, outputs ``[*batch, time, H]``.
+    """
+    _check_impl(impl)
+    if form is not None and form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS} or None, got {form!r}")
+    xs, carry = _prepare(cells.lstm, params, xs, carry, lengths)
+    carry = LSTMState(*carry)
+    segment = _segment_length(checkpoint, xs.shape[-2])
+    if impl == "scan":
+        return _scan_layer(cells.lstm.apply, params, carry, xs, lengths, reverse, segment)
+    if impl in ("auto", "cudnn") and segment is None and _cudnn_available(xs, params):
+        return _run_cudnn(params, carry, xs, lengths, reverse)
+    return _run_fused(params, carry, xs, lengths, reverse, segment, form)
+
+
+def _scan_only_layer(cell, params, xs, carry, lengths, reverse, impl, checkpoint):
+    _check_impl(impl, ("auto", "scan"))
+    xs, carry = _prepare(cell, params, xs, carry, lengths)
+    return _scan_layer(cell.apply, params, carry, xs, lengths, reverse, _segment_length(checkpoint, xs.shape[-2]))
+
+
+def gru(params, xs, *, carry=None, lengths=None, reverse: bool = False, impl: str = "auto", checkpoint=None):
+    """A GRU layer (params from ``jaxseq.cells.gru.init``) over ``xs`` ``[*batch, time, features]``.
+
+    Arguments and results as ``lstm``; the carry is ``h`` ``[*batch, hidden]``. Only ``impl="scan"`` exists
+    (``"auto"`` selects it); ``checkpoint`` works as for ``lstm``.
+    """
+    return _scan_only_layer(cells.gru, params, xs, carry, lengths, reverse, impl, checkpoint)
+
+
+def rnn(params, xs, *, carry=None, lengths=None, reverse: bool = False, impl: str = "auto", checkpoint=None,
+        activation: str = "tanh"):
+    """The chapter's simple RNN layer (params from ``jaxseq.cells.rnn.init``), tanh or relu.
+
+    Arguments and results as ``lstm``; the carry is ``s`` ``[*batch, hidden]``. Only ``impl="scan"`` exists.
+    """
+    cell = cells.make_rnn(activation)
+    return _scan_only_layer(cell, params, xs, carry, lengths, reverse, impl, checkpoint)
+
+
+def bidirectional(layer: Callable, params, xs, *, lengths=None, merge: str | None = "concat", carry=None,
+                  **kwargs):
+    """Run ``layer`` (``lstm``, ``gru`` or ``rnn``) forwards and padding-aware backwards and merge outputs.
+
+    Args:
+      params: ``{"forward": ..., "backward": ...}`` (``jaxseq.scan.init_bidirectional``).
+      carry: optional ``(forward_carry, backward_carry)``.
+      kwargs: passed to both directions (``impl``, ``checkpoint``, ...).
+
+    Returns:
+      ``((forward_final, backward_final), ys)`` as ``jaxseq.bidirectional``.
+    """
+    carry = (None, None) if carry is None else carry
+    c_f, y_f = layer(params["forward"], xs, carry=carry[0], lengths=lengths, reverse=False, **kwargs)
+    c_b, y_b = layer(params["backward"], xs, carry=carry[1], lengths=lengths, reverse=True, **kwargs)
+    return (c_f, c_b), merge_outputs(y_f, y_b, merge)
