@@ -1,0 +1,64 @@
+"""GloVe text vectors (``glove.6B.<d>d.txt``: ``word v1 v2 ... vd`` a line) into a frozen embedding matrix.
+
+As in the chapter (section 18.5), row ``i`` of the matrix is the GloVe vector of ``vocab.words[i]``; words
+GloVe does not know, and the padding row 0, stay zero. The model keeps the matrix frozen (no gradient).
+"""
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+
+
+def load_vectors(path, *, words=None) -> dict[str, np.ndarray]:
+    """Read a GloVe text file into ``{word: float32[d]}``, keeping only ``words`` when given.
+
+    Lines whose field count differs from the first line's (e.g. a truncated last line) raise a ValueError
+    naming the line, except a final line with no newline, which is skipped as cut off.
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GloVe file {str(path)!r} does not exist")
+    wanted = None if words is None else set(words)
+    vectors: dict[str, np.ndarray] = {}
+    dim = None
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    for number, line in enumerate(lines, start=1):
+        fields = line.rstrip("\n").rstrip(" ").split(" ")
+        if len(fields) < 2:
+            continue
+        if dim is None:
+            dim = len(fields) - 1
+        if len(fields) - 1 != dim:
+            if number == len(lines) and not line.endswith("\n"):
+                break  # a truncated copy without a final newline: the last line may be cut off
+            raise ValueError(f"{path.name} line {number}: {len(fields) - 1} numbers, expected {dim}")
+        word = fields[0]
+        if wanted is None or word in wanted:
+            vectors[word] = np.asarray(fields[1:], np.float32)
+    if dim is None:
+        raise ValueError(f"GloVe file {str(path)!r} has no vectors")
+    return vectors
+
+
+def embedding_matrix(path, vocab) -> tuple[np.ndarray, int]:
+    """``(float32[len(vocab), d], found)``: GloVe rows in vocabulary order, zeros for unknown words.
+
+    Args:
+      vocab: a ``jaxseq.data.text.Vocab`` (or any sequence of words, index 0 being padding).
+    Returns:
+      The matrix and how many vocabulary words GloVe knew.
+    """
+    words = list(getattr(vocab, "words", vocab))
+    vectors = load_vectors(path, words=words)
+    dim = len(next(iter(vectors.values()))) if vectors else len(
+        next(iter(load_vectors(path).values())))
+    matrix = np.zeros((len(words), dim), np.float32)
+    found = 0
+    for i, word in enumerate(words):
+        if i == 0 or word not in vectors:
+            continue
+        matrix[i] = vectors[word]
+        found += 1
+    return matrix, found
