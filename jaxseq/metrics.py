@@ -73,3 +73,52 @@ def forecast_report(last, actual, predicted, naive, *, directional: bool = True)
         "rel_rmse": rmse(actual, predicted) / rmse(actual, naive),
         "directional_accuracy": directional_accuracy(last, actual, predicted) if directional else None,
     }
+
+
+# --- translation ---
+import numpy as np  # noqa: E402,F811  (each section imports what it uses)
+
+
+def corpus_bleu(hypotheses, references) -> tuple[float, str]:
+    """sacreBLEU on detokenised text (13a tokenisation, mixed case): ``(score 0-100, signature)``.
+
+    ``hypotheses`` and ``references`` are lists of strings, one reference per hypothesis.
+    """
+    import sacrebleu
+
+    if len(hypotheses) != len(references):
+        raise ValueError(f"got {len(hypotheses)} hypotheses but {len(references)} references")
+    bleu = sacrebleu.BLEU()
+    return float(bleu.corpus_score(list(hypotheses), [list(references)]).score), str(bleu.get_signature())
+
+
+def tokenized_bleu(hypotheses, references) -> float:
+    """BLEU on already-tokenised text (lists of tokens), no re-tokenisation: what ``multi-bleu.perl`` and
+    the published IWSLT'15 numbers (Luong & Manning 23.3, TF NMT 26.1 on tst2013) count. Not comparable to
+    sacreBLEU's detokenised score."""
+    import sacrebleu
+
+    if len(hypotheses) != len(references):
+        raise ValueError(f"got {len(hypotheses)} hypotheses but {len(references)} references")
+    bleu = sacrebleu.BLEU(tokenize="none", force=True)
+    return float(bleu.corpus_score([" ".join(h) for h in hypotheses],
+                                   [[" ".join(r) for r in references]]).score)
+
+
+def bleu_by_length(hypotheses, references, source_lengths, edges) -> list[dict]:
+    """sacreBLEU per source-length bin: bins ``[edges[i], edges[i+1])``, the last one open-ended.
+
+    Returns one ``{"bin": "5-6", "lo", "hi", "sentences", "bleu"}`` per non-empty bin.
+    """
+    lengths = np.asarray(source_lengths)
+    rows = []
+    for i, lo in enumerate(edges):
+        hi = edges[i + 1] if i + 1 < len(edges) else None
+        pick = np.flatnonzero((lengths >= lo) & ((lengths < hi) if hi is not None else True))
+        if len(pick) == 0:
+            continue
+        score, _ = corpus_bleu([hypotheses[j] for j in pick], [references[j] for j in pick])
+        label = f"{lo}+" if hi is None else (f"{lo}" if hi == lo + 1 else f"{lo}-{hi - 1}")
+        rows.append({"bin": label, "lo": int(lo), "hi": None if hi is None else int(hi - 1),
+                     "sentences": int(len(pick)), "bleu": score})
+    return rows

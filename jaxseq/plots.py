@@ -142,3 +142,41 @@ def plot_training_runs(runs: dict, path, *, metric: str = "loss", baseline: floa
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="best", fontsize=8)
     return save_figure(fig, path)
+
+
+# --- translation ---
+
+def attention_map(weights, source_tokens, target_tokens, path, *, title: str | None = None):
+    """The chapter's attention grid: ``weights [target, source]`` (row t = where target word t looked).
+
+    Source words label the columns, generated target words the rows; each row sums to 1.
+    """
+    weights = np.asarray(weights)
+    if weights.shape != (len(target_tokens), len(source_tokens)):
+        raise ValueError(f"weights must be [target={len(target_tokens)}, source={len(source_tokens)}], "
+                         f"got {weights.shape}")
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * len(source_tokens), 1.0 + 0.45 * len(target_tokens)))
+    image = ax.imshow(weights, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+    ax.set_xticks(range(len(source_tokens)), source_tokens, rotation=60, ha="right")
+    ax.set_yticks(range(len(target_tokens)), target_tokens)
+    ax.set_xlabel("source")
+    ax.set_ylabel("output")
+    fig.colorbar(image, ax=ax, fraction=0.04)
+    if title:
+        ax.set_title(title)
+    return save_figure(fig, path)
+
+
+def bleu_vs_length(curves: dict, path, *, title: str = "BLEU against source length"):
+    """One line per model: ``curves[label] = rows`` from ``metrics.bleu_by_length``."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for label, rows in curves.items():
+        ax.plot(range(len(rows)), [r["bleu"] for r in rows], marker="o", label=label)
+        ticks = [f"{r['bin']}\n(n={r['sentences']})" for r in rows]
+    ax.set_xticks(range(len(ticks)), ticks, fontsize=7)
+    ax.set_xlabel("source length (tokens)")
+    ax.set_ylabel("sacreBLEU")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
