@@ -345,7 +345,12 @@ class ForecastData:
 
     def windows(self, part: str) -> tuple[np.ndarray, np.ndarray]:
         """Scaled windows of a split: ``x`` float32 ``[N, lookback, columns]``, ``y`` float32 ``[N, horizon]``."""
-        x, y = make_windows(self.scaled, self.scaled[:, 0], self.origins(part), self.lookback, self.horizon)
+        return self.windows_at(self.origins(part))
+
+    def windows_at(self, origins: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Scaled windows at given origins (targets past the last day are NaN)."""
+        padded = np.concatenate([self.scaled, np.full((self.horizon, self.scaled.shape[1]), np.nan)])
+        x, y = make_windows(padded, padded[:, 0], origins, self.lookback, self.horizon)
         return x.astype(np.float32), y.astype(np.float32)
 
     def actual_prices(self, origins: np.ndarray) -> np.ndarray:

@@ -1,0 +1,104 @@
+"""``jaxseq forecast``: train a recurrent forecaster on a daily CSV and compare it with the baselines.
+
+    jaxseq forecast train                      # embedded BTC-USD Close, LSTM, log returns, 1 day ahead
+    jaxseq forecast train --csv FILE --column Close --model {rnn,lstm,gru,bilstm} --lookback 60 \\
+        --horizon 1 --epochs N --seed S --out DIR
+    jaxseq forecast predict --run DIR [--csv FILE] --steps K
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("forecast", help="forecast a daily series (Bitcoin by default)",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    train = actions.add_parser("train", help="train a model, score it and the baselines on the test period")
+    data = train.add_argument_group("data")
+    data.add_argument("--csv", help="daily CSV with a header (default: the embedded BTC-USD file)")
+    data.add_argument("--column", default="Close", help="column to forecast (default Close)")
+    data.add_argument("--date-column", default="Date", help="column with YYYY-MM-DD dates (default Date)")
+    data.add_argument("--features", default="", help="comma-separated extra input columns, e.g. Volume")
+    data.add_argument("--fill", default="error", choices=("error", "ffill", "drop", "interpolate"),
+                      help="missing cells: raise naming line and column (default), or fill them this way")
+    data.add_argument("--sort-dates", action="store_true", help="sort rows by date instead of raising")
+    data.add_argument("--target", default="log_return", choices=("price", "log_price", "log_return"),
+                      help="what the model predicts (default log_return); metrics are always on price")
+    data.add_argument("--lookback", type=int, default=60, help="days of history per window (default 60)")
+    data.add_argument("--horizon", type=int, default=1, help="days ahead (default 1)")
+    data.add_argument("--val-fraction", type=float, default=0.15)
+    data.add_argument("--test-fraction", type=float, default=0.15)
+    model = train.add_argument_group("model")
+    model.add_argument("--model", default="lstm", choices=("rnn", "lstm", "gru", "bilstm"))
+    model.add_argument("--hidden", type=int, default=32, help="units per layer and direction (default 32)")
+    model.add_argument("--layers", type=int, default=1, help="stacked recurrent layers (default 1)")
+    model.add_argument("--dropout", type=float, default=0.0, help="dropout between stacked layers")
+    model.add_argument("--multi-step", default="direct", choices=("direct", "recursive"),
+                       help="direct: one head of HORIZON outputs; recursive: a 1-day model fed its own forecasts")
+    model.add_argument("--residual", action="store_true", help="forecast the change from the last value")
+    loop = train.add_argument_group("training")
+    loop.add_argument("--epochs", type=int, default=20)
+    loop.add_argument("--batch-size", type=int, default=32)
+    loop.add_argument("--lr", type=float, default=1e-3)
+    loop.add_argument("--seed", type=int, default=0)
+    loop.add_argument("--out", help="run folder (default runs/forecast-<data>-<model>-<target>-h<H>-seed<S>); "
+                                    "an existing run there is resumed")
+    loop.add_argument("--restart", action="store_true", help="ignore an existing run in --out and start over")
+    loop.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(run=run_train)
+
+    predict = actions.add_parser("predict", help="forecast the next K values after the series ends")
+    predict.add_argument("--run", dest="run_dir", metavar="DIR", required=True, help="a folder written by `jaxseq forecast train`")
+    predict.add_argument("--csv", help="read this CSV instead of the one the run was trained on")
+    predict.add_argument("--steps", type=int, default=1, help="days ahead to forecast (default 1)")
+    predict.set_defaults(run=run_predict)
+
+
+def run_train(args) -> int:
+    from jaxseq.models.forecasting import ForecastConfig, train_and_evaluate
+    from jaxseq.training import TrainConfig
+
+    features = tuple(name.strip() for name in args.features.split(",") if name.strip())
+    config = ForecastConfig(csv=args.csv, column=args.column, date_column=args.date_column, features=features,
+                            fill=args.fill, sort_dates=args.sort_dates, target=args.target,
+                            lookback=args.lookback, horizon=args.horizon, multi_step=args.multi_step,
+                            val_fraction=args.val_fraction, test_fraction=args.test_fraction, model=args.model,
+                            hidden_size=args.hidden, num_layers=args.layers, dropout=args.dropout,
+                            residual=args.residual)
+    out = args.out or (f"runs/forecast-{pathlib.Path(args.csv).stem if args.csv else 'btc'}-{args.model}-"
+                       f"{args.target}-h{args.horizon}-seed{args.seed}")
+    train_config = TrainConfig(out_dir=out, seed=args.seed, epochs=args.epochs, batch_size=args.batch_size,
+                               learning_rate=args.lr, restart=args.restart, progress=not args.no_progress)
+    results = train_and_evaluate(config, train_config)
+    print(format_table(results))
+    print(f"wrote {out}/metrics.json and {out}/forecast.png")
+    return 0
+
+
+def format_table(results: dict) -> str:
+    """The test-period metrics as a Markdown table, models first, then the baselines."""
+    test = results["test"]
+    lines = [f"test period {results['split']['test'][0]} .. {results['split']['test'][1]}: {test['windows']} "
+             f"windows, {test['horizon']}-day horizon",
+             "| forecaster | RMSE | MAE | MAPE % | MASE | RMSE / persistence | direction |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, m in test["metrics"].items():
+        direction = "none" if m["directional_accuracy"] is None else f"{m['directional_accuracy']:.3f}"
+        lines.append(f"| {name} | {m['rmse']:.2f} | {m['mae']:.2f} | {m['mape']:.3f} | {m['mase']:.3f} | "
+                     f"{m['rel_rmse']:.3f} | {direction} |")
+    return "\n".join(lines)
+
+
+def run_predict(args) -> int:
+    from jaxseq.models.forecasting import forecast_ahead
+
+    if not pathlib.Path(args.run_dir).is_dir():
+        raise FileNotFoundError(f"--run: no run folder {args.run_dir}")
+    dates, values = forecast_ahead(args.run_dir, args.steps, args.csv)
+    print("date,forecast")
+    for date, value in zip(dates, values):
+        print(f"{date},{value:.6g}")
+    return 0
