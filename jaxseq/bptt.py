@@ -1,0 +1,239 @@
+"""Hand-derived backpropagation through time: the chapter's formulas as code, no autodiff inside.
+
+Each backward pass is an explicit recursion over time (a reversed ``lax.scan`` whose body is the chapter's
+formula), followed by the weight gradients as sums over all timesteps. The tests check every function against
+``jax.grad`` through ``jaxseq.unroll`` and against finite differences.
+
+Conventions are those of ``jaxseq.cells`` (row vectors): the chapter's ``U x_t`` is ``x_t @ U`` with ``U``
+``[input, hidden]``, ``W s_{t-1}`` is ``s_{t-1} @ W`` with ``W`` ``[hidden, hidden]``, and the output layer
+``V s_T + c`` is ``s_T @ V + c`` with ``V`` ``[hidden, classes]``. Inputs may carry leading batch
+dimensions (``[*batch, time, features]``); losses are then summed over the batch.
+
+References:
+  Pascanu, Mikolov & Bengio 2013, "On the difficulty of training recurrent neural networks" (eqs. 3-5).
+  Hochreiter & Schmidhuber 1997; Gers, Schmidhuber & Cummins 2000 (the LSTM with a forget gate).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxseq.cells import LSTMState
+from jaxseq.scan import check_sequence_inputs
+
+_ACTIVATIONS = ("tanh", "relu")
+
+
+def _time_major(x):
+    return jnp.moveaxis(x, -2, 0)
+
+
+def _outer_sum(a, b):
+    """``Σ over time and batch of a_t^T b_t`` for time-major ``a [T, *batch, m]``, ``b [T, *batch, n]``."""
+    return jnp.einsum("...i,...j->ij", a, b)
+
+
+def _activation_grad(activation: str, s):
+    """Derivative of the activation at its output ``s``: tanh' = 1 - s², relu' = [s > 0]."""
+    return 1.0 - s * s if activation == "tanh" else (s > 0).astype(s.dtype)
+
+
+def _rnn_forward(params, xs_t, activation: str):
+    """States ``s_0 .. s_T`` ``[T + 1, *batch, H]`` of ``s_t = f(x_t U + s_{t-1} W + b)``, ``s_0 = 0``."""
+    f = jnp.tanh if activation == "tanh" else jax.nn.relu
+    s0 = jnp.zeros(xs_t.shape[1:-1] + (params["W"].shape[0],), xs_t.dtype)
+
+    def step(s, x):
+        s = f(x @ params["U"] + s @ params["W"] + params["b"])
+        return s, s
+
+    _, states = lax.scan(step, s0, xs_t)
+    return jnp.concatenate([s0[None], states], axis=0)
+
+
+def _rnn_backward(params, xs_t, states, dstates, activation: str):
+    """Backward recursion ``δs_{t-1} = W^T δa_t`` with ``δa_t = f'(s_t) ⊙ (δs_t)``.
+
+    ``dstates [T, *batch, H]`` holds the loss gradient arriving at each ``s_t`` from outside the recurrence
+    (from the output layer). Returns the gradients of ``U``, ``W``, ``b``.
+    """
+
+    def step(ds_next, inputs):
+        s_t, ds_out = inputs
+        da = _activation_grad(activation, s_t) * (ds_out + ds_next)
+        return da @ params["W"].T, da
+
+    _, da = lax.scan(step, jnp.zeros_like(dstates[0]), (states[1:], dstates), reverse=True)
+    return {"U": _outer_sum(xs_t, da), "W": _outer_sum(states[:-1], da), "b": da.sum(axis=tuple(range(da.ndim - 1)))}
+
+
+def _softmax_xent(logits, labels):
+    """Cross-entropy and its gradient with respect to the logits (``softmax - onehot``)."""
+    log_p = jax.nn.log_softmax(logits)
+    onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+    return -(onehot * log_p).sum(), jnp.exp(log_p) - onehot
+
+
+def _check_rnn(params, xs, activation):
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
+    missing = {"U", "W", "b", "V", "c"} - set(params)
+    if missing:
+        raise ValueError(f"params must hold the chapter's U, W, b, V, c; missing {sorted(missing)}")
+    check_sequence_inputs(params, None, xs)
+
+
+def rnn_many_to_one_grads(params, xs, label, *, activation: str = "tanh"):
+    """Loss and gradients of the chapter's many-to-one RNN, by hand.
+
+    Model: ``s_t = tanh(x_t U + s_{t-1} W + b)``, ``s_0 = 0``; ``ŷ = softmax(s_T V + c)``;
+    ``L = -log ŷ[label]``. Backward: ``δo = ŷ - y``; ``∂L/∂V = s_T^T δo``; ``∂L/∂c = δo``;
+    ``δs_T = δo V^T``; ``δa_t = (1 - s_t²) ⊙ δs_t``; ``δs_{t-1} = δa_t W^T``;
+    ``∂L/∂W = Σ_t s_{t-1}^T δa_t``, ``∂L/∂U = Σ_t x_t^T δa_t``, ``∂L/∂b = Σ_t δa_t``.
+
+    Args:
+      params: ``{"U": [I, H], "W": [H, H], "b": [H], "V": [H, D], "c": [D]}``.
+      xs: ``[*batch, time, I]``.
+      label: integer class ``[*batch]``.
+      activation: ``"tanh"`` (the chapter's) or ``"relu"``.
+
+    Returns:
+      ``(loss, grads)`` with grads keyed like ``params``; the loss is summed over any batch dimensions.
+    """
+    _check_rnn(params, xs, activation)
+    xs_t = _time_major(jnp.asarray(xs))
+    states = _rnn_forward(params, xs_t, activation)
+    loss, d_logits = _softmax_xent(states[-1] @ params["V"] + params["c"], jnp.asarray(label))
+    dstates = jnp.zeros_like(states[1:]).at[-1].set(d_logits @ params["V"].T)
+    grads = _rnn_backward(params, xs_t, states, dstates, activation)
+    grads["V"] = jnp.einsum("...i,...j->ij", states[-1], d_logits)
+    grads["c"] = d_logits.reshape(-1, d_logits.shape[-1]).sum(axis=0)
+    return loss, grads
+
+
+def rnn_many_to_many_grads(params, xs, labels, *, activation: str = "tanh"):
+    """Loss and gradients of the many-to-many RNN: ``L = Σ_t CE(softmax(s_t V + c), y_t)``.
+
+    Same recursion as ``rnn_many_to_one_grads`` with ``δs_t = δo_t V^T + δa_{t+1} W^T`` at every step.
+
+    Args:
+      params: as ``rnn_many_to_one_grads``.
+      xs: ``[*batch, time, I]``.
+      labels: integer classes ``[*batch, time]``.
+    """
+    _check_rnn(params, xs, activation)
+    xs_t = _time_major(jnp.asarray(xs))
+    states = _rnn_forward(params, xs_t, activation)
+    labels_t = jnp.moveaxis(jnp.asarray(labels), -1, 0)
+    loss, d_logits = _softmax_xent(states[1:] @ params["V"] + params["c"], labels_t)
+    grads = _rnn_backward(params, xs_t, states, d_logits @ params["V"].T, activation)
+    grads["V"] = _outer_sum(states[1:], d_logits)
+    grads["c"] = d_logits.reshape(-1, d_logits.shape[-1]).sum(axis=0)
+    return loss, grads
+
+
+class LSTMTape(NamedTuple):
+    """What the LSTM forward keeps for the backward pass, time-major ``[T, *batch, H]``.
+
+    ``h_prev``/``c_prev`` are the carries entering each step; ``i, f, g, o`` the activated gates;
+    ``tanh_c`` is ``tanh(c_t)``.
+    """
+
+    h_prev: jax.Array
+    c_prev: jax.Array
+    i: jax.Array
+    f: jax.Array
+    g: jax.Array
+    o: jax.Array
+    tanh_c: jax.Array
+
+
+class LSTMGrads(NamedTuple):
+    """Gradients from ``lstm_grads``: ``params`` (``U``, ``W``, ``b``), ``xs`` (like the input) and ``carry0``."""
+
+    params: dict
+    xs: jax.Array
+    carry0: LSTMState
+
+
+def lstm_forward(params, xs_t, carry0: LSTMState):
+    """LSTM forward over time-major ``xs_t [T, *batch, I]``; returns ``(final_carry, hs [T, *batch, H], tape)``."""
+
+    def step(carry, x):
+        z = x @ params["U"] + carry.h @ params["W"] + params["b"]
+        zi, zf, zg, zo = jnp.split(z, 4, axis=-1)
+        i, f, g, o = jax.nn.sigmoid(zi), jax.nn.sigmoid(zf), jnp.tanh(zg), jax.nn.sigmoid(zo)
+        c = f * carry.c + i * g
+        tanh_c = jnp.tanh(c)
+        h = o * tanh_c
+        return LSTMState(h, c), (h, LSTMTape(carry.h, carry.c, i, f, g, o, tanh_c))
+
+    final, (hs, tape) = lax.scan(step, carry0, xs_t)
+    return final, hs, tape
+
+
+def lstm_backward(params, xs_t, tape: LSTMTape, dhs_t, dfinal: LSTMState):
+    """The LSTM backward recursion, carrying only ``(δh, δc)`` through time.
+
+    Per step (``δh_t`` = output gradient + the recurrent term from step ``t+1``)::
+
+        δc_t  = δh_t ⊙ o_t ⊙ (1 − tanh²c_t) + δc_{t+1} ⊙ f_{t+1}
+        δz_o = δh_t ⊙ tanh c_t ⊙ o(1−o)      δz_i = δc_t ⊙ g ⊙ i(1−i)
+        δz_g = δc_t ⊙ i ⊙ (1−g²)             δz_f = δc_t ⊙ c_{t−1} ⊙ f(1−f)
+        δh_{t−1} = δz_t W^T                   δc_{t−1} = δc_t ⊙ f_t
+
+    then, after the loop, ``∂U = Σ_t x_t^T δz_t``, ``∂W = Σ_t h_{t−1}^T δz_t``, ``∂b = Σ_t δz_t`` and
+    ``δx_t = δz_t U^T`` as single contractions over all timesteps.
+
+    Returns ``LSTMGrads`` with ``xs`` time-major.
+    """
+
+    def step(carry, inputs):
+        dh_next, dc_next = carry
+        dh_out, t = inputs
+        dh = dh_out + dh_next
+        dc = dc_next + dh * t.o * (1.0 - t.tanh_c * t.tanh_c)
+        dz = jnp.concatenate([dc * t.g * t.i * (1.0 - t.i), dc * t.c_prev * t.f * (1.0 - t.f),
+                              dc * t.i * (1.0 - t.g * t.g), dh * t.tanh_c * t.o * (1.0 - t.o)], axis=-1)
+        return (dz @ params["W"].T, dc * t.f), dz
+
+    (dh0, dc0), dz = lax.scan(step, (dfinal.h, dfinal.c), (dhs_t, tape), reverse=True)
+    grads = {"U": _outer_sum(xs_t, dz), "W": _outer_sum(tape.h_prev, dz), "b": dz.sum(axis=tuple(range(dz.ndim - 1)))}
+    return LSTMGrads(grads, dz @ params["U"].T, LSTMState(dh0, dc0))
+
+
+def lstm_grads(params, xs, dhs, carry0: LSTMState | None = None, *, dcarry: LSTMState | None = None):
+    """Gradients of ``Σ_t ⟨dhs_t, h_t⟩ (+ ⟨dcarry.h, h_T⟩ + ⟨dcarry.c, c_T⟩)`` for an LSTM, by hand.
+
+    This is the vector-Jacobian product of the LSTM layer: ``dhs`` are the loss gradients arriving at each
+    output ``h_t`` (many-to-many), ``dcarry`` those arriving at the final carry (many-to-one).
+
+    Args:
+      params: ``jaxseq.cells.lstm`` params ``{"U": [I, 4H], "W": [H, 4H], "b": [4H]}`` (gates i, f, g, o).
+      xs: ``[*batch, time, I]``.
+      dhs: ``[*batch, time, H]``.
+      carry0: initial ``LSTMState`` (zeros by default).
+      dcarry: gradient arriving at the final carry (zeros by default).
+
+    Returns:
+      ``LSTMGrads(params, xs, carry0)``: gradients for every parameter, the inputs ``[*batch, time, I]`` and
+      the initial carry.
+    """
+    xs = jnp.asarray(xs)
+    hidden = params["W"].shape[0]
+    batch_shape = xs.shape[:-2]
+    if carry0 is None:
+        carry0 = LSTMState(*(jnp.zeros((*batch_shape, hidden), xs.dtype),) * 2)
+    check_sequence_inputs(params, carry0, xs)
+    if tuple(jnp.shape(dhs)) != (*xs.shape[:-1], hidden):
+        raise ValueError(f"dhs has shape {tuple(jnp.shape(dhs))}; expected {(*xs.shape[:-1], hidden)} "
+                         "(one gradient per output h_t)")
+    if dcarry is None:
+        dcarry = LSTMState(jnp.zeros_like(carry0.h), jnp.zeros_like(carry0.c))
+    xs_t = _time_major(xs)
+    _, _, tape = lstm_forward(params, xs_t, carry0)
+    grads = lstm_backward(params, xs_t, tape, _time_major(jnp.asarray(dhs)), dcarry)
+    return grads._replace(xs=jnp.moveaxis(grads.xs, 0, -2))
