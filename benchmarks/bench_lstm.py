@@ -1,0 +1,308 @@
+"""One LSTM layer, float32: training step (forward + backward) and forward only, jaxseq against its peers.
+
+Peers: torch ``nn.LSTM`` (oneDNN/native CPU kernels, ``--torch-threads`` threads), Flax
+``nn.RNN(nn.OptimizedLSTMCell)``, Keras 3 ``LSTM`` on the JAX backend, and jaxseq's plain ``lax.scan`` layer
+(``impl="scan"``). All run interleaved in one process: for every configuration each implementation is
+compiled and warmed up, then the repeats go round-robin over the implementations, so a load spike from
+other processes hits them all alike. Each sample times ``--inner`` calls (or enough to last ~0.1 s) with
+``block_until_ready``; the table shows the median and min over ``--repeats`` samples, GFLOP/s from the
+FLOP count of THEORY.md §3 (forward 8·B·T·H·(I+H), training step 3× that), the percentage of the peak fp32
+matmul rate measured in the same run (the better of a square JAX and a square torch GEMM), and the ratio of
+the median to torch's median.
+
+The training step is ``grad`` of ``sum(ys * r)`` with respect to the layer's parameters (not the inputs) for a
+fixed random ``r`` — the same loss for every implementation.
+
+Run (quick): ``KERAS_BACKEND=jax .venv/bin/python benchmarks/bench_lstm.py --configs 0 --repeats 3``
+Full table:   ``KERAS_BACKEND=jax .venv/bin/python benchmarks/bench_lstm.py``
+Expect on a 2-core x86 CPU: the four configs take ~10 minutes at the default 9 repeats.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+CONFIGS = [(64, 34, 200, 256), (128, 100, 256, 512), (32, 500, 64, 128), (1, 100, 128, 256)]
+IMPLS = ("jaxseq", "torch", "flax", "keras", "scan")
+MODES = ("train", "forward")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", default="0,1,2,3",
+                   help="comma-separated indices into %s, or B:T:I:H shapes" % (CONFIGS,))
+    p.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {IMPLS}; also "
+                   "jaxseq-<form> (hoist|step|concat) and jaxseq-ckpt (checkpoint='sqrt') for tuning")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
+    p.add_argument("--repeats", type=int, default=9, help="timed samples per implementation (median, min)")
+    p.add_argument("--min-sample-s", type=float, default=0.1, help="each sample repeats the call to last this long")
+    p.add_argument("--torch-threads", type=int, default=2)
+    p.add_argument("--products", action="store_true",
+                   help="also time the step's matrix products alone (recurrent chains and the big GEMMs)")
+    args = p.parse_args(argv)
+    configs = []
+    for item in args.configs.split(","):
+        if ":" in item:
+            configs.append(tuple(int(v) for v in item.split(":")))
+        else:
+            configs.append(CONFIGS[int(item)])
+    impls = args.impls.split(",")
+    for impl in impls:
+        if impl not in IMPLS and not impl.startswith("jaxseq-"):
+            p.error(f"--impls: unknown implementation {impl!r}; expected some of {IMPLS}")
+    modes = args.modes.split(",")
+    if not set(modes) <= set(MODES):
+        p.error(f"--modes must be a subset of {MODES}, got {modes}")
+    return args, configs, impls, modes
+
+
+def flops(B, T, I, H, mode):
+    forward = 8 * B * T * H * (I + H)
+    return forward if mode == "forward" else 3 * forward
+
+
+# --------------------------------------------------------------------------------------------------------
+# Implementations: each builder returns {mode: zero-argument callable that blocks until done}
+
+
+def build_jax_family(name, B, T, I, H, modes):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((B, T, I), np.float32))
+    r = jnp.asarray(rng.standard_normal((B, T, H), np.float32))
+
+    if name.startswith("jaxseq") or name == "scan":
+        from jaxseq import cells, layers
+
+        params = cells.lstm.init(jax.random.PRNGKey(0), I, H)
+        kwargs = {"impl": "scan"} if name == "scan" else {"impl": "auto"}
+        variant = name.split("-", 1)[1] if "-" in name else None
+        if variant == "ckpt":
+            kwargs["checkpoint"] = "sqrt"
+        elif variant is not None:
+            kwargs.update(impl="fused", form=variant)
+
+        def apply(p, xs):
+            return layers.lstm(p, xs, **kwargs)[1]
+    elif name == "flax":
+        import flax.linen as nn
+
+        model = nn.RNN(nn.OptimizedLSTMCell(H))
+        params = model.init(jax.random.PRNGKey(0), x)
+
+        def apply(p, xs):
+            return model.apply(p, xs)
+    elif name == "keras":
+        import keras
+
+        layer = keras.layers.LSTM(H, return_sequences=True)
+        layer.build((B, T, I))
+        params = [v.value for v in layer.trainable_variables]
+        non_trainable = [v.value for v in layer.non_trainable_variables]
+
+        def apply(p, xs):
+            return layer.stateless_call(p, non_trainable, xs)[0]
+    else:
+        raise ValueError(name)
+
+    def loss(p, xs):
+        return jnp.sum(apply(p, xs) * r)
+
+    train = jax.jit(jax.grad(loss))
+    forward = jax.jit(apply)
+    fns = {}
+    if "train" in modes:
+        fns["train"] = lambda: jax.block_until_ready(train(params, x))
+    if "forward" in modes:
+        fns["forward"] = lambda: jax.block_until_ready(forward(params, x))
+    return fns
+
+
+def build_torch(B, T, I, H, modes):
+    import torch
+
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(I, H, batch_first=True)
+    x = torch.randn(B, T, I)
+    r = torch.randn(B, T, H)
+
+    def train():
+        for p in lstm.parameters():
+            p.grad = None
+        out, _ = lstm(x)
+        (out * r).sum().backward()
+
+    def forward():
+        with torch.inference_mode():
+            lstm(x)
+
+    return {m: {"train": train, "forward": forward}[m] for m in modes}
+
+
+def build(name, config, modes):
+    if name == "torch":
+        return build_torch(*config, modes)
+    return build_jax_family(name, *config, modes)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Timing
+
+
+def calibrate(fn, min_sample_s):
+    """Warm up (compile) and pick how many calls one sample needs to last ``min_sample_s``."""
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    once = time.perf_counter() - t0
+    return max(1, int(min_sample_s / max(once, 1e-6)))
+
+
+def sample(fn, inner):
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    return (time.perf_counter() - t0) / inner
+
+
+def peak_matmul(repeats, torch_threads, n=1024):
+    """Best fp32 GFLOP/s of a square n×n GEMM in JAX and in torch (``torch_threads`` threads)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32))
+    mm = jax.jit(lambda a: a @ a)
+    fns = {"jax": lambda: jax.block_until_ready(mm(a))}
+    try:
+        import torch
+
+        torch.set_num_threads(torch_threads)
+        ta = torch.randn(n, n)
+        fns["torch"] = lambda: torch.mm(ta, ta)
+    except ImportError:
+        pass
+    inner = {k: calibrate(f, 0.05) for k, f in fns.items()}
+    best = {k: min(sample(f, inner[k]) for _ in range(repeats)) for k, f in fns.items()}
+    return {k: 2 * n ** 3 / t / 1e9 for k, t in best.items()}
+
+
+def product_times(B, T, I, H, repeats):
+    """Time the training step's matrix products alone, in JAX (the floor set by the products themselves).
+
+    Chains: T dependent (B, H)·(H, 4H) products (forward recurrence) and T dependent (B, 4H)·(4H, H)
+    (backward recurrence); GEMMs over all T·B rows: the input projection, the input gradient, and the weight
+    gradient [x, h]ᵀ·δz.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax import lax
+
+    rng = np.random.default_rng(0)
+    f32 = lambda *s: jnp.asarray(rng.standard_normal(s, np.float32) * 0.05)
+    W, h0, WT, dz0 = f32(H, 4 * H), f32(B, H), f32(4 * H, H), f32(B, 4 * H)
+    X, U, Z, XH = f32(T * B, I), f32(I, 4 * H), f32(T * B, 4 * H), f32(T * B, I + H)
+
+    def chain_fwd(W, h):
+        return lax.scan(lambda h, _: ((h @ W)[:, :H], None), h, None, length=T)[0]
+
+    def chain_bwd(WT, d):
+        return lax.scan(lambda d, _: (jnp.tile(d @ WT, (1, 4)), None), d, None, length=T)[0]
+
+    parts = {
+        "fwd chain": (jax.jit(chain_fwd), (W, h0)),
+        "bwd chain": (jax.jit(chain_bwd), (WT, dz0)),
+        "input GEMM": (jax.jit(lambda X, U: X @ U), (X, U)),
+        "dX GEMM": (jax.jit(lambda Z, U: Z @ U.T), (Z, U)),
+        "dW GEMM": (jax.jit(lambda XH, Z: XH.T @ Z), (XH, Z)),
+    }
+    out = {}
+    for name, (f, a) in parts.items():
+        fn = lambda f=f, a=a: jax.block_until_ready(f(*a))
+        inner = calibrate(fn, 0.05)
+        out[name] = min(sample(fn, inner) for _ in range(repeats))
+    return out
+
+
+def versions():
+    out = {"python": platform.python_version()}
+    for mod in ("jax", "jaxlib", "flax", "keras", "torch", "numpy"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except ImportError:
+            out[mod] = "not installed"
+    return out
+
+
+def cpu_model():
+    try:
+        lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        return platform.processor() or "unknown"
+
+
+def main(argv=None) -> int:
+    args, configs, impls, modes = parse_args(argv)
+    import jax
+
+    if "torch" in impls:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
+    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), CPU {cpu_model()}, "
+          f"{os.cpu_count()} logical cores, load average {os.getloadavg()}")
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()))
+    print(f"torch threads {args.torch_threads}; repeats {args.repeats}; impls {impls}; modes {modes}")
+    peak = peak_matmul(args.repeats, args.torch_threads)
+    print("peak fp32 matmul (1024², best of repeats): "
+          + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peak.items()))
+
+    results = []
+    for config in configs:
+        B, T, I, H = config
+        fns = {}
+        for impl in impls:
+            for mode, fn in build(impl, config, modes).items():
+                fns[(mode, impl)] = fn
+        inner = {k: calibrate(fn, args.min_sample_s) for k, fn in fns.items()}
+        times = {k: [] for k in fns}
+        for _ in range(args.repeats):
+            for k, fn in fns.items():  # round-robin: every implementation once per round
+                times[k].append(sample(fn, inner[k]))
+        for (mode, impl), ts in times.items():
+            results.append((config, mode, impl, statistics.median(ts), min(ts)))
+        if args.products and "train" in modes:
+            parts = product_times(B, T, I, H, args.repeats)
+            total = sum(parts.values())
+            print(f"products alone at {config}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in parts.items())
+                  + f"; sum {total * 1e3:.2f} ms")
+            results.append((config, "products", "sum", total, total))
+        del fns
+    peak_best = max(peak.values())
+    print(f"\nload average after: {os.getloadavg()}")
+    print(f"{'(B, T, I, H)':<22} {'mode':<8} {'impl':<14} {'median ms':>10} {'min ms':>9} {'GFLOP/s':>8} "
+          f"{'% peak':>7} {'x torch':>8}")
+    medians = {(c, m, i): med for c, m, i, med, _ in results}
+    for config, mode, impl, med, best in results:
+        f = flops(*config, "train" if mode == "products" else mode)
+        ref = medians.get((config, mode, "torch")) or medians.get((config, "train", "torch"))
+        ratio = f"{med / ref:8.2f}" if ref else f"{'-':>8}"
+        print(f"{str(config):<22} {mode:<8} {impl:<14} {med * 1e3:10.2f} {best * 1e3:9.2f} "
+              f"{f / med / 1e9:8.1f} {100 * f / med / 1e9 / peak_best:7.1f} {ratio}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""Layer functions (jaxseq.layers): every implementation equals jaxseq.unroll, values and gradients."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import assert_trees_close
+
+from jaxseq import bidirectional, cells, layers, unroll
+from jaxseq.cells import LSTMState
+from jaxseq.scan import init_bidirectional
+
+B, T, I, H = 3, 7, 5, 4
+LENGTHS = np.array([7, 3, 0])
+
+
+def _inputs(key, cell=cells.lstm, batch=(B,)):
+    k_p, k_x, k_h, k_c, k_r = jax.random.split(key, 5)
+    params = cell.init(k_p, I, H)
+    xs = jax.random.normal(k_x, (*batch, T, I))
+    carry = cell.init_carry(batch, H)
+    if isinstance(carry, LSTMState):
+        carry = LSTMState(jax.random.normal(k_h, carry.h.shape), jax.random.normal(k_c, carry.c.shape))
+    else:
+        carry = jax.random.normal(k_h, carry.shape)
+    r = jax.random.normal(k_r, (*batch, T, H))
+    return params, xs, carry, r
+
+
+def _value_and_grads(run, params, xs, carry, r):
+    """A loss that touches every output (all steps and the final carry) and its gradients for all inputs."""
+
+    def loss(params, xs, carry):
+        final, ys = run(params, xs, carry)
+        weights = jnp.arange(1, len(jax.tree_util.tree_leaves(final)) + 1, dtype=ys.dtype)
+        return jnp.sum(ys * r) + sum(w * jnp.sum(jnp.sin(leaf))
+                                     for w, leaf in zip(weights, jax.tree_util.tree_leaves(final)))
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(params, xs, carry)
+
+
+def _reference(cell, lengths, reverse):
+    return lambda p, xs, c: unroll(cell.apply, p, c, xs, lengths=lengths, reverse=reverse)
+
+
+# Every implementation with lengths and padding-aware reverse (the hardest case); the plain forward and
+# reverse directions for the two fused variants that models use most.
+CASES = [(impl, checkpoint, form, True, True) for impl, checkpoint, form in [
+    ("scan", None, None), ("scan", 3, None), ("fused", None, "step"), ("fused", None, "hoist"),
+    ("fused", None, "concat"), ("fused", 3, None), ("fused", "sqrt", "hoist"), ("cudnn", None, None)]]
+CASES += [("fused", None, None, False, False), ("fused", None, "concat", True, False),
+          ("fused", 3, "step", False, True), ("fused", "sqrt", None, True, False)]
+_EXPECTED = {}
+
+
+@pytest.mark.parametrize("impl,checkpoint,form,with_lengths,reverse", CASES)
+def test_lstm_matches_unroll_values_and_gradients(key, impl, checkpoint, form, with_lengths, reverse):
+    params, xs, carry, r = _inputs(key)
+    lengths = jnp.asarray(LENGTHS) if with_lengths else None
+    if (with_lengths, reverse) not in _EXPECTED:  # autodiff through the scan: computed once per case
+        _EXPECTED[with_lengths, reverse] = _value_and_grads(_reference(cells.lstm, lengths, reverse), params,
+                                                            xs, carry, r)
+    actual = _value_and_grads(
+        lambda p, x, c: layers.lstm(p, x, carry=c, lengths=lengths, reverse=reverse, impl=impl,
+                                    checkpoint=checkpoint, form=form), params, xs, carry, r)
+    assert_trees_close(actual, _EXPECTED[with_lengths, reverse])
+
+
+def test_lstm_outputs_and_default_carry(key):
+    params, xs, _, _ = _inputs(key)
+    lengths = jnp.asarray(LENGTHS)
+    expected = unroll(cells.lstm.apply, params, cells.lstm.init_carry((B,), H), xs, lengths=lengths)
+    for impl in ("scan", "fused", "auto"):
+        final, ys = layers.lstm(params, xs, lengths=lengths, impl=impl)
+        assert isinstance(final, LSTMState)
+        assert ys.shape == (B, T, H)
+        assert_trees_close((final, ys), expected)
+    # The length-0 sequence returns its initial (zero) carry and zero outputs.
+    np.testing.assert_array_equal(np.asarray(final.h[2]), 0.0)
+    np.testing.assert_array_equal(np.asarray(ys[2]), 0.0)
+
+
+def test_lstm_any_leading_batch_dims(key):
+    params, xs, carry, r = _inputs(key, batch=(2, 3))
+    run = lambda p, x, c: layers.lstm(p, x, carry=c, impl="fused", checkpoint=4)
+    assert_trees_close(_value_and_grads(run, params, xs, carry, r),
+                       _value_and_grads(_reference(cells.lstm, None, False), params, xs, carry, r))
+    unbatched = layers.lstm(params, xs[0, 0], impl="fused")
+    assert unbatched[1].shape == (T, H)
+    assert_trees_close(unbatched, unroll(cells.lstm.apply, params, cells.lstm.init_carry((), H), xs[0, 0]))
+
+
+def test_fused_lstm_gradients_under_vmap(key):
+    params, xs, carry, r = _inputs(key)
+    grad = jax.grad(lambda p, x: jnp.sum(layers.lstm(p, x, impl="fused")[1] * r[0]))
+    ref = jax.grad(lambda p, x: jnp.sum(unroll(cells.lstm.apply, p, cells.lstm.init_carry((), H), x)[1] * r[0]))
+    assert_trees_close(jax.vmap(grad, in_axes=(None, 0))(params, xs), jax.vmap(ref, in_axes=(None, 0))(params, xs))
+
+
+@pytest.mark.parametrize("impl,checkpoint", [("fused", None), ("fused", "sqrt"), ("scan", 2)])
+def test_bidirectional_lstm_matches_scan_bidirectional(key, impl, checkpoint):
+    params = init_bidirectional(cells.lstm, key, I, H)
+    _, xs, _, _ = _inputs(key)
+    r = jax.random.normal(jax.random.PRNGKey(5), (B, T, 2 * H))
+    lengths = jnp.asarray(LENGTHS)
+
+    def loss(run):
+        def f(p, x):
+            (c_f, c_b), ys = run(p, x)
+            return jnp.sum(ys * r) + jnp.sum(jnp.cos(c_f.c)) + jnp.sum(jnp.sin(c_b.h))
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(params, xs)
+
+    expected = loss(lambda p, x: bidirectional(cells.lstm, p, x, lengths=lengths))
+    actual = loss(lambda p, x: layers.bidirectional(layers.lstm, p, x, lengths=lengths, impl=impl,
+                                                    checkpoint=checkpoint))
+    assert_trees_close(actual, expected)
+
+
+@pytest.mark.parametrize("name", ["gru", "rnn"])
+@pytest.mark.parametrize("checkpoint", [None, 3])
+def test_gru_and_rnn_layers_match_unroll(key, name, checkpoint):
+    cell = {"gru": cells.gru, "rnn": cells.rnn}[name]
+    layer = getattr(layers, name)
+    params, xs, carry, r = _inputs(key, cell)
+    lengths = jnp.asarray(LENGTHS)
+    expected = _value_and_grads(_reference(cell, lengths, True), params, xs, carry, r)
+    actual = _value_and_grads(lambda p, x, c: layer(p, x, carry=c, lengths=lengths, reverse=True,
+                                                    checkpoint=checkpoint), params, xs, carry, r)
+    assert_trees_close(actual, expected)
+
+
+def test_relu_rnn_layer(key):
+    params, xs, carry, _ = _inputs(key, cells.relu_rnn)
+    assert_trees_close(layers.rnn(params, xs, carry=carry, activation="relu"),
+                       unroll(cells.relu_rnn.apply, params, carry, xs))
+
+
+def test_fused_gradients_match_hand_bptt(key):
+    bptt = pytest.importorskip("jaxseq.bptt")
+    if not hasattr(bptt, "lstm_grads"):
+        pytest.skip("jaxseq.bptt.lstm_grads not available yet")
+    params, xs, carry, r = _inputs(key)
+    dcarry = LSTMState(jnp.cos(carry.h), jnp.sin(carry.c))  # any cotangent for the final carry
+    grads = jax.grad(lambda p, x, c: _inner(layers.lstm(p, x, carry=c, impl="fused"), r, dcarry),
+                     argnums=(0, 1, 2))(params, xs, carry)
+    expected = bptt.lstm_grads(params, xs, r, carry0=carry, dcarry=dcarry)
+    assert_trees_close(grads, (expected.params, expected.xs, expected.carry0))
+
+
+def _inner(outputs, r, dcarry):
+    final, ys = outputs
+    return jnp.sum(ys * r) + jnp.sum(final.h * dcarry.h) + jnp.sum(final.c * dcarry.c)
+
+
+def test_cudnn_weight_layout_matches_jax_experimental_rnn_reference(key):
+    """The packing for cuDNN, checked on any backend through jax.experimental.rnn's own lax.scan reference."""
+    from jax.experimental import rnn as jrnn
+
+    params, xs, carry, _ = _inputs(key)
+    lengths = jnp.asarray([7, 3, 1], jnp.int32)  # the reference, like cuDNN, needs lengths >= 1
+    W_ih, W_hh, b_ih, b_hh = jrnn.unpack_lstm_weights(layers.to_cudnn_weights(params), I, H, 1, False)
+    ys, h, c = jrnn.lstm_ref(xs, carry.h[None], carry.c[None], W_ih, W_hh, b_ih, b_hh, lengths, I, H, 1, 0.0,
+                             False)
+    final, expected = unroll(cells.lstm.apply, params, carry, xs, lengths=lengths)
+    assert_trees_close((LSTMState(h[0], c[0]), ys), (final, expected))
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="the cuDNN path needs a CUDA GPU")
+def test_cudnn_path_on_gpu_matches_unroll(key):
+    params, xs, carry, r = _inputs(key)
+    lengths = jnp.asarray(LENGTHS)
+    expected = _value_and_grads(_reference(cells.lstm, lengths, True), params, xs, carry, r)
+    actual = _value_and_grads(lambda p, x, c: layers.lstm(p, x, carry=c, lengths=lengths, reverse=True,
+                                                          impl="cudnn"), params, xs, carry, r)
+    assert_trees_close(actual, expected, rtol=1e-4, atol=1e-5)  # cuDNN sums in its own order
+
+
+def test_checkpoint_reduces_compiled_memory():
+    """The segment policy must shrink the backward pass's temporaries (compiled memory analysis)."""
+    batch, steps, size = 4, 400, 32
+    params = cells.lstm.init(jax.random.PRNGKey(0), size, size)
+    xs = jnp.zeros((batch, steps, size))
+
+    def temp_bytes(**kwargs):
+        grad = jax.jit(jax.grad(lambda p, x: jnp.sum(layers.lstm(p, x, **kwargs)[1])))
+        analysis = grad.lower(params, xs).compile().memory_analysis()
+        if analysis is None:
+            pytest.skip("this backend gives no memory analysis")
+        return analysis.temp_size_in_bytes
+
+    full, fused, segmented = (temp_bytes(impl="scan"), temp_bytes(impl="fused"),
+                              temp_bytes(impl="fused", checkpoint="sqrt"))
+    assert segmented * 3 < full, (segmented, full)
+    assert segmented * 2 < fused, (segmented, fused)
+
+
+def test_bad_arguments_raise_value_errors(key):
+    params, xs, _, _ = _inputs(key)
+    with pytest.raises(ValueError, match="impl"):
+        layers.lstm(params, xs, impl="cuda")
+    with pytest.raises(ValueError, match="checkpoint"):
+        layers.lstm(params, xs, checkpoint=0)
+    with pytest.raises(ValueError, match="form"):
+        layers.lstm(params, xs, form="fast")
+    with pytest.raises(ValueError, match="impl"):
+        layers.gru(cells.gru.init(key, I, H), xs, impl="fused")
+    with pytest.raises(ValueError, match="features"):
+        layers.lstm(params, xs[..., :2])
+    with pytest.raises(ValueError, match="lengths"):
+        layers.lstm(params, xs, lengths=jnp.asarray([1, 2]))
+    with pytest.raises(ValueError, match=r"\[batch, time, features\]"):
+        layers.lstm(params, xs[0, 0, :])
