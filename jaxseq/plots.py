@@ -21,7 +21,9 @@ def save_figure(fig, path) -> pathlib.Path:
     plt.close(fig)
     return path
 
+
 # --- forecasting ---
+import matplotlib.dates as mdates  # noqa: E402
 import numpy as np  # noqa: E402  (each section imports what it uses)
 
 
@@ -44,7 +46,9 @@ def plot_forecast(dates, actual, forecasts: dict, path, *, title: str = "", ylab
                      else dict(linewidth=1.0))
             ax.plot(dates[start:], np.asarray(values)[start:], label=name, **style)
         ax.grid(alpha=0.3)
-        ax.tick_params(axis="x", labelrotation=30)
+        locator = mdates.AutoDateLocator(maxticks=7)
+        ax.xaxis.set_major_locator(locator)
+        ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
     axes[0].set_ylabel(ylabel)
     axes[0].set_title(title or "test period")
     axes[1].set_title(f"last {min(zoom_days, len(dates))} days")

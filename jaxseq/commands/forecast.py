@@ -51,7 +51,9 @@ def register(subparsers) -> None:
     train.set_defaults(run=run_train)
 
     predict = actions.add_parser("predict", help="forecast the next K values after the series ends")
-    predict.add_argument("--run", dest="run_dir", metavar="DIR", required=True, help="a folder written by `jaxseq forecast train`")
+    # dest is not "run": the CLI dispatches on args.run.
+    predict.add_argument("--run", dest="run_dir", metavar="DIR", required=True,
+                         help="a folder written by `jaxseq forecast train`")
     predict.add_argument("--csv", help="read this CSV instead of the one the run was trained on")
     predict.add_argument("--steps", type=int, default=1, help="days ahead to forecast (default 1)")
     predict.set_defaults(run=run_predict)
