@@ -27,7 +27,8 @@ References:
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+import functools
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -148,18 +149,22 @@ def trajectory(apply: Callable, params, carry, xs):
     return prev, final
 
 
-def _field_indices(carry, field: str | None) -> np.ndarray:
-    """Positions of one carry field (e.g. "c" of an LSTMState) inside the flattened carry; all if None."""
-    flat, unravel = ravel_pytree(carry)
+def _field_indices(carry, field: str | None) -> tuple:
+    """Positions of one carry field (e.g. "c" of an LSTMState) inside the flattened carry; all if None.
+
+    Works on shapes alone (host numpy, in ``ravel_pytree``'s leaf order), so it also runs under ``jit``.
+    """
+    template = jax.tree_util.tree_map(lambda leaf: np.zeros(np.shape(leaf)), carry)
+    size = sum(leaf.size for leaf in jax.tree_util.tree_leaves(template))
     if field is None:
-        return np.arange(flat.size)
-    template = unravel(jnp.zeros(flat.shape, flat.dtype))
+        return tuple(range(size))
     if not hasattr(template, "_fields") or field not in template._fields:
         raise ValueError(f"carry field {field!r} not found: the carry is {type(carry).__name__}"
                          f"{' with fields ' + str(template._fields) if hasattr(template, '_fields') else ''}; "
                          f"use None for the whole carry")
-    marked = template._replace(**{field: jnp.ones_like(getattr(template, field))})
-    return np.flatnonzero(np.asarray(ravel_pytree(marked)[0]))
+    marked = template._replace(**{field: np.ones_like(getattr(template, field))})
+    flat = np.concatenate([np.ravel(leaf) for leaf in jax.tree_util.tree_leaves(marked)])
+    return tuple(int(i) for i in np.flatnonzero(flat))
 
 
 def _dense_norms(step_flat, prev, xs, in_idx, out_idx):
@@ -216,6 +221,21 @@ def _power_norms(step_flat, prev, xs, in_idx, out_idx, num_iters, num_probes, ke
     return spectral, frobenius
 
 
+@functools.partial(jax.jit, static_argnames=("apply", "in_idx", "out_idx", "method", "num_iters", "num_probes"))
+def _norms(apply, params, carry, xs, key, *, in_idx, out_idx, method, num_iters, num_probes):
+    """The jitted body of ``jacobian_norms`` (static cell and index sets, so repeated calls reuse one compile)."""
+    _, unravel = ravel_pytree(carry)
+
+    def step_flat(state, x):
+        return ravel_pytree(apply(params, unravel(state), x)[0])[0]
+
+    prev, _ = trajectory(apply, params, carry, xs)
+    in_idx, out_idx = np.asarray(in_idx), np.asarray(out_idx)
+    if method == "dense":
+        return _dense_norms(step_flat, prev, xs, in_idx, out_idx)
+    return _power_norms(step_flat, prev, xs, in_idx, out_idx, num_iters, num_probes, key)
+
+
 def jacobian_norms(apply: Callable, params, carry, xs, *, wrt: str | None = None, of: str | None = None,
                    method: str = "auto", num_iters: int = 100, num_probes: int = 32, key=None) -> JacobianNorms:
     """``‖∂s_T/∂s_t‖`` (spectral and Frobenius) for ``t = 0 … T`` along one sequence.
@@ -238,26 +258,20 @@ def jacobian_norms(apply: Callable, params, carry, xs, *, wrt: str | None = None
       ``JacobianNorms(timesteps, spectral, frobenius)``, each ``[T + 1]``.
     """
     xs = jnp.asarray(xs)
+    check_sequence_inputs(params, carry, xs)
     if xs.ndim != 2:
         raise ValueError(f"xs must be one sequence [time, features], got shape {xs.shape}; use jax.vmap over "
                          f"a batch or over seeds")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    flat0, unravel = ravel_pytree(carry)
     in_idx, out_idx = _field_indices(carry, wrt), _field_indices(carry, of)
     if method == "auto":
-        method = "dense" if flat0.size <= DENSE_MAX_STATE else "power"
+        method = "dense" if len(_field_indices(carry, None)) <= DENSE_MAX_STATE else "power"
     if method == "power" and key is None:
         raise ValueError("method='power' needs key= (a PRNG key for the power-iteration start vectors)")
 
-    def step_flat(state, x):
-        return ravel_pytree(apply(params, unravel(state), x)[0])[0]
-
-    prev, _ = trajectory(apply, params, carry, xs)
-    if method == "dense":
-        spectral, frobenius = _dense_norms(step_flat, prev, xs, in_idx, out_idx)
-    else:
-        spectral, frobenius = _power_norms(step_flat, prev, xs, in_idx, out_idx, num_iters, num_probes, key)
+    spectral, frobenius = _norms(apply, params, carry, xs, key, in_idx=in_idx, out_idx=out_idx, method=method,
+                                 num_iters=num_iters, num_probes=num_probes)
     return JacobianNorms(jnp.arange(xs.shape[0] + 1), spectral, frobenius)
 
 
@@ -430,7 +444,7 @@ def profile(name: str, *, steps: int, hidden: int, sigma: float, seed: int = 0, 
         gates = lstm_forget_gates(params, carry, xs) if name == "lstm" else gru_update_gates(params, carry, xs)
         theory, kind = jnp.max(forget_gate_products(gates), axis=-1), "direct_path"
     as_list = lambda a: None if a is None else np.asarray(a, np.float64).tolist()  # noqa: E731
-    return {"cell": name, "timesteps": as_list(norms.timesteps.astype(int)), "measured": as_list(norms.spectral),
+    return {"cell": name, "timesteps": [int(t) for t in norms.timesteps], "measured": as_list(norms.spectral),
             "frobenius": as_list(norms.frobenius), "theory": as_list(theory), "theory_kind": kind,
             "spectral_radius_line": as_list(rho_line),
             "measured_quantity": "||dc_T/dc_t||_2" if name == "lstm" else "||dh_T/dh_t||_2",
