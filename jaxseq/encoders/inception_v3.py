@@ -45,7 +45,7 @@ WEIGHTS_URL = ("https://storage.googleapis.com/tensorflow/keras-applications/inc
 
 
 def preprocess(images: np.ndarray | jax.Array) -> jax.Array:
-    """``uint8 [batch, 299, 299, 3]`` RGB -> float32 in [-1, 1] (``keras.applications.inception_v3.preprocess_input``)."""
+    """``uint8 [batch, 299, 299, 3]`` RGB -> float32 in [-1, 1], as Keras' ``inception_v3.preprocess_input``."""
     return jnp.asarray(images, jnp.float32) / 127.5 - 1.0
 
 

@@ -118,7 +118,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if not isinstance(storage_type, _StorageType):
             raise pickle.UnpicklingError(f"storage {key!r} has type {storage_type!r}, expected a torch storage type")
         if view_metadata is not None:
-            raise pickle.UnpicklingError(f"storage {key!r} is a legacy storage view, which this reader does not support")
+            raise pickle.UnpicklingError(f"storage {key!r} is a legacy storage view; this reader does not support them")
         storage = self._storages.get(key)
         if storage is None:
             storage = self._storages[key] = _Storage(str(key), storage_type.dtype, int(numel))
