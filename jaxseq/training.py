@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import pathlib
 import shutil
@@ -39,7 +38,6 @@ import threading
 import time
 from typing import Any, Callable, NamedTuple, Protocol
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -147,7 +145,9 @@ class ArrayBatches:
         return {name: a[rows] for name, a in self.arrays.items()}
 
 
-@flax.struct.dataclass
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["params", "opt_state", "step", "key"],
+                   meta_fields=[])
+@dataclasses.dataclass(frozen=True)
 class TrainState:
     """Everything that changes during training, as one pytree (jit, donation, sharding and Orbax take it whole).
 
@@ -161,6 +161,9 @@ class TrainState:
     opt_state: Any
     step: jax.Array
     key: jax.Array
+
+    def replace(self, **changes) -> TrainState:
+        return dataclasses.replace(self, **changes)
 
 
 class FitResult(NamedTuple):
@@ -792,7 +795,6 @@ def _fit(config, ckpt, out, primary, init_params, train, evaluate, run_config, t
     progress = tqdm(total=sum(epochs_batches), initial=step, unit="step", disable=not (config.progress and primary),
                     dynamic_ncols=True, file=sys.stderr)
     recorder = _Recorder(out, history, primary, progress)
-    best: tuple[float, int] | None = None
     start_time, start_step = time.perf_counter(), step
 
     def position(epoch, index):
@@ -822,7 +824,6 @@ def _fit(config, ckpt, out, primary, init_params, train, evaluate, run_config, t
                 f"{ckpt.directory}")
 
     def run_eval(epoch, index):
-        nonlocal best
         recorder.flush(schedule(step))
         check_streak()
         results = {name: float(v) for name, v in evaluate(state.params).items()}
@@ -831,10 +832,7 @@ def _fit(config, ckpt, out, primary, init_params, train, evaluate, run_config, t
                              f"results {sorted(results)}")
         recorder.write({"kind": "eval", "step": step, "epoch": epoch, **results})
         if config.best_metric:
-            value = results[config.best_metric]
-            if best is None or (value < best[0] if config.best_mode == "min" else value > best[0]):
-                best = (value, step)
-            save(epoch, index, {config.best_metric: value})
+            save(epoch, index, {config.best_metric: results[config.best_metric]})
         if primary:
             progress.write(f"step {step} eval: " + ", ".join(f"{k}={v:.4g}" for k, v in results.items()))
 
@@ -877,10 +875,13 @@ def _fit(config, ckpt, out, primary, init_params, train, evaluate, run_config, t
     elapsed = time.perf_counter() - start_time
     trained = step - start_step
     last = next((r for r in reversed(recorder.history) if r["kind"] == "train" and "loss" in r), {})
-    summary = (f"done: {step} steps ({trained} in this run, {elapsed:.1f} s, {trained / max(elapsed, 1e-9):.1f} "
-               f"steps/s); last train loss {last.get('loss', float('nan')):.4g}")
-    if best is not None:
-        summary += f"; best {config.best_metric} {best[0]:.4g} at step {best[1]}"
+    summary = (f"done: {step} steps ({trained} in this run, {elapsed:.1f} s with compilation and evals, "
+               f"{trained / max(elapsed, 1e-9):.1f} steps/s); last train loss {last.get('loss', float('nan')):.4g}")
+    evals = [r for r in recorder.history if r["kind"] == "eval" and config.best_metric in r]
+    if evals:
+        pick = min if config.best_mode == "min" else max
+        best = pick(evals, key=lambda r: r[config.best_metric])
+        summary += f"; best {config.best_metric} {best[config.best_metric]:.4g} at step {best['step']}"
     _say(primary, summary + f"; run folder {out}")
     return FitResult(state.params, step, recorder.history, False)
 
