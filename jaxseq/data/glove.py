@@ -22,21 +22,21 @@ def load_vectors(path, *, words=None) -> dict[str, np.ndarray]:
     wanted = None if words is None else set(words)
     vectors: dict[str, np.ndarray] = {}
     dim = None
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
-    for number, line in enumerate(lines, start=1):
-        fields = line.rstrip("\n").rstrip(" ").split(" ")
-        if len(fields) < 2:
-            continue
-        if dim is None:
-            dim = len(fields) - 1
-        if len(fields) - 1 != dim:
-            if number == len(lines) and not line.endswith("\n"):
-                break  # a truncated copy without a final newline: the last line may be cut off
-            raise ValueError(f"{path.name} line {number}: {len(fields) - 1} numbers, expected {dim}")
-        word = fields[0]
-        if wanted is None or word in wanted:
-            vectors[word] = np.asarray(fields[1:], np.float32)
+    # Streamed, not read whole: glove.6B.200d.txt is 700 MB. A few tokens in the 6B files are not valid UTF-8
+    # (stray cp1252 bytes); they cannot match a cleaned caption word, so replacing them is harmless.
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            fields = line.rstrip("\n").rstrip(" ").split(" ")
+            if len(fields) < 2:
+                continue
+            if dim is None:
+                dim = len(fields) - 1
+            if len(fields) - 1 != dim:
+                if not line.endswith("\n"):
+                    break  # a truncated copy without a final newline: the last line may be cut off
+                raise ValueError(f"{path.name} line {number}: {len(fields) - 1} numbers, expected {dim}")
+            if wanted is None or fields[0] in wanted:
+                vectors[fields[0]] = np.asarray(fields[1:], np.float32)
     if dim is None:
         raise ValueError(f"GloVe file {str(path)!r} has no vectors")
     return vectors
@@ -52,8 +52,11 @@ def embedding_matrix(path, vocab) -> tuple[np.ndarray, int]:
     """
     words = list(getattr(vocab, "words", vocab))
     vectors = load_vectors(path, words=words)
-    dim = len(next(iter(vectors.values()))) if vectors else len(
-        next(iter(load_vectors(path).values())))
+    if vectors:
+        dim = len(next(iter(vectors.values())))
+    else:  # no vocabulary word is in GloVe: the width comes from the file's first line
+        with open(path, encoding="utf-8", errors="replace") as f:
+            dim = len(f.readline().rstrip("\n").rstrip(" ").split(" ")) - 1
     matrix = np.zeros((len(words), dim), np.float32)
     found = 0
     for i, word in enumerate(words):
