@@ -122,3 +122,60 @@ def bleu_by_length(hypotheses, references, source_lengths, edges) -> list[dict]:
         rows.append({"bin": label, "lo": int(lo), "hi": None if hi is None else int(hi - 1),
                      "sentences": int(len(pick)), "bleu": score})
     return rows
+
+
+# --- captioning ---
+import numpy as np  # noqa: E402,F811  (each section imports what it uses)
+
+
+def caption_bleu(hypotheses, references) -> dict:
+    """Corpus BLEU-1..4 (cumulative, uniform weights) with all references per image, via sacreBLEU.
+
+    Args:
+      hypotheses: one caption per image (cleaned, space-separated words, no startseq/endseq).
+      references: a list of reference captions per image (Flickr8k: five); lists may differ in length.
+
+    Returns:
+      ``{"bleu1": .., "bleu2": .., "bleu3": .., "bleu4": .. (0-100), "signature": sacreBLEU's}``. Captions are
+      already tokenised by the cleaning, so sacreBLEU's tokeniser is off (``tokenize="none"``); scores are
+      comparable to NLTK's ``corpus_bleu`` with weights (1/n, ..., 1/n), not to the MS-COCO toolkit, whose PTB
+      tokeniser and BLEU variant differ slightly.
+    """
+    import sacrebleu
+
+    hypotheses, references = list(hypotheses), [list(r) for r in references]
+    if len(hypotheses) != len(references):
+        raise ValueError(f"got {len(hypotheses)} hypotheses but {len(references)} reference lists")
+    if not hypotheses:
+        raise ValueError("caption_bleu needs at least one hypothesis")
+    if min(len(r) for r in references) == 0:
+        raise ValueError("every hypothesis needs at least one reference caption")
+    depth = max(len(r) for r in references)
+    # sacreBLEU takes reference *streams*; None fills the streams an image has no caption for.
+    streams = [[r[i] if i < len(r) else None for r in references] for i in range(depth)]
+    out = {}
+    for n in range(1, 5):
+        bleu = sacrebleu.BLEU(tokenize="none", max_ngram_order=n)
+        out[f"bleu{n}"] = float(bleu.corpus_score(hypotheses, streams).score)
+    out["signature"] = str(bleu.get_signature())
+    return out
+
+
+def caption_cider_rouge(hypotheses, references) -> dict | None:
+    """CIDEr-D and ROUGE-L from pycocoevalcap (extra ``caption-metrics``), or None when it is not installed.
+
+    Both run in Python (no Java); the captions are used as already tokenised (no PTB tokeniser, which needs
+    Java). CIDEr's document frequencies come from ``references``, so score the whole test set at once.
+    """
+    try:
+        from pycocoevalcap.cider.cider import Cider
+        from pycocoevalcap.rouge.rouge import Rouge
+    except ImportError:
+        return None
+    if len(hypotheses) != len(references):
+        raise ValueError(f"got {len(hypotheses)} hypotheses but {len(references)} reference lists")
+    res = {i: [h if h else "<empty>"] for i, h in enumerate(hypotheses)}
+    gts = {i: list(r) for i, r in enumerate(references)}
+    cider, _ = Cider().compute_score(gts, res)
+    rouge, _ = Rouge().compute_score(gts, res)
+    return {"cider": float(cider), "rouge_l": float(np.asarray(rouge))}
