@@ -294,7 +294,10 @@ def load_params(path: str | os.PathLike) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"InceptionV3 weights {path!r} not found; download the Keras ImageNet weights "
                                 f"once, e.g. {WEIGHTS_URL}, and pass that file")
-    import h5py  # optional dependency: only this loader needs it
+    try:
+        import h5py  # optional dependency: only this loader needs it
+    except ImportError as error:
+        raise ImportError("reading Keras weights needs h5py: pip install h5py (or 'jaxseq[pretrained]')") from error
 
     if zipfile.is_zipfile(path):  # a ``.keras`` archive holds model.weights.h5
         with zipfile.ZipFile(path) as archive:
