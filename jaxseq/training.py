@@ -467,8 +467,10 @@ class _Checkpoints:
         policies = [cm.LatestN(n=keep)]
         best = {}
         if best_metric:
+            worst = float("inf") if best_mode == "min" else float("-inf")
+
             def metric(m):
-                return m[best_metric]
+                return m.get(best_metric, worst)  # checkpoints of an earlier run that tracked another metric
             policies.append(cm.BestN(get_metric_fn=metric, reverse=best_mode == "min", n=1,
                                      keep_checkpoints_without_metrics=False))
             best = dict(best_fn=metric, best_mode=best_mode)
@@ -826,7 +828,10 @@ def _fit(config, ckpt, out, primary, init_params, train, evaluate, run_config, t
     def run_eval(epoch, index):
         recorder.flush(schedule(step))
         check_streak()
-        results = {name: float(v) for name, v in evaluate(state.params).items()}
+        try:
+            results = {str(name): float(v) for name, v in evaluate(state.params).items()}
+        except (TypeError, ValueError, AttributeError) as err:
+            raise ValueError(f"evaluate(params) must return a dict of name -> float: {err}") from None
         if config.best_metric and config.best_metric not in results:
             raise ValueError(f"TrainConfig.best_metric={config.best_metric!r} is not among the evaluate() "
                              f"results {sorted(results)}")

@@ -267,10 +267,10 @@ KILLABLE = textwrap.dedent("""
 
     class Slow(Scripted):  # a slow input pipeline: a window in which to kill the process
         def batch(self, epoch, index):
-            time.sleep(0.3)
+            time.sleep(0.2)
             return super().batch(epoch, index)
 
-    cfg = TrainConfig(out_dir=sys.argv[1], epochs=2, batch_size=8, learning_rate=0.05, log_every=1,
+    cfg = TrainConfig(out_dir=sys.argv[1], epochs=3, batch_size=8, learning_rate=0.05, log_every=1,
                       checkpoint_every=4, progress=False)
     fit(cfg, init_params=init_params, loss_fn=loss_fn, train=Slow(ArrayBatches(make_arrays(), 8, seed=0)),
         run_config={{"model": "linear"}})
@@ -283,7 +283,7 @@ def test_sigkill_mid_run_then_same_command_resumes_exactly(tmp_path):
     cmd = [sys.executable, "-c", KILLABLE.format(tests=str(ROOT / "tests")), str(out)]
     # Both processes compile the same step: the second one reads it from the persistent compilation cache.
     env = _env(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax-cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -293,16 +293,18 @@ def test_sigkill_mid_run_then_same_command_resumes_exactly(tmp_path):
     assert proc.poll() is None, "the slowed run ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
-    assert steps[-1] == 12 and '"step": 13,' in metrics.read_text()
+    assert b"done:" not in proc.stdout.read()
+    # Normally killed between the step-12 and step-16 checkpoints; a very busy machine may let it run further.
+    last = max(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    assert 12 <= last < 24
     resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming" in resumed.stdout and "from step 12 (epoch 1, batch 4)" in resumed.stdout, resumed.stdout
+    assert f"resuming {out} from step {last} (epoch {last // 8}, batch {last % 8})" in resumed.stdout, resumed.stdout
 
-    ref = fit(config(tmp_path, "ref", checkpoint_every=4), init_params=init_params, loss_fn=loss_fn,
+    ref = fit(config(tmp_path, "ref", epochs=3, checkpoint_every=4), init_params=init_params, loss_fn=loss_fn,
               train=ArrayBatches(make_arrays(), 8, seed=0), run_config={"model": "linear"})
     history = [json.loads(line) for line in metrics.read_text().splitlines()]
-    assert len(train_losses(history)) == 16
+    assert len(train_losses(history)) == 24
     assert train_losses(history) == train_losses(ref.history)  # bitwise on CPU, across processes
 
 
