@@ -109,8 +109,8 @@ def plot_gradnorm_bands(distance, curves: dict, path, *, theory: dict | None = N
                         ylabel: str = "||dh_T/dh_t||_2 (log scale)", title: str | None = None):
     """Median curves with a shaded band: ``curves[label] = (median, low, high)`` over seeds, each ``[n]``.
 
-    ``theory[label] = values`` are drawn dashed in the colour of the curve with the same label when there
-    is one (so a bound sits beside its measurement).
+    ``theory[label] = values`` are drawn dashed, in the colour of the curve whose label starts the theory's
+    label (so "tanh 0.9 bound" sits beside "tanh 0.9").
     """
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     colours = {}
@@ -119,13 +119,14 @@ def plot_gradnorm_bands(distance, curves: dict, path, *, theory: dict | None = N
         ax.fill_between(distance, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
         colours[label] = line.get_color()
     for label, values in (theory or {}).items():
-        ax.semilogy(distance, values, "--", color=colours.get(label.split(" bound")[0].split(" theory")[0], "k"),
+        owners = [name for name in colours if label.startswith(name)]
+        ax.semilogy(distance, values, "--", color=colours[max(owners, key=len)] if owners else "k",
                     linewidth=1, label=label)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title or "gradient norms: median and 10-90% band over seeds")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(loc="best", fontsize=7)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)  # many curves: keep them visible
     return save_figure(fig, path)
 
 
