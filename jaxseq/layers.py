@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 from jaxseq import cells
 from jaxseq.cells import LSTMState
@@ -57,7 +58,10 @@ def _segment_length(checkpoint, num_steps: int) -> int | None:
     if checkpoint is None:
         return None
     if checkpoint == "sqrt":
-        return max(1, math.ceil(math.sqrt(num_steps)))
+        root = math.isqrt(num_steps)
+        # Prefer a divisor of T near √T: no padded tail to mask and no padded copy of the inputs.
+        divisors = [d for d in range(max(1, root // 2), 2 * root + 1) if num_steps % d == 0]
+        return min(divisors, key=lambda d: abs(d - root)) if divisors else max(1, math.ceil(math.sqrt(num_steps)))
     if isinstance(checkpoint, (int, np.integer)) and not isinstance(checkpoint, bool) and checkpoint >= 1:
         return int(min(checkpoint, num_steps))
     raise ValueError(f"checkpoint must be None, 'sqrt' or a positive int segment length, got {checkpoint!r}")
@@ -237,69 +241,108 @@ def _h_prev(h0, ys):
     return jnp.concatenate([h0[None], ys[:-1]], axis=0)
 
 
+def _time_slice(a, k, segment: int):
+    """Steps ``[k·segment, (k+1)·segment)`` of batch-major ``a`` ``[B, T, F]``, time-major ``[segment, B, F]``.
+
+    The checkpointed path slices and transposes one segment at a time, so it never holds a time-major copy
+    of the whole input or output-gradient sequence.
+    """
+    return jnp.moveaxis(lax.dynamic_slice_in_dim(a, k * segment, segment, axis=1), 1, 0)
+
+
+def _pad_steps(a, total: int):
+    """Zero-pad batch-major ``a`` ``[B, T, F]`` to ``total`` steps."""
+    extra = total - a.shape[1]
+    return a if extra == 0 else jnp.pad(a, ((0, 0), (0, extra), (0, 0)))
+
+
+def _from_segments(a_seg, num_steps: int):
+    """Stacked per-segment outputs ``[n, segment, B, F]`` -> batch-major ``[B, T, F]``."""
+    n, segment, batch, features = a_seg.shape
+    return jnp.transpose(a_seg, (2, 0, 1, 3)).reshape(batch, n * segment, features)[:, :num_steps]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _fused_lstm(form, segment, U, W, b, h0, c0, xs_t, lengths):
-    h, c, ys = _fused_lstm_fwd(form, segment, U, W, b, h0, c0, xs_t, lengths)[0]
-    return h, c, ys
+def _fused_lstm(form, segment, U, W, b, h0, c0, xs, lengths):
+    """The fused LSTM on batch-major ``xs`` ``[B, T, I]`` -> ``(h, c, ys [B, T, H])``."""
+    xs_t = jnp.moveaxis(xs, 1, 0)
+    h, c, ys, _ = _forward_loop(form, U, W, b, h0, c0, xs_t, _valid(lengths, xs_t.shape[0]), save=False)
+    return h, c, jnp.moveaxis(ys, 0, 1)
 
 
-def _fused_lstm_fwd(form, segment, U, W, b, h0, c0, xs_t, lengths):
-    num_steps = xs_t.shape[0]
+def _fused_lstm_fwd(form, segment, U, W, b, h0, c0, xs, lengths):
+    # With symbolic zeros each primal arrives as (value, perturbed): the backward pass skips the input
+    # gradient GEMM (a [T, B, I] buffer) when nobody differentiates with respect to xs.
+    want_dxs = () if xs.perturbed else None
+    U, W, b, h0, c0, xs = (a.value for a in (U, W, b, h0, c0, xs))
+    lengths = None if lengths is None else lengths.value
+    num_steps = xs.shape[1]
     if segment is None:
+        xs_t = jnp.moveaxis(xs, 1, 0)
         valid_t = _valid(lengths, num_steps)
         h, c, ys, (acts, cs) = _forward_loop(form, U, W, b, h0, c0, xs_t, valid_t, save=True)
-        return (h, c, ys), (U, W, h0, c0, xs_t, lengths, ys, acts, cs)
+        return (h, c, jnp.moveaxis(ys, 0, 1)), (U, W, h0, c0, xs_t, lengths, ys, acts, cs, want_dxs)
     # Checkpointed: keep the carry at each segment start, nothing else per step.
     n = -(-num_steps // segment)
-    xs_seg = _pad_time(xs_t, n * segment).reshape(n, segment, *xs_t.shape[1:])
-    lengths_eff = lengths if lengths is not None or n * segment == num_steps else \
-        jnp.full(xs_t.shape[1:2], num_steps, jnp.int32)
+    if lengths is None and n * segment != num_steps:
+        lengths = jnp.full(xs.shape[:1], num_steps, jnp.int32)  # the padded tail must not move the carry
+    xs = _pad_steps(xs, n * segment)
 
-    def run_segment(carry, seg):
-        x_seg, k = seg
-        valid = None if lengths_eff is None else _valid(lengths_eff - k * segment, segment)
-        h, c, ys, _ = _forward_loop(form, U, W, b, *carry, x_seg, valid, save=False)
+    def run_segment(carry, k):
+        valid = None if lengths is None else _valid(lengths - k * segment, segment)
+        h, c, ys, _ = _forward_loop(form, U, W, b, *carry, _time_slice(xs, k, segment), valid, save=False)
         return (h, c), (carry, ys)
 
-    (h, c), (starts, ys) = lax.scan(run_segment, (h0, c0), (xs_seg, jnp.arange(n)))
-    ys = ys.reshape(n * segment, *ys.shape[2:])[:num_steps]
-    return (h, c, ys), (U, W, b, starts, xs_t, lengths_eff)
+    (h, c), (starts, ys) = lax.scan(run_segment, (h0, c0), jnp.arange(n))
+    return (h, c, _from_segments(ys, num_steps)), (U, W, b, starts, xs, lengths, want_dxs)
+
+
+def _instantiate(ct, shape, dtype):
+    return jnp.zeros(shape, dtype) if isinstance(ct, SymbolicZero) else ct
 
 
 def _fused_lstm_bwd(form, segment, res, cotangents):
-    dh, dc, dys = cotangents
+    U, W = res[0], res[1]
     if segment is None:
-        U, W, h0, c0, xs_t, lengths, ys, acts, cs = res
-        valid_t = _valid(lengths, xs_t.shape[0])
+        U, W, h0, c0, xs_t, lengths, ys, acts, cs, want_dxs = res
+        num_steps, batch = xs_t.shape[:2]
+    else:
+        U, W, b, starts, xs, lengths, want_dxs = res
+        batch, num_steps = starts[0].shape[1], None
+    hidden, dtype = W.shape[0], W.dtype
+    dh, dc = (_instantiate(ct, (batch, hidden), dtype) for ct in cotangents[:2])
+    if segment is None:
+        dys = jnp.moveaxis(_instantiate(cotangents[2], (batch, num_steps, hidden), dtype), 1, 0)
+        valid_t = _valid(lengths, num_steps)
         dh0, dc0, dz = _backward_loop(W.T, acts, cs, c0, dys, valid_t, dh, dc)
         dU, dW, db = _weight_grads(xs_t, _h_prev(h0, ys), dz)
-        dxs = (dz.reshape(-1, dz.shape[-1]) @ U.T).reshape(xs_t.shape)
+        dxs = None if want_dxs is None else jnp.moveaxis(dz @ U.T, 0, 1)
         return dU, dW, db, dh0, dc0, dxs, None
-    U, W, b, starts, xs_t, lengths = res
-    num_steps = xs_t.shape[0]
     n = starts[0].shape[0]
-    xs_seg = _pad_time(xs_t, n * segment).reshape(n, segment, *xs_t.shape[1:])
-    dys_seg = _pad_time(dys, n * segment).reshape(n, segment, *dys.shape[1:])
+    num_steps = cotangents[2].shape[1]
+    dys = _pad_steps(_instantiate(cotangents[2], (batch, num_steps, hidden), dtype), n * segment)
     WT, UT = W.T, U.T
 
     def segment_bwd(carry, seg):
         dh, dc, dU, dW, db = carry
-        x_seg, dy_seg, h0, c0, k = seg
+        h0, c0, k = seg
         valid = None if lengths is None else _valid(lengths - k * segment, segment)
+        x_seg = _time_slice(xs, k, segment)
         _, _, ys, (acts, cs) = _forward_loop(form, U, W, b, h0, c0, x_seg, valid, save=True)
-        dh, dc, dz = _backward_loop(WT, acts, cs, c0, dy_seg, valid, dh, dc)
+        dh, dc, dz = _backward_loop(WT, acts, cs, c0, _time_slice(dys, k, segment), valid, dh, dc)
         gU, gW, gb = _weight_grads(x_seg, _h_prev(h0, ys), dz)
-        dx = (dz.reshape(-1, dz.shape[-1]) @ UT).reshape(x_seg.shape)
+        dx = None if want_dxs is None else dz @ UT
         return (dh, dc, dU + gU, dW + gW, db + gb), dx
 
     zeros = (jnp.zeros_like(U), jnp.zeros_like(W), jnp.zeros_like(b))
-    (dh0, dc0, dU, dW, db), dxs = lax.scan(
-        segment_bwd, (dh, dc, *zeros), (xs_seg, dys_seg, starts[0], starts[1], jnp.arange(n)), reverse=True)
-    dxs = dxs.reshape(n * segment, *xs_t.shape[1:])[:num_steps]
+    (dh0, dc0, dU, dW, db), dxs = lax.scan(segment_bwd, (dh, dc, *zeros), (*starts, jnp.arange(n)),
+                                           reverse=True)
+    if want_dxs is not None:
+        dxs = _from_segments(dxs, num_steps)
     return dU, dW, db, dh0, dc0, dxs, None
 
 
-_fused_lstm.defvjp(_fused_lstm_fwd, _fused_lstm_bwd)
+_fused_lstm.defvjp(_fused_lstm_fwd, _fused_lstm_bwd, symbolic_zeros=True)
 
 
 def _choose_form(batch: int, input_size: int, hidden: int, num_steps: int) -> str:
@@ -318,21 +361,28 @@ def _run_fused(params, carry, xs, lengths, reverse, segment, form):
     batch_shape = _batch_shape(xs, False)
     hidden = cells.hidden_size(params)
     num_steps, in_size = xs.shape[-2], xs.shape[-1]
-    # Flatten any leading batch dimensions into one: the loops work on [T, B, ...].
+    # Flatten any leading batch dimensions into one: the loops work on [B, T, ...].
     batch = int(np.prod(batch_shape)) if batch_shape else 1
-    xs_t = jnp.moveaxis(xs.reshape(batch, num_steps, in_size), 1, 0)
+    xs = xs.reshape(batch, num_steps, in_size)
     h0 = carry.h.reshape(batch, hidden)
     c0 = carry.c.reshape(batch, hidden)
     if lengths is not None:
         lengths = jnp.clip(jnp.asarray(lengths, jnp.int32), 0, num_steps).reshape(batch)
     if reverse:
-        xs_t = (jnp.flip(xs_t, 0) if lengths is None else reverse_within_lengths(xs_t, lengths))
+        xs = _reverse_steps(xs, lengths)
     form = form or _choose_form(batch, in_size, hidden, num_steps)
-    h, c, ys = _fused_lstm(form, segment, params["U"], params["W"], params["b"], h0, c0, xs_t, lengths)
+    h, c, ys = _fused_lstm(form, segment, params["U"], params["W"], params["b"], h0, c0, xs, lengths)
     if reverse:
-        ys = jnp.flip(ys, 0) if lengths is None else reverse_within_lengths(ys, lengths)
-    ys = jnp.moveaxis(ys, 0, 1).reshape(*batch_shape, num_steps, hidden)
+        ys = _reverse_steps(ys, lengths)
+    ys = ys.reshape(*batch_shape, num_steps, hidden)
     return LSTMState(h.reshape(*batch_shape, hidden), c.reshape(*batch_shape, hidden)), ys
+
+
+def _reverse_steps(a, lengths):
+    """Reverse batch-major ``a`` ``[B, T, F]`` in time, inside each length when ``lengths`` is given."""
+    if lengths is None:
+        return jnp.flip(a, 1)
+    return jnp.moveaxis(reverse_within_lengths(jnp.moveaxis(a, 1, 0), lengths), 0, 1)
 
 
 # ----------------------------------------------------------------------------------------------------------
