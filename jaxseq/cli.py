@@ -31,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input gets one line naming what was wrong, not a traceback.
         print(f"jaxseq {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except FloatingPointError as error:
+        # training.NonFiniteError: the message names the bad steps; the last good checkpoint is kept.
+        print(f"jaxseq {args.command}: stopped: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
