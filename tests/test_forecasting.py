@@ -215,24 +215,26 @@ def test_baselines_on_known_series():
 
 # --- models -----------------------------------------------------------------------------------------------
 
-# One small configuration for every model test: the cells' orthogonal initialisers compile per shape, which is
-# the slow part of these tests on a busy 2-core machine, so all tests share the shapes (and the params).
-HIDDEN, LAYERS, HORIZON = 8, 2, 3
+# Small shared configurations: initialising and compiling the scans is the slow part of these tests on a busy
+# 2-core machine, so the tests share params. The bidirectional LSTM is the stacked one (2 layers, dropout
+# between them); the others have one layer.
+HIDDEN, HORIZON = 8, 3
+LAYERS = {"rnn": 1, "lstm": 1, "gru": 1, "bilstm": 2}
 
 
 @pytest.fixture(scope="module")
 def initialised():
     key = jax.random.PRNGKey(0)
     x = jax.random.normal(key, (5, 7, 2))
-    out = {}
-    for name in sorted(fc.MODELS):
-        model = fc.make_model(name, hidden_size=HIDDEN, num_layers=LAYERS, horizon=HORIZON, dropout_rate=0.1)
-        out[name] = (model, model.init(key, x)["params"], x)
-    return out
+    models = {name: fc.make_model(name, hidden_size=HIDDEN, num_layers=LAYERS[name], horizon=HORIZON,
+                                  dropout_rate=0.1) for name in sorted(fc.MODELS)}
+    # One jitted init for all four: one compilation instead of many (half the CPU time of separate ones).
+    params = jax.jit(lambda key, x: {name: m.init(key, x)["params"] for name, m in models.items()})(key, x)
+    return {name: (model, params[name], x) for name, model in models.items()}
 
 
 @pytest.mark.parametrize("name", sorted(fc.MODELS))
-def test_models_shapes_dropout_and_every_direction_matters(name, initialised, key):
+def test_models_shapes_dropout_and_every_layer_matters(name, initialised, key):
     model, params, x = initialised[name]
 
     @jax.jit  # one compilation for the three checks
@@ -244,8 +246,9 @@ def test_models_shapes_dropout_and_every_direction_matters(name, initialised, ke
 
     y, y_train, grads = run(params, x)
     assert y.shape == (5, HORIZON) and y.dtype == jnp.float32
-    assert not np.allclose(y, y_train)  # dropout between the stacked layers is live in training
-    assert set(grads["recurrent"]) == {f"layer_{i}" for i in range(LAYERS)}
+    # Dropout acts between stacked layers only, and only in training.
+    assert np.allclose(y, y_train) == (LAYERS[name] == 1)
+    assert set(grads["recurrent"]) == {f"layer_{i}" for i in range(LAYERS[name])}
     for layer in grads["recurrent"].values():
         for leaf in jax.tree_util.tree_leaves(layer):
             assert np.abs(np.asarray(leaf)).sum() > 0  # every direction of every layer feeds the forecast
