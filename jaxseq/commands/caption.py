@@ -136,24 +136,6 @@ def load_splits(source: dict, *, warn=print) -> dict[str, Split]:
     return out
 
 
-class CaptionBatches:
-    """``BatchSource`` of (image features, caption tokens), one example per caption; features are gathered
-    per batch from the per-image table, so Flickr8k's 30,000 captions do not copy 2,048-d features 5 times."""
-
-    def __init__(self, features, image_index, tokens, batch_size: int, *, seed: int):
-        from jaxseq.training import ArrayBatches
-
-        self.features = features
-        self.rows = ArrayBatches({"image": image_index, "tokens": tokens}, batch_size, seed=seed)
-
-    def num_batches(self, epoch: int) -> int:
-        return self.rows.num_batches(epoch)
-
-    def batch(self, epoch: int, index: int) -> dict:
-        b = self.rows.batch(epoch, index)
-        return {"features": self.features[b["image"]], "tokens": b["tokens"]}
-
-
 def _model_features(features, variant: str):
     """Synthetic pixels become a grid of patches for the attention variant."""
     if variant == "attention" and features.ndim == 2:
@@ -305,7 +287,7 @@ def run_train(args) -> int:
     train_config = TrainConfig(out_dir=str(out), seed=args.seed, epochs=args.epochs, batch_size=args.batch_size,
                                learning_rate=args.lr, best_metric="dev_bleu4", best_mode="max",
                                restart=args.restart, progress=not args.no_progress)
-    batches = CaptionBatches(train_features, image_index, tokens, args.batch_size, seed=args.seed)
+    batches = cap.CaptionBatches(train_features, image_index, tokens, args.batch_size, seed=args.seed)
     result = fit(train_config, init_params=init, loss_fn=loss_fn, train=batches, evaluate=evaluate,
                  run_config=run_config)
     if result.already_finished:
