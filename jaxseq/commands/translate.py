@@ -5,6 +5,7 @@ Examples::
     jaxseq translate train --attention additive --epochs 10 --out runs/tatoeba-additive
     jaxseq translate eval --run runs/tatoeba-additive --src dev.en --ref dev.vi --hyp-out dev.hyp
     jaxseq translate predict --run runs/tatoeba-additive "I love teaching" --beam 5 --plot attn.png
+    jaxseq translate compare runs/tatoeba-* --plot bleu_vs_length.png
 
 ``train`` reads the shipped Tatoeba pairs (``--data tatoeba``, no download) or an IWSLT-style folder
 (``--data DIR`` with ``train.en/vi`` and ``tst2012.en/vi``), trains with ``jaxseq.training.fit``, then translates
@@ -69,6 +70,11 @@ def register(subparsers) -> None:
     r.add_argument("--beam", type=int, default=5)
     r.add_argument("--plot", default=None, help="write the attention map PNG here")
     r.set_defaults(run=run_predict)
+
+    c = sub.add_parser("compare", help="table of dev BLEU over several runs; BLEU-vs-length plot")
+    c.add_argument("runs", nargs="+", help="run folders (each with the metrics.json that train writes)")
+    c.add_argument("--plot", default=None, help="write the BLEU against source length PNG here")
+    c.set_defaults(run=run_compare)
 
 
 # --- shared pieces ---------------------------------------------------------------------------------------------
@@ -328,4 +334,29 @@ def run_predict(args) -> int:
         path = plots.attention_map(weights, source, target + [tr.EOS], args.plot,
                                    title=f"{translator.config.attention} attention")
         print(f"attention map -> {path}", file=sys.stderr)
+    return 0
+
+
+def run_compare(args) -> int:
+    from jaxseq import plots
+
+    rows, curves = [], {}
+    for run_dir in args.runs:
+        path = pathlib.Path(run_dir) / "metrics.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: has 'jaxseq translate train --out {run_dir}' finished?")
+        results = json.loads(path.read_text())
+        rows.append(results)
+        curves[f"{results['attention']} ({results['dev']['sacrebleu']:.1f})"] = results["dev"]["bleu_by_source_length"]
+    bins = [r["bin"] for r in rows[0]["dev"]["bleu_by_source_length"]]
+    print("| attention | dev sacreBLEU | tokenised BLEU | dev loss | " + " | ".join(f"BLEU len {b}" for b in bins) + " |")
+    print("|---" * (4 + len(bins)) + "|")
+    for r in rows:
+        by_len = {x["bin"]: x["bleu"] for x in r["dev"]["bleu_by_source_length"]}
+        print(f"| {r['attention']} | {r['dev']['sacrebleu']:.2f} | {r['dev']['tokenized_bleu']:.2f} | "
+              f"{r['dev_loss']:.3f} | " + " | ".join(f"{by_len.get(b, float('nan')):.1f}" for b in bins) + " |")
+    print(f"signature: {rows[0]['dev']['sacrebleu_signature']}; dev sentences per length bin: "
+          + ", ".join(f"{x['bin']}: {x['sentences']}" for x in rows[0]["dev"]["bleu_by_source_length"]))
+    if args.plot:
+        print(f"plot -> {plots.bleu_vs_length(curves, args.plot)}")
     return 0
