@@ -165,6 +165,18 @@ def test_true_targets_map_back_to_true_prices(target):
     np.testing.assert_allclose(data.forecast_prices(y, origins), data.actual_prices(origins), rtol=1e-5)
 
 
+def test_features_get_the_target_transform_and_their_own_scale(tmp_path):
+    prices = 100 * np.exp(np.linspace(0, 1, 60))
+    path = write_csv(tmp_path / "f.csv", daily_rows(prices, volume=np.arange(1000, 1060)))
+    data = ts.prepare(ts.read_csv(path, features=("Volume",)), target="log_return", lookback=5, horizon=1)
+    x, y = data.windows("train")
+    assert x.shape[1:] == (5, 2) and y.shape[1:] == (1,)
+    volume_returns = np.diff(np.log(np.arange(1000.0, 1060.0)))[:data.split.train_end - 1]
+    np.testing.assert_allclose(data.scaler.mean[1], volume_returns.mean())
+    np.testing.assert_allclose(x[0, :, 1], (volume_returns[:5] - volume_returns.mean()) / volume_returns.std(),
+                               rtol=1e-5)
+
+
 def test_too_short_split_says_so():
     with pytest.raises(ValueError, match=r"the val part .* too short for one window of lookback 10"):
         ts.prepare(series_of(np.arange(1.0, 41.0)), target="price", lookback=10, horizon=7)
@@ -277,6 +289,9 @@ def test_recursive_forecast_feeds_forecasts_back():
     # "tomorrow = sum of the window": windows [1, 2] -> 3, then [2, 3] -> 5, then [3, 5] -> 8.
     out = fc.recursive_forecast(lambda w: w.sum(axis=1), np.array([[[1.0], [2.0]]]), 3)
     np.testing.assert_array_equal(out, [[3, 5, 8]])
+    # A multi-step head is rolled a whole horizon at a time: [1, 2] -> (3, 4), then [3, 4] -> (5, 6).
+    out = fc.recursive_forecast(lambda w: w[:, :, 0] + 2, np.array([[[1.0], [2.0]]]), 3)
+    np.testing.assert_array_equal(out, [[3, 4, 5]])
     with pytest.raises(ValueError, match=r"recursive forecasts need windows \[N, lookback, 1\]"):
         fc.recursive_forecast(lambda w: w[:, -1], np.zeros((1, 2, 2)), 2)
     with pytest.raises(ValueError, match="cannot use extra features"):
@@ -326,12 +341,20 @@ def test_cli_trains_beats_persistence_predicts_and_resumes(tmp_path, capsys):
     assert results["test"]["metrics"]["persistence"]["mase"] == 1.0
 
     capsys.readouterr()
-    assert main(["forecast", "predict", "--run", str(out), "--steps", "3"]) == 0
+    assert main(["forecast", "predict", "--run", str(out), "--steps", "5"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    # The file ends on Friday 2021-02-26... its calendar has no weekends, so the next days are business days.
-    assert lines[0] == "date,forecast" and len(lines) == 4
-    assert [line.split(",")[0] for line in lines[1:]] == [str(d) for d in ts.next_dates(ts.read_csv(csv).dates, 3)]
+    # The file ends on Tuesday 2021-02-23 and has no weekend dates, so the forecasts skip the weekend. Five
+    # steps from a 1-day model: the model is rolled forward on its own forecasts.
+    assert lines[0] == "date,forecast"
+    assert [line.split(",")[0] for line in lines[1:]] == ["2021-02-24", "2021-02-25", "2021-02-26", "2021-03-01",
+                                                          "2021-03-02"]
     assert all(80 < float(line.split(",")[1]) < 120 for line in lines[1:])
+
+    # A CSV given to predict is read with the run's own scaler; its last date sets the calendar.
+    short = write_csv(tmp_path / "short.csv", csv.read_text().splitlines()[1:251])
+    assert main(["forecast", "predict", "--run", str(out), "--csv", str(short), "--steps", "1"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split(",")[0] == str(
+        ts.next_dates(ts.read_csv(short).dates, 1)[0])
 
     # Running the same command again finds the finished run and rewrites identical results.
     assert main(argv) == 0
