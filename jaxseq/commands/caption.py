@@ -66,6 +66,7 @@ def register(subparsers) -> None:
     r.add_argument("images", nargs="+", metavar="IMAGE")
     r.add_argument("--beam", type=int, default=1, help="beam width (1 = greedy)")
     r.add_argument("--length-penalty", type=float, default=0.6)
+    r.add_argument("--weights", default=None, help="image encoder weights (Flickr8k runs made with InceptionV3)")
     r.set_defaults(run=run_predict)
 
     f = sub.add_parser("features", help="encode a folder of images into features.npz (pretrained CNN)")
@@ -74,6 +75,8 @@ def register(subparsers) -> None:
     f.add_argument("--weights", default=None, help="weights file (InceptionV3: the Keras .h5 you downloaded)")
     f.add_argument("--out", required=True, help="output .npz")
     f.add_argument("--batch-size", type=int, default=32)
+    f.add_argument("--grid", action="store_true",
+                   help="keep the last feature map [h, w, D] (for --variant attention) instead of pooling")
     f.set_defaults(run=run_features)
 
 
@@ -136,9 +139,12 @@ def load_splits(source: dict, *, warn=print) -> dict[str, Split]:
     return out
 
 
-def _model_features(features, variant: str):
-    """Synthetic pixels become a grid of patches for the attention variant."""
+def _model_features(features, variant: str, kind: str):
+    """Synthetic pixels become a grid of patches for the attention variant; encoder features must be grids."""
     if variant == "attention" and features.ndim == 2:
+        if kind != "synthetic":
+            raise ValueError(f"--variant attention needs grid features [N, h, w, D], got {features.shape}; make "
+                             "them with 'jaxseq caption features --grid'")
         from jaxseq.data import synthetic_captions as sc
 
         return sc.grid_features(features)
@@ -174,7 +180,8 @@ class Captioner:
 
         from jaxseq.models import captioning as cap
 
-        features = _model_features(np.asarray(features, np.float32), self.model.config.variant)
+        features = _model_features(np.asarray(features, np.float32), self.model.config.variant,
+                                   self.run_config["data"]["kind"])
         out = []
         for lo in range(0, len(features), batch_size):
             chunk = features[lo:lo + batch_size]
@@ -256,7 +263,7 @@ def run_train(args) -> int:
     config = cap.CaptionConfig(vocab_size=len(vocab), embed_dim=embed_dim, hidden=args.hidden,
                                variant=args.variant, dropout=args.dropout, freeze_embedding=embedding is not None)
     model = cap.CaptionModel(config)
-    train_features = _model_features(np.asarray(train.features, np.float32), args.variant)
+    train_features = _model_features(np.asarray(train.features, np.float32), args.variant, source["kind"])
     feature_shape = train_features.shape[1:]
 
     def init(key):
@@ -269,7 +276,7 @@ def run_train(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / VOCAB_FILE).write_text(json.dumps(vocab.to_json()))
     dev = splits["dev"]
-    dev_features = _model_features(np.asarray(dev.features, np.float32), args.variant)
+    dev_features = _model_features(np.asarray(dev.features, np.float32), args.variant, source["kind"])
     dev_refs = [[clean_caption(c) for c in caps] for caps in dev.captions]
 
     def evaluate(params):
@@ -317,7 +324,7 @@ def run_eval(args) -> int:
     return 0
 
 
-def _image_features(paths, run_config) -> "object":
+def _image_features(paths, run_config, weights=None) -> "object":
     """Features of image files the way the run's training features were made."""
     import numpy as np
     from PIL import Image
@@ -345,7 +352,8 @@ def _image_features(paths, run_config) -> "object":
             name = f"{i:05d}{pathlib.Path(p).suffix.lower() or '.jpg'}"
             os.symlink(pathlib.Path(p).resolve(), folder / name)
             names.append(name)
-        code = extract_to_npz(str(folder), encoder, meta.get("weights"), str(pathlib.Path(tmp, "f.npz")))
+        code = extract_to_npz(str(folder), encoder, weights, str(pathlib.Path(tmp, "f.npz")),
+                              output="grid" if len(run_config["feature_shape"]) > 1 else "pooled", progress=False)
         if code != 0:
             raise ValueError(f"encoding the images with {encoder} failed (exit code {code})")
         table, _ = load_npz_features(pathlib.Path(tmp, "f.npz"))
@@ -364,7 +372,7 @@ def run_predict(args) -> int:
     if args.beam < 1:
         raise ValueError(f"--beam must be >= 1, got {args.beam}")
     captioner = Captioner(args.run_dir)
-    features = _image_features(args.images, captioner.run_config)
+    features = _image_features(args.images, captioner.run_config, args.weights)
     for path, text in zip(args.images, captioner.caption(features, beam=args.beam,
                                                          length_penalty=args.length_penalty)):
         print(f"{path}\t{text}")
@@ -378,4 +386,5 @@ def run_features(args) -> int:
         raise FileNotFoundError(f"--images {args.images!r} is not a folder")
     from jaxseq.encoders.features import extract_to_npz
 
-    return int(extract_to_npz(args.images, args.encoder, args.weights, args.out, batch_size=args.batch_size))
+    return int(extract_to_npz(args.images, args.encoder, args.weights, args.out, batch_size=args.batch_size,
+                              output="grid" if args.grid else "pooled"))

@@ -92,8 +92,8 @@ class CaptionModel(nn.Module):
         return self.drop(e, deterministic=deterministic)
 
     def _pooled(self, features):
-        if features.ndim == 3:  # a spatial grid: merge/inject read its mean
-            return features.mean(axis=1)
+        if features.ndim in (3, 4):  # a spatial grid ([B, P, D] or [B, h, w, D]): merge/inject read its mean
+            return features.mean(axis=tuple(range(1, features.ndim - 1)))
         if features.ndim != 2:
             raise ValueError(f"features must be [batch, features] or [batch, positions, features], got shape "
                              f"{features.shape}")
