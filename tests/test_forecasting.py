@@ -321,14 +321,15 @@ def noisy_sine_csv(path: pathlib.Path, n: int = 300) -> pathlib.Path:
     return write_csv(path, rows)
 
 
-def test_cli_trains_beats_persistence_predicts_and_resumes(tmp_path, capsys):
+def test_cli_trains_beats_persistence_predicts_and_resumes(tmp_path, capsys, monkeypatch):
     from jaxseq.cli import main
 
+    monkeypatch.chdir(tmp_path)  # a relative --out, as people type it
     csv = noisy_sine_csv(tmp_path / "sine.csv")
-    out = tmp_path / "run"
+    out = pathlib.Path("run")
     argv = ["forecast", "train", "--csv", str(csv), "--column", "Close", "--model", "gru", "--target", "price",
             "--lookback", "20", "--horizon", "1", "--hidden", "16", "--lr", "0.01", "--batch-size", "16",
-            "--epochs", "8", "--seed", "0", "--out", str(out), "--no-progress"]
+            "--epochs", "8", "--seed", "0", "--out", "run", "--no-progress"]
     assert main(argv) == 0
     results = json.loads((out / "metrics.json").read_text())
     assert (out / "forecast.png").stat().st_size > 0 and (out / "checkpoints").is_dir()

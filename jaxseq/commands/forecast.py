@@ -72,7 +72,8 @@ def run_train(args) -> int:
                             residual=args.residual)
     out = args.out or (f"runs/forecast-{pathlib.Path(args.csv).stem if args.csv else 'btc'}-{args.model}-"
                        f"{args.target}-h{args.horizon}-seed{args.seed}")
-    train_config = TrainConfig(out_dir=out, seed=args.seed, epochs=args.epochs, batch_size=args.batch_size,
+    # Absolute: Orbax refuses relative checkpoint paths.
+    train_config = TrainConfig(out_dir=str(pathlib.Path(out).resolve()), seed=args.seed, epochs=args.epochs, batch_size=args.batch_size,
                                learning_rate=args.lr, restart=args.restart, progress=not args.no_progress)
     results = train_and_evaluate(config, train_config)
     print(format_table(results))
@@ -99,7 +100,7 @@ def run_predict(args) -> int:
 
     if not pathlib.Path(args.run_dir).is_dir():
         raise FileNotFoundError(f"--run: no run folder {args.run_dir}")
-    dates, values = forecast_ahead(args.run_dir, args.steps, args.csv)
+    dates, values = forecast_ahead(str(pathlib.Path(args.run_dir).resolve()), args.steps, args.csv)
     print("date,forecast")
     for date, value in zip(dates, values):
         print(f"{date},{value:.6g}")
