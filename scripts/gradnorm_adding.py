@@ -169,8 +169,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--max-steps", type=int, default=4000)
     parser.add_argument("--budget", type=float, default=300.0, help="wall-time budget per run, seconds")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tag", default="", help="suffix for the output names (keeps runs apart)")
     args = parser.parse_args()
+    name = f"{args.task}{args.tag}"
 
     runs = []
     print(f"{'task':<7}{'cell':<6}{'T':>5}{'steps':>7}{'solved at':>11}{'final':>10}{'baseline':>10}"
@@ -178,7 +182,8 @@ def main() -> None:
     for length in args.lengths:
         for cell_name in args.cells:
             run = train(args.task, cell_name, length, hidden=args.hidden, batch=args.batch,
-                        max_steps=args.max_steps, budget_s=args.budget, seed=args.seed)
+                        learning_rate=args.lr, max_steps=args.max_steps, budget_s=args.budget,
+                        eval_every=args.eval_every, seed=args.seed)
             runs.append(run)
             h = run["history"]
             print(f"{args.task:<7}{cell_name:<6}{length:>5}{run['steps_trained']:>7}{str(run['solved_at']):>11}"
@@ -188,22 +193,22 @@ def main() -> None:
     out = ROOT / "runs" / "gradnorms"
     out.mkdir(parents=True, exist_ok=True)
     results = [{k: v for k, v in run.items() if k != "wall_s"} for run in runs]
-    (out / f"{args.task}.json").write_text(json.dumps(results) + "\n")
+    (out / f"{name}.json").write_text(json.dumps(results) + "\n")
     label = "eval MSE" if args.task == "adding" else "symbol accuracy"
     curves = {f"{r['cell']} T={r['length']}": (r["history"]["eval_steps"], r["history"]["eval"]) for r in runs}
-    plots.plot_training_runs(curves, ROOT / "docs" / "figures" / f"gradnorms_{args.task}.png", metric=label,
+    plots.plot_training_runs(curves, ROOT / "docs" / "figures" / f"gradnorms_{name}.png", metric=label,
                              baseline=gradients.ADDING_BASELINE_MSE if args.task == "adding" else None,
                              log_y=args.task == "adding",
-                             title=f"{args.task}: {label} on 1,000 fresh sequences (H={args.hidden})")
+                             title=f"{args.task}: {label} on 1,000 fresh sequences (H={args.hidden}, lr {args.lr:g})")
     fig_curves = {}
     for r in runs:
         for when in ("start", "end"):
             norms = np.asarray(r["history"][f"profile_{when}"])
             fig_curves[f"{r['cell']} T={r['length']} {when}"] = (np.arange(1, len(norms) + 1), norms / norms[-1])
-    plots.plot_training_runs(fig_curves, ROOT / "docs" / "figures" / f"gradnorms_{args.task}_profiles.png",
+    plots.plot_training_runs(fig_curves, ROOT / "docs" / "figures" / f"gradnorms_{name}_profiles.png",
                              metric="||dL/ds_t|| / ||dL/ds_T||", xlabel="time step t",
                              title=f"{args.task}: gradient reaching each step, start vs end of training")
-    print(f"wrote {out / (args.task + '.json')} and docs/figures/gradnorms_{args.task}*.png")
+    print(f"wrote {out / (name + '.json')} and docs/figures/gradnorms_{name}*.png")
 
 
 if __name__ == "__main__":

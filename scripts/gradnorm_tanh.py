@@ -57,7 +57,7 @@ def main() -> None:
     distance = np.asarray(gradients.distances(T))
 
     print(f"{SEEDS} seeds x {len(SIGMAS)} sigma_max, H={H}, T={T}: one compiled call, {wall:.1f} s with compile")
-    print(f"{'sigma_max':>9}{'median rho':>12}{"max meas/bound t<T":>20}{'violations':>12}"
+    print(f"{'sigma_max':>9}{'median rho':>12}{'max meas/bound t<T':>20}{'violations':>12}"
           f"{'median T-t=10':>15}{'T-t=50':>10}{'T-t=100':>10}{'max over t,seeds':>18}")
     curves, theory = {}, {}
     for i, sigma in enumerate(SIGMAS):
