@@ -24,6 +24,7 @@ import numpy as np
 
 from jaxseq import cells
 from jaxseq.cells import LSTMState
+from jaxseq.data import timeseries
 from jaxseq.data.timeseries import ForecastData, to_price
 from jaxseq.scan import init_stacked, stacked
 
@@ -192,8 +193,8 @@ class ForecastConfig:
     features: tuple[str, ...] = ()  # extra input columns (same transform as the target)
     fill: str = "error"  # missing cells: error | ffill | drop | interpolate (never silent)
     sort_dates: bool = False  # sort rows by date instead of raising on dates out of order
-    # log_return by default: it is the one target whose training scale still holds in the test period
-    # (BTC's test prices are 2-10x the training prices); price and log_price are there to show why.
+    # log_return by default: the one target whose training scale still holds in the test period (BTC's test
+    # prices climb past the training maximum, which a tanh network fitted on prices cannot reach).
     target: str = "log_return"
     lookback: int = 60  # days of history per window
     horizon: int = 1  # days ahead
@@ -222,16 +223,13 @@ class ForecastConfig:
 
 def load_series(config: ForecastConfig, csv: str | None = None):
     """Read the configured CSV (``csv`` overrides it; neither = the embedded BTC-USD file)."""
-    from jaxseq.data import timeseries
-
     path = csv or config.csv or timeseries.BITCOIN_CSV
     return timeseries.read_csv(path, column=config.column, date_column=config.date_column,
                                features=config.features, fill=config.fill, sort_dates=config.sort_dates)
 
 
 def prepare_data(config: ForecastConfig, series, horizon: int | None = None) -> ForecastData:
-    from jaxseq.data import timeseries
-
+    """Windows of ``horizon`` days (default ``config.horizon``) with the config's target and split."""
     return timeseries.prepare(series, target=config.target, lookback=config.lookback,
                               horizon=config.horizon if horizon is None else horizon,
                               val_fraction=config.val_fraction, test_fraction=config.test_fraction)
@@ -291,7 +289,6 @@ def train_and_evaluate(config: ForecastConfig, train_config) -> dict:
     import pathlib
 
     from jaxseq import plots, training
-    from jaxseq.data import timeseries
 
     series = load_series(config)
     data = prepare_data(config, series)  # the evaluation windows: `horizon` days ahead
@@ -306,19 +303,21 @@ def train_and_evaluate(config: ForecastConfig, train_config) -> dict:
         mse = jnp.mean((pred - batch["y"]) ** 2)
         return mse, {"mse": mse}
 
-    val_apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
-
-    def evaluate(params):
-        return {"val_mse": float(np.mean((np.asarray(val_apply(params, x_val)) - y_val) ** 2))}
-
     run_config = {"forecast": {**dataclasses.asdict(config), "features": list(config.features)},
                   "scaler": data.scaler.to_dict(), "last_train_date": str(series.dates[data.split.train_end - 1])}
-    if train_config.best_metric is None:
-        train_config = dataclasses.replace(train_config, best_metric="val_mse", best_mode="min")
+    evaluate = None
+    if len(x_val):  # with --val-fraction 0 there is no validation and "best" falls back to the latest checkpoint
+        val_apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
+
+        def evaluate(params):
+            return {"val_mse": float(np.mean((np.asarray(val_apply(params, x_val)) - y_val) ** 2))}
+
+        if train_config.best_metric is None:
+            train_config = dataclasses.replace(train_config, best_metric="val_mse", best_mode="min")
     training.fit(train_config, init_params=init_params, loss_fn=loss_fn,
-                          train=training.ArrayBatches({"x": x_train, "y": y_train}, train_config.batch_size,
-                                                      seed=train_config.seed),
-                          evaluate=evaluate, run_config=run_config)
+                 train=training.ArrayBatches({"x": x_train, "y": y_train}, train_config.batch_size,
+                                             seed=train_config.seed),
+                 evaluate=evaluate, run_config=run_config)
     params = training.restore_params(train_config.out_dir, init_params, which="best")
 
     origins = data.origins("test")
@@ -332,7 +331,7 @@ def train_and_evaluate(config: ForecastConfig, train_config) -> dict:
     out_dir = pathlib.Path(train_config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-    step = config.horizon - 1  # the figure shows the furthest step: the one a direct head exists for
+    step = config.horizon - 1  # the figure shows the last (hardest) step, `horizon` days ahead
     plots.plot_forecast(data.target_dates(origins)[:, step], data.actual_prices(origins)[:, step],
                         {config.model: forecasts[config.model][:, step],
                          "persistence": forecasts["persistence"][:, step]},
@@ -353,7 +352,6 @@ def forecast_ahead(run_dir: str, steps: int, csv: str | None = None) -> tuple[np
       ``(dates datetime64[D] [steps], values float64 [steps])``.
     """
     from jaxseq import training
-    from jaxseq.data import timeseries
 
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
