@@ -240,7 +240,7 @@ def test_synthetic_set_is_deterministic_varied_and_held_out():
     assert not np.allclose(train.features[:5], test.features[:5])
     assert all(len(set(c)) == 5 for c in train.captions)
     assert len({(s.shape, s.colour) for s in train.scenes}) > 8
-    assert sc.grid_features(train.features).shape == (40, sc.GRID ** 2, 48)
+    assert sc.grid_features(train.features).shape == (40, sc.GRID ** 2, (sc.FEATURE_SIZE // sc.GRID) ** 2 * 3)
     truth = [c[0] for c in train.captions]
     assert sc.attribute_accuracy(truth, train.scenes)["all"] == 1.0
     wrong = [c.replace("red", "green") if "red" in c else c.replace("green", "red") for c in truth]
@@ -271,7 +271,7 @@ def test_caption_cli_train_eval_predict(tmp_path, capsys):
     image = tmp_path / "shape.png"
     sc.draw(sc.Scene("circle", "red", "large", "top", "left"), np.random.default_rng(0)).save(image)
     capsys.readouterr()
-    assert cli.main(["caption", "predict", "--run", str(out), str(image), "--beam", "2"]) == 0
+    assert cli.main(["caption", "predict", "--run", str(out), str(image)]) == 0
     line = capsys.readouterr().out
     assert line.startswith(str(image) + "\t") and line.count("\n") == 1
     assert cli.main(["caption", "eval", "--run", str(out), "--split", "dev"]) == 0

@@ -12,9 +12,9 @@ left/centre/right), jittered inside the cell. Every image has five captions in f
 
 Train and test images are separate random draws (held-out images, a different seed stream).
 
-Image features are the pixels themselves, box-downsampled to ``FEATURE_SIZE`` squared (``features``:
-flattened, for merge/inject; ``grid_features``: ``[cells, patch pixels]``, for attention), so the set needs no
-pretrained encoder.
+Image features are the pixels themselves, box-downsampled to ``FEATURE_SIZE`` squared, minus the image's
+median colour (the background, which varies from image to image), so the set needs no pretrained encoder
+(``features``: flattened, for merge/inject; ``grid_features``: ``[cells, patch pixels]``, for attention).
 """
 from __future__ import annotations
 
@@ -24,15 +24,15 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 IMAGE_SIZE = 48    # drawing resolution: each grid cell is 16 px, enough to tell a triangle from a circle
-FEATURE_SIZE = 24  # pixels per side fed to the model (downsampled 2x; 1,728 features)
-GRID = 6           # attention grid: 6 x 6 patches of 4 x 4 pixels
+FEATURE_SIZE = 32  # pixels per side fed to the model (3,072 features); a small shape keeps ~6 px across
+GRID = 4           # attention grid: 4 x 4 patches of 8 x 8 pixels
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30),
            "purple": (140, 50, 170)}
 ROWS = ("top", "middle", "bottom")
 COLUMNS = ("left", "centre", "right")
-SIZES = {"small": 0.45, "large": 0.85}  # fraction of a grid cell
+SIZES = {"small": 0.6, "large": 0.95}  # fraction of a grid cell
 
 TEMPLATES = (
     "a {size} {colour} {shape} at the {row} {column}",
@@ -78,9 +78,10 @@ def draw(scene: Scene, rng: np.random.Generator) -> Image.Image:
 
 
 def features(image: Image.Image) -> np.ndarray:
-    """``float32[FEATURE_SIZE**2 * 3]`` in [-1, 1]: the image box-downsampled and flattened."""
-    small = image.convert("RGB").resize((FEATURE_SIZE, FEATURE_SIZE), Image.Resampling.BOX)
-    return (np.asarray(small, np.float32) / 127.5 - 1.0).reshape(-1)
+    """``float32[FEATURE_SIZE**2 * 3]`` in [-2, 2]: the image box-downsampled, minus its median colour (the
+    background; the shape covers at most a tenth of the image), flattened."""
+    small = np.asarray(image.convert("RGB").resize((FEATURE_SIZE, FEATURE_SIZE), Image.Resampling.BOX), np.float32)
+    return ((small - np.median(small, axis=(0, 1))) / 127.5).reshape(-1)
 
 
 def grid_features(flat: np.ndarray) -> np.ndarray:

@@ -324,7 +324,13 @@ def seed_loss(model: CaptionModel, params, features, prefixes, one_hot):
 def generate(model: CaptionModel, params, features, *, start: int, end: int, max_len: int = 34,
              method: str = "greedy", beam_size: int = 3, length_penalty: float = 0.6, temperature: float = 1.0,
              key=None):
-    """Caption a batch of images with the carried LSTM state.
+    """Caption a batch of images ``features`` ``[B, ...]`` with the carried LSTM state (jitted; the model and
+    the decoding settings are static).
+
+    Args:
+      start, end: the ``startseq`` and ``endseq`` ids; max_len: most words per caption (the chapter: 34).
+      method: ``"greedy"``, ``"sample"`` (needs ``key``; ``temperature``) or ``"beam"`` (``beam_size``,
+        ``length_penalty``).
 
     Returns:
       ``(tokens int32[B, max_len], lengths int32[B])`` (for beam search, the best beam).
@@ -338,6 +344,8 @@ def generate(model: CaptionModel, params, features, *, start: int, end: int, max
     if method == "greedy":
         return decoding.greedy(step_fn, state, start_tokens, max_len=max_len, end_token=end)
     if method == "sample":
+        if key is None:
+            raise ValueError("method='sample' needs a PRNG key (key=jax.random.PRNGKey(...))")
         return decoding.sample(step_fn, state, start_tokens, key, max_len=max_len, end_token=end,
                                temperature=temperature)
     if method == "beam":
