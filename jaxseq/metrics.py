@@ -63,12 +63,12 @@ def forecast_report(last, actual, predicted, naive, *, directional: bool = True)
     """All forecasting metrics of one forecaster on price windows ``[N, H]``, as a JSON-able dict.
 
     ``rel_rmse`` is RMSE / RMSE(naive); ``directional_accuracy`` is None when ``directional`` is False (for
-    forecasts that never call a direction, like persistence).
+    forecasts that never call a direction, like persistence); ``mape`` is None where an actual value is 0.
     """
     return {
         "rmse": rmse(actual, predicted),
         "mae": mae(actual, predicted),
-        "mape": mape(actual, predicted),
+        "mape": mape(actual, predicted) if np.all(np.asarray(actual) != 0) else None,
         "mase": mase(actual, predicted, naive),
         "rel_rmse": rmse(actual, predicted) / rmse(actual, naive),
         "directional_accuracy": directional_accuracy(last, actual, predicted) if directional else None,

@@ -204,6 +204,8 @@ def test_metrics_by_hand():
     assert metrics.directional_accuracy(last, np.array([101.0, 100.0]), last) == 0.0
     with pytest.raises(ValueError, match="mape is undefined"):
         metrics.mape([0.0], [1.0])
+    report = metrics.forecast_report(last, np.array([0.0, 101.0]), pred, naive)  # a series through zero
+    assert report["mape"] is None and report["mae"] == pytest.approx(49.5)
 
 
 def test_baselines_on_known_series():

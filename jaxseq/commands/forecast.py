@@ -90,7 +90,8 @@ def format_table(results: dict) -> str:
              "|---|---:|---:|---:|---:|---:|---:|"]
     for name, m in test["metrics"].items():
         direction = "none" if m["directional_accuracy"] is None else f"{m['directional_accuracy']:.3f}"
-        lines.append(f"| {name} | {m['rmse']:.2f} | {m['mae']:.2f} | {m['mape']:.3f} | {m['mase']:.3f} | "
+        mape = "n/a" if m["mape"] is None else f"{m['mape']:.3f}"
+        lines.append(f"| {name} | {m['rmse']:.2f} | {m['mae']:.2f} | {mape} | {m['mase']:.3f} | "
                      f"{m['rel_rmse']:.3f} | {direction} |")
     return "\n".join(lines)
 
