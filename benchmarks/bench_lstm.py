@@ -44,6 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=9, help="timed samples per implementation (median, min)")
     p.add_argument("--min-sample-s", type=float, default=0.1, help="each sample repeats the call to last this long")
     p.add_argument("--torch-threads", type=int, default=2)
+    p.add_argument("--single-thread", action="store_true",
+                   help="run XLA and torch on one thread each (set before jax starts); with the CPU-time column "
+                        "this gives comparable figures on a machine shared with other jobs")
     p.add_argument("--products", action="store_true",
                    help="also time the step's matrix products alone (recurrent chains and the big GEMMs)")
     args = p.parse_args(argv)
@@ -169,10 +172,11 @@ def calibrate(fn, min_sample_s):
 
 
 def sample(fn, inner):
-    t0 = time.perf_counter()
+    """Wall-clock seconds per call, and process CPU seconds per call (all threads)."""
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(inner):
         fn()
-    return (time.perf_counter() - t0) / inner
+    return (time.perf_counter() - t0) / inner, (time.process_time() - c0) / inner
 
 
 def peak_matmul(repeats, torch_threads, n=1024):
@@ -193,7 +197,7 @@ def peak_matmul(repeats, torch_threads, n=1024):
     except ImportError:
         pass
     inner = {k: calibrate(f, 0.05) for k, f in fns.items()}
-    best = {k: min(sample(f, inner[k]) for _ in range(repeats)) for k, f in fns.items()}
+    best = {k: min(sample(f, inner[k])[0] for _ in range(repeats)) for k, f in fns.items()}
     return {k: 2 * n ** 3 / t / 1e9 for k, t in best.items()}
 
 
@@ -231,7 +235,7 @@ def product_times(B, T, I, H, repeats):
     for name, (f, a) in parts.items():
         fn = lambda f=f, a=a: jax.block_until_ready(f(*a))
         inner = calibrate(fn, 0.05)
-        out[name] = min(sample(fn, inner) for _ in range(repeats))
+        out[name] = min(sample(fn, inner)[0] for _ in range(repeats))
     return out
 
 
@@ -255,6 +259,10 @@ def cpu_model():
 
 def main(argv=None) -> int:
     args, configs, impls, modes = parse_args(argv)
+    if args.single_thread:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
+                                   "intra_op_parallelism_threads=1").strip()
+        args.torch_threads = 1
     import jax
 
     if "torch" in impls:
@@ -282,25 +290,29 @@ def main(argv=None) -> int:
             for k, fn in fns.items():  # round-robin: every implementation once per round
                 times[k].append(sample(fn, inner[k]))
         for (mode, impl), ts in times.items():
-            results.append((config, mode, impl, statistics.median(ts), min(ts)))
+            wall, cpu = [t[0] for t in ts], [t[1] for t in ts]
+            results.append((config, mode, impl, statistics.median(wall), min(wall), statistics.median(cpu)))
         if args.products and "train" in modes:
             parts = product_times(B, T, I, H, args.repeats)
             total = sum(parts.values())
             print(f"products alone at {config}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in parts.items())
                   + f"; sum {total * 1e3:.2f} ms")
-            results.append((config, "products", "sum", total, total))
+            results.append((config, "products", "sum", total, total, float("nan")))
         del fns
     peak_best = max(peak.values())
     print(f"\nload average after: {os.getloadavg()}")
+    print("GFLOP/s and % peak from the median wall time; 'x torch' = median / torch's median (wall and CPU);")
+    print("cpu ms = process CPU time per call over all threads (less sensitive to other processes' load).")
     print(f"{'(B, T, I, H)':<22} {'mode':<8} {'impl':<14} {'median ms':>10} {'min ms':>9} {'GFLOP/s':>8} "
-          f"{'% peak':>7} {'x torch':>8}")
-    medians = {(c, m, i): med for c, m, i, med, _ in results}
-    for config, mode, impl, med, best in results:
+          f"{'% peak':>7} {'x torch':>8} {'cpu ms':>9} {'cpu x torch':>11}")
+    medians = {(c, m, i): (med, cpu) for c, m, i, med, _, cpu in results}
+    for config, mode, impl, med, best, cpu in results:
         f = flops(*config, "train" if mode == "products" else mode)
         ref = medians.get((config, mode, "torch")) or medians.get((config, "train", "torch"))
-        ratio = f"{med / ref:8.2f}" if ref else f"{'-':>8}"
+        ratio = f"{med / ref[0]:8.2f}" if ref else f"{'-':>8}"
+        cpu_ratio = f"{cpu / ref[1]:11.2f}" if ref and mode != "products" else f"{'-':>11}"
         print(f"{str(config):<22} {mode:<8} {impl:<14} {med * 1e3:10.2f} {best * 1e3:9.2f} "
-              f"{f / med / 1e9:8.1f} {100 * f / med / 1e9 / peak_best:7.1f} {ratio}")
+              f"{f / med / 1e9:8.1f} {100 * f / med / 1e9 / peak_best:7.1f} {ratio} {cpu * 1e3:9.2f} {cpu_ratio}")
     return 0
 
 

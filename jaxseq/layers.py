@@ -348,13 +348,14 @@ _fused_lstm.defvjp(_fused_lstm_fwd, _fused_lstm_bwd, symbolic_zeros=True)
 def _choose_form(batch: int, input_size: int, hidden: int, num_steps: int) -> str:
     """Where z_t's input product goes, by shape (measured on a 2-core x86 CPU, see benchmarks/RESULTS.md).
 
-    Hoisting ``xs U`` out of the loop turns ``T`` thin products into one tall GEMM, which pays off when the
-    per-step products are matrix-vector sized (batch 1), but at larger batches XLA:CPU runs the two
-    per-step products at a better rate than it streams the hoisted ``[T, B, 4H]`` tensor back through
-    the loop.
+    At batch 1 the per-step products are matrix-vector products, so hoisting ``xs U`` out of the loop as one
+    tall GEMM removes half of them. At larger batches one ``[x_t, h] [U; W]`` product per step (deeper
+    contraction, one call instead of two plus an add) measured fastest: 0.87x (CPU time) of the two-product
+    form at (64, 34, 200, 256) and 0.95x at (32, 500, 64, 128); hoisting was slowest there (1.2-1.3x), as
+    the issue's prototype also found.
     """
     del input_size, hidden, num_steps
-    return "hoist" if batch <= 8 else "step"
+    return "hoist" if batch <= 8 else "concat"
 
 
 def _run_fused(params, carry, xs, lengths, reverse, segment, form):

@@ -47,8 +47,7 @@ def _reference(cell, lengths, reverse):
 CASES = [(impl, checkpoint, form, True, True) for impl, checkpoint, form in [
     ("scan", None, None), ("scan", 3, None), ("fused", None, "step"), ("fused", None, "hoist"),
     ("fused", None, "concat"), ("fused", 3, None), ("fused", "sqrt", "hoist"), ("cudnn", None, None)]]
-CASES += [("fused", None, None, False, False), ("fused", None, "concat", True, False),
-          ("fused", 3, "step", False, True), ("fused", "sqrt", None, True, False)]
+CASES += [("fused", None, None, False, False), ("fused", 3, "step", False, True)]
 _EXPECTED = {}
 
 
@@ -96,7 +95,7 @@ def test_fused_lstm_gradients_under_vmap(key):
     assert_trees_close(jax.vmap(grad, in_axes=(None, 0))(params, xs), jax.vmap(ref, in_axes=(None, 0))(params, xs))
 
 
-@pytest.mark.parametrize("impl,checkpoint", [("fused", None), ("fused", "sqrt"), ("scan", 2)])
+@pytest.mark.parametrize("impl,checkpoint", [("fused", None), ("fused", "sqrt")])
 def test_bidirectional_lstm_matches_scan_bidirectional(key, impl, checkpoint):
     params = init_bidirectional(cells.lstm, key, I, H)
     _, xs, _, _ = _inputs(key)
@@ -115,8 +114,7 @@ def test_bidirectional_lstm_matches_scan_bidirectional(key, impl, checkpoint):
     assert_trees_close(actual, expected)
 
 
-@pytest.mark.parametrize("name", ["gru", "rnn"])
-@pytest.mark.parametrize("checkpoint", [None, 3])
+@pytest.mark.parametrize("name,checkpoint", [("gru", None), ("rnn", 3)])
 def test_gru_and_rnn_layers_match_unroll(key, name, checkpoint):
     cell = {"gru": cells.gru, "rnn": cells.rnn}[name]
     layer = getattr(layers, name)
@@ -176,7 +174,7 @@ def test_cudnn_path_on_gpu_matches_unroll(key):
 
 def test_checkpoint_reduces_compiled_memory():
     """The segment policy must shrink the backward pass's temporaries (compiled memory analysis)."""
-    batch, steps, size = 4, 400, 32
+    batch, steps, size = 2, 144, 16
     params = cells.lstm.init(jax.random.PRNGKey(0), size, size)
     xs = jnp.zeros((batch, steps, size))
 
