@@ -395,8 +395,11 @@ def _validate_config(config: TrainConfig) -> None:
 
 
 def _prepare_out_dir(out_dir) -> pathlib.Path:
-    """Create the run folder and prove it is writable before any compute is spent."""
-    path = pathlib.Path(out_dir)
+    """Create the run folder and prove it is writable before any compute is spent.
+
+    Returns the absolute path: Orbax refuses relative checkpoint paths.
+    """
+    path = pathlib.Path(out_dir).absolute()
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write_test"
@@ -514,7 +517,7 @@ class _Checkpoints:
 
 
 def _open_existing(out_dir) -> tuple[_Checkpoints, int, dict]:
-    directory = pathlib.Path(out_dir) / "checkpoints"
+    directory = pathlib.Path(out_dir).absolute() / "checkpoints"
     if not directory.is_dir():
         raise FileNotFoundError(f"no checkpoints in {str(out_dir)!r}: {directory} does not exist")
     probe = _Checkpoints(directory, read_only=True)
