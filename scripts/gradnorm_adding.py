@@ -1,6 +1,7 @@
 """Experiment 4: learning long dependencies (adding problem, copy task), LSTM against a tanh RNN.
 
-Trains each cell with fresh random batches every step (Adam, lr 1e-3, global-norm clipping at 1) until it
+Trains each cell with fresh random batches every step (Adam, lr 1e-2 by default, global-norm clipping at 1,
+batch 50, H = 32) until it
 solves the task, runs out of steps, or out of its wall-time budget, and tracks the per-step gradient profile
 ``‖∂L/∂s_t‖`` (one backward pass, ``jaxseq.gradients.carry_grads``) on a fixed batch during training.
 
@@ -11,13 +12,17 @@ Run (about 20 minutes on 2 shared CPU cores)::
 
 Writes ``runs/gradnorms/<task>.json`` (results, no timings), prints a table with steps-to-solve and wall
 time, and draws ``docs/figures/gradnorms_<task>.png`` (eval metric against step) and
-``docs/figures/gradnorms_<task>_profiles.png`` (‖∂L/∂s_t‖/‖∂L/∂s_T‖ at the start and end of training).
+``docs/figures/gradnorms_<task>_profiles.png`` (‖∂L/∂s_t‖/‖∂L/∂s_T‖ at the start and end of training) and
+``docs/figures/gradnorms_<task>_ratio.png`` (‖∂L/∂s_1‖/‖∂L/∂s_T‖ during training); ``--plot-only``
+redraws them from the JSON.
 
 Expected: on adding, predicting the mean gives MSE 1/6 ≈ 0.167. The LSTM (forget bias 1) gets below the
-"solved" MSE 0.01 at T = 100 and T = 200 within a few thousand steps; the tanh RNN stays at the baseline,
+"solved" MSE 0.01 at T = 100 and T = 200 within about 1,000–1,500 steps at lr 1e-2 (5,400 steps at
+T = 200 with ``--lr 1e-3``); the tanh RNN stays at the baseline,
 and at the start of training its gradient at t = 1 is many orders of magnitude smaller than the LSTM's.
 At T = 400 the LSTM may not solve it within the CPU budget (the table says what it reached). On copy
-with short delays the LSTM learns it; the memoryless baseline is ``10 log 8 / (delay + 20)``.
+the memoryless strategy has accuracy 1/8 on the recalled symbols and cross-entropy
+``10 log 8 / (delay + 20)`` per step.
 """
 from __future__ import annotations
 
@@ -39,11 +44,15 @@ SOLVED_COPY_ACCURACY = 0.99  # copy: accuracy on the 10 recalled symbols
 
 
 def make_task(task: str, length: int):
-    """``(sample(key, batch) -> (xs, targets), input_size, output_size, baseline)`` for a task."""
+    """``(sample(key, batch) -> (xs, targets), input_size, output_size, baseline)`` for a task.
+
+    ``baseline`` is the eval metric of a memoryless model: MSE 1/6 (adding), symbol accuracy 1/8 (copy).
+    """
     if task == "adding":
         return (lambda key, batch: gradients.adding_problem(key, batch, length)), 2, 1, gradients.ADDING_BASELINE_MSE
+    # Copy is scored by accuracy on the 10 recalled symbols: a memoryless model guesses, 1/8.
     return ((lambda key, batch: gradients.copy_task(key, batch, length)), gradients.COPY_SYMBOLS + 2,
-            gradients.COPY_SYMBOLS + 2, gradients.copy_baseline(length))
+            gradients.COPY_SYMBOLS + 2, 1.0 / gradients.COPY_SYMBOLS)
 
 
 def init_model(key, cell_name: str, input_size: int, hidden: int, output_size: int, *, sigma: float | None = None,
@@ -156,7 +165,33 @@ def train(task: str, cell_name: str, length: int, *, hidden: int = 32, batch: in
     return {"task": task, "cell": cell_name, "length": length, "hidden": hidden, "batch": batch,
             "learning_rate": learning_rate, "optimizer": optimizer, "clip": clip, "sigma": sigma,
             "seed": seed, "baseline": baseline, "steps_trained": done, "solved_at": solved_at,
-            "final_eval": history["eval"][-1], "history": history, "wall_s": wall}
+            "final_eval": history["eval"][-1], "final_train_loss": float(np.mean(history["loss"][-50:])),
+            "baseline_loss": gradients.ADDING_BASELINE_MSE if task == "adding" else gradients.copy_baseline(length),
+            "history": history, "wall_s": wall}
+
+
+def draw(runs: list[dict], name: str) -> None:
+    """The three figures of a results file: eval metric, gradient at t = 1 during training, profiles."""
+    task, figures = runs[0]["task"], ROOT / "docs" / "figures"
+    settings = f"H={runs[0]['hidden']}, lr {runs[0]['learning_rate']:g}"
+    label = "eval MSE" if task == "adding" else "symbol accuracy"
+    curves = {f"{r['cell']} T={r['length']}": (r["history"]["eval_steps"], r["history"]["eval"]) for r in runs}
+    plots.plot_training_runs(curves, figures / f"gradnorms_{name}.png", metric=label, baseline=runs[0]["baseline"],
+                             log_y=task == "adding", title=f"{task}: {label} on 1,000 fixed sequences ({settings})")
+    # A float32 gradient that underflows to 0 at t = 1 has no place on a log axis: drawn as a gap.
+    ratios = {f"{r['cell']} T={r['length']}": (r["history"]["eval_steps"],
+                                               [v if v > 0 else np.nan for v in r["history"]["ratio_1"]])
+              for r in runs}
+    plots.plot_training_runs(ratios, figures / f"gradnorms_{name}_ratio.png", metric="||dL/ds_1|| / ||dL/ds_T||",
+                             title=f"{task}: gradient reaching t = 1 during training ({settings})")
+    fig_curves = {}
+    for r in runs:
+        for when in ("start", "end"):
+            norms = np.asarray(r["history"][f"profile_{when}"])
+            fig_curves[f"{r['cell']} T={r['length']} {when}"] = (np.arange(1, len(norms) + 1), norms / norms[-1])
+    plots.plot_training_runs(fig_curves, figures / f"gradnorms_{name}_profiles.png",
+                             metric="||dL/ds_t|| / ||dL/ds_T||", xlabel="time step t",
+                             title=f"{task}: gradient reaching each step, start vs end of training")
 
 
 def main() -> None:
@@ -167,18 +202,26 @@ def main() -> None:
     parser.add_argument("--cells", nargs="+", default=["lstm", "rnn"], choices=("lstm", "rnn", "gru"))
     parser.add_argument("--hidden", type=int, default=32)
     parser.add_argument("--batch", type=int, default=50)
-    parser.add_argument("--max-steps", type=int, default=4000)
-    parser.add_argument("--budget", type=float, default=300.0, help="wall-time budget per run, seconds")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    parser.add_argument("--max-steps", type=int, default=3000)
+    parser.add_argument("--budget", type=float, default=480.0, help="wall-time budget per run, seconds")
+    parser.add_argument("--lr", type=float, default=1e-2,
+                        help="Adam learning rate (1e-2 solved adding T=200 3.6x sooner than 1e-3 in our runs)")
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tag", default="", help="suffix for the output names (keeps runs apart)")
+    parser.add_argument("--plot-only", action="store_true",
+                        help="redraw the figures from runs/gradnorms/<task><tag>.json without training")
     args = parser.parse_args()
     name = f"{args.task}{args.tag}"
+    out = ROOT / "runs" / "gradnorms"
+    if args.plot_only:
+        draw(json.loads((out / f"{name}.json").read_text()), name)
+        print(f"redrew docs/figures/gradnorms_{name}*.png")
+        return
 
     runs = []
     print(f"{'task':<7}{'cell':<6}{'T':>5}{'steps':>7}{'solved at':>11}{'final':>10}{'baseline':>10}"
-          f"{'wall s':>8}{'ratio t=1 start':>17}{'end':>10}")
+          f"{'wall s':>8}{'ratio t=1 start':>17}{'end':>10}{'train loss':>12}{'baseline':>10}")
     for length in args.lengths:
         for cell_name in args.cells:
             run = train(args.task, cell_name, length, hidden=args.hidden, batch=args.batch,
@@ -188,26 +231,13 @@ def main() -> None:
             h = run["history"]
             print(f"{args.task:<7}{cell_name:<6}{length:>5}{run['steps_trained']:>7}{str(run['solved_at']):>11}"
                   f"{run['final_eval']:>10.4f}{run['baseline']:>10.4f}{run['wall_s']:>8.0f}"
-                  f"{h['ratio_1'][0]:>17.2e}{h['ratio_1'][-1]:>10.2e}", flush=True)
+                  f"{h['ratio_1'][0]:>17.2e}{h['ratio_1'][-1]:>10.2e}{run['final_train_loss']:>12.4f}"
+                  f"{run['baseline_loss']:>10.4f}", flush=True)
 
-    out = ROOT / "runs" / "gradnorms"
     out.mkdir(parents=True, exist_ok=True)
     results = [{k: v for k, v in run.items() if k != "wall_s"} for run in runs]
     (out / f"{name}.json").write_text(json.dumps(results) + "\n")
-    label = "eval MSE" if args.task == "adding" else "symbol accuracy"
-    curves = {f"{r['cell']} T={r['length']}": (r["history"]["eval_steps"], r["history"]["eval"]) for r in runs}
-    plots.plot_training_runs(curves, ROOT / "docs" / "figures" / f"gradnorms_{name}.png", metric=label,
-                             baseline=gradients.ADDING_BASELINE_MSE if args.task == "adding" else None,
-                             log_y=args.task == "adding",
-                             title=f"{args.task}: {label} on 1,000 fresh sequences (H={args.hidden}, lr {args.lr:g})")
-    fig_curves = {}
-    for r in runs:
-        for when in ("start", "end"):
-            norms = np.asarray(r["history"][f"profile_{when}"])
-            fig_curves[f"{r['cell']} T={r['length']} {when}"] = (np.arange(1, len(norms) + 1), norms / norms[-1])
-    plots.plot_training_runs(fig_curves, ROOT / "docs" / "figures" / f"gradnorms_{name}_profiles.png",
-                             metric="||dL/ds_t|| / ||dL/ds_T||", xlabel="time step t",
-                             title=f"{args.task}: gradient reaching each step, start vs end of training")
+    draw(results, name)
     print(f"wrote {out / (name + '.json')} and docs/figures/gradnorms_{name}*.png")
 
 
