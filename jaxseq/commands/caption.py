@@ -157,8 +157,6 @@ class Captioner:
     """A trained run: model, params and vocabulary; features in, captions out."""
 
     def __init__(self, run_dir):
-        import jax
-
         from jaxseq.data.text import Vocab
         from jaxseq.models import captioning as cap
         from jaxseq.training import load_run_config, restore_params
@@ -172,7 +170,6 @@ class Captioner:
         shape = tuple(self.run_config["feature_shape"])
         self.params = restore_params(str(run_dir), lambda k: cap.init_params(self.model, k, shape))
         self.max_len = self.run_config["max_len"]
-        self._jax = jax
 
     def caption(self, features, *, beam: int = 1, length_penalty: float = 0.6, batch_size: int = 256):
         """Captions (strings) for ``features`` ``[N, ...]``, decoded in batches."""
@@ -215,7 +212,6 @@ def score(hypotheses, split: Split) -> dict:
 
 
 def run_train(args) -> int:
-    import jax
     import numpy as np
 
     from jaxseq.data import glove as glove_lib
@@ -299,8 +295,7 @@ def run_train(args) -> int:
                  run_config=run_config)
     if result.already_finished:
         print(f"{out} already finished {args.epochs} epoch(s); reporting its test scores", file=sys.stderr)
-    del result
-    captioner = Captioner(out)
+    captioner = Captioner(out)  # the best checkpoint (by dev BLEU-4), not the last params
     test = splits["test"]
     report = {"images": len(test.ids), "vocab_size": len(vocab), "max_len": int(max_len)}
     greedy = captioner.caption(test.features)
