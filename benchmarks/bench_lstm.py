@@ -239,6 +239,24 @@ def product_times(B, T, I, H, repeats):
     return out
 
 
+def print_rows(results, peak_best, header):
+    """Print one configuration's rows as soon as it is done (long runs on a shared machine get cut short)."""
+    if header:
+        print("GFLOP/s and % peak from the median wall time; 'x torch' = median / torch's median (wall and CPU);")
+        print("cpu ms = process CPU time per call over all threads (less sensitive to other processes' load).")
+        print(f"{'(B, T, I, H)':<22} {'mode':<8} {'impl':<14} {'median ms':>10} {'min ms':>9} {'GFLOP/s':>8} "
+              f"{'% peak':>7} {'x torch':>8} {'cpu ms':>9} {'cpu x torch':>11}")
+    medians = {(c, m, i): (med, cpu) for c, m, i, med, _, cpu in results}
+    for config, mode, impl, med, best, cpu in results:
+        f = flops(*config, "train" if mode == "products" else mode)
+        ref = medians.get((config, mode, "torch")) or medians.get((config, "train", "torch"))
+        ratio = f"{med / ref[0]:8.2f}" if ref else f"{'-':>8}"
+        cpu_ratio = f"{cpu / ref[1]:11.2f}" if ref and mode != "products" else f"{'-':>11}"
+        print(f"{str(config):<22} {mode:<8} {impl:<14} {med * 1e3:10.2f} {best * 1e3:9.2f} "
+              f"{f / med / 1e9:8.1f} {100 * f / med / 1e9 / peak_best:7.1f} {ratio} {cpu * 1e3:9.2f} {cpu_ratio}",
+              flush=True)
+
+
 def versions():
     out = {"python": platform.python_version()}
     for mod in ("jax", "jaxlib", "flax", "keras", "torch", "numpy"):
@@ -299,20 +317,8 @@ def main(argv=None) -> int:
                   + f"; sum {total * 1e3:.2f} ms")
             results.append((config, "products", "sum", total, total, float("nan")))
         del fns
-    peak_best = max(peak.values())
-    print(f"\nload average after: {os.getloadavg()}")
-    print("GFLOP/s and % peak from the median wall time; 'x torch' = median / torch's median (wall and CPU);")
-    print("cpu ms = process CPU time per call over all threads (less sensitive to other processes' load).")
-    print(f"{'(B, T, I, H)':<22} {'mode':<8} {'impl':<14} {'median ms':>10} {'min ms':>9} {'GFLOP/s':>8} "
-          f"{'% peak':>7} {'x torch':>8} {'cpu ms':>9} {'cpu x torch':>11}")
-    medians = {(c, m, i): (med, cpu) for c, m, i, med, _, cpu in results}
-    for config, mode, impl, med, best, cpu in results:
-        f = flops(*config, "train" if mode == "products" else mode)
-        ref = medians.get((config, mode, "torch")) or medians.get((config, "train", "torch"))
-        ratio = f"{med / ref[0]:8.2f}" if ref else f"{'-':>8}"
-        cpu_ratio = f"{cpu / ref[1]:11.2f}" if ref and mode != "products" else f"{'-':>11}"
-        print(f"{str(config):<22} {mode:<8} {impl:<14} {med * 1e3:10.2f} {best * 1e3:9.2f} "
-              f"{f / med / 1e9:8.1f} {100 * f / med / 1e9 / peak_best:7.1f} {ratio} {cpu * 1e3:9.2f} {cpu_ratio}")
+        print_rows([row for row in results if row[0] == config], max(peak.values()), header=config == configs[0])
+    print(f"load average after: {os.getloadavg()}")
     return 0
 
 

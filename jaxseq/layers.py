@@ -19,6 +19,9 @@ weight gradients are accumulated per segment (one GEMM per segment); with ``impl
 and simple RNN) the segments are ``jax.checkpoint``-ed inner scans.
 
 ``layers.gru`` and ``layers.rnn`` run on ``jaxseq.unroll`` (``impl="scan"``); they have no fused backward yet.
+
+The fused and cuDNN paths are reverse-mode only (``jax.custom_vjp``): ``grad``, ``vjp``, ``jit`` and ``vmap``
+work, forward-mode ``jvp``/``jacfwd`` does not; use ``impl="scan"`` for those.
 """
 from __future__ import annotations
 
