@@ -64,16 +64,17 @@ def run(args) -> int:
 
     import jax
 
-    if not args.float32:
-        jax.config.update("jax_enable_x64", True)
     import jax.numpy as jnp
 
     from jaxseq import gradients, plots
 
-    result = gradients.profile(
-        args.cell, steps=args.steps, hidden=args.hidden, sigma=args.sigma_max, seed=args.seed,
-        activation=args.activation, forget_bias=args.forget_bias, init=args.init, input_size=args.input_size,
-        dtype=jnp.float32 if args.float32 else jnp.float64, method=args.method)
+    # float64 only inside this computation: a global switch would leak into whatever runs next in the
+    # process (the tour runs every command in one process).
+    with jax.enable_x64(not args.float32):
+        result = gradients.profile(
+            args.cell, steps=args.steps, hidden=args.hidden, sigma=args.sigma_max, seed=args.seed,
+            activation=args.activation, forget_bias=args.forget_bias, init=args.init, input_size=args.input_size,
+            dtype=jnp.float32 if args.float32 else jnp.float64, method=args.method)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gradnorms.json").write_text(json.dumps(result, indent=1) + "\n")
