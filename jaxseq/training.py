@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -484,9 +485,18 @@ class _Checkpoints:
             enable_async_checkpointing=False,
             cleanup_tmp_directories=not read_only,  # leftovers of a save cut short by SIGKILL
             create=not read_only, read_only=read_only, **best)
-        self.manager = ocp.CheckpointManager(
-            directory, options=options,
-            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+        # A read-only manager (restoring for eval/predict) makes Orbax warn that the folder is read only and
+        # saving is off: both intended here, so those warnings are silenced rather than shown to users.
+        absl_logger = logging.getLogger("absl")
+        level = absl_logger.level
+        if read_only:
+            absl_logger.setLevel(logging.ERROR)
+        try:
+            self.manager = ocp.CheckpointManager(
+                directory, options=options,
+                item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+        finally:
+            absl_logger.setLevel(level)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
