@@ -124,8 +124,15 @@ def carry_grads(apply: Callable, params, carry, xs, loss_fn: Callable, *, length
 
 
 def timestep_norms(grads) -> jax.Array:
-    """Euclidean norm over the features of every leaf together: ``[*batch, time, size]`` leaves -> ``[*batch, time]``."""
-    return jnp.sqrt(sum(jnp.sum(jnp.square(g), axis=-1) for g in jax.tree_util.tree_leaves(grads)))
+    """Euclidean norm over the features of every leaf together: ``[*batch, time, size]`` leaves -> ``[*batch, time]``.
+
+    Scaled by the largest entry first, so norms of 1e-30 or 1e30 do not under- or overflow in float32 when
+    squared.
+    """
+    leaves = jax.tree_util.tree_leaves(grads)
+    largest = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(g), axis=-1) for g in leaves])
+    scale = jnp.where(largest > 0, largest, 1)[..., None]
+    return scale[..., 0] * jnp.sqrt(sum(jnp.sum(jnp.square(g / scale), axis=-1) for g in leaves))
 
 
 # ----------------------------------------------------------------------------------- ‖∂s_T/∂s_t‖

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from jaxseq import cells, cli, gradients
-from jaxseq.cells import LSTMState
 from helpers import assert_trees_close
 
 
@@ -219,3 +218,9 @@ def test_copy_task(key):
     assert (tokens[:, 10:delay + 9] == 0).all() and (tokens[:, delay + 9] == 9).all()
     assert (np.asarray(labels[:, :-10]) == 0).all() and (tokens[:, :10] >= 1).all() and (tokens[:, :10] <= 8).all()
     assert gradients.copy_baseline(100) == pytest.approx(0.173, abs=1e-3)  # Arjovsky et al. 2016
+
+
+def test_timestep_norms_do_not_underflow_or_overflow():
+    # float32: squaring 3e-30 or 3e25 directly would flush to 0 or overflow to inf.
+    grads = {"h": jnp.array([[3e-30, 4e-30], [0.0, 0.0]]), "c": jnp.array([[0.0, 0.0], [3e25, 4e25]])}
+    np.testing.assert_allclose(gradients.timestep_norms(grads), [5e-30, 5e25], rtol=1e-6)
