@@ -132,11 +132,14 @@ def plot_gradnorm_bands(distance, curves: dict, path, *, theory: dict | None = N
 
 def plot_training_runs(runs: dict, path, *, metric: str = "loss", baseline: float | None = None,
                        log_y: bool = True, xlabel: str = "training step", ylabel: str | None = None,
-                       title: str | None = None):
-    """One line per run: ``runs[label] = (steps, values)``; an optional dotted ``baseline`` level."""
+                       title: str | None = None, styles: dict | None = None):
+    """One line per run: ``runs[label] = (steps, values)``; an optional dotted ``baseline`` level.
+
+    ``styles[label]`` (optional) holds matplotlib line keywords, e.g. ``{"color": "C0", "linestyle": "--"}``.
+    """
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, (steps, values) in runs.items():
-        ax.plot(steps, values, label=label)
+        ax.plot(steps, values, label=label, **(styles or {}).get(label, {}))
     if baseline is not None:
         ax.axhline(baseline, color="k", linestyle=":", linewidth=1, label=f"baseline {baseline:.3g}")
     if log_y:

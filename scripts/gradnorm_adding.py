@@ -189,12 +189,14 @@ def draw(runs: list[dict], name: str) -> None:
               for r in runs}
     plots.plot_training_runs(ratios, figures / f"gradnorms_{name}_ratio.png", metric="||dL/ds_1|| / ||dL/ds_T||",
                              title=f"{task}: gradient reaching t = 1 during training ({settings})")
-    fig_curves = {}
-    for r in runs:
-        for when in ("start", "end"):
+    fig_curves, styles = {}, {}
+    for i, r in enumerate(runs):
+        for when, linestyle in (("start", ":"), ("end", "-")):
             norms = np.asarray(r["history"][f"profile_{when}"])
-            fig_curves[f"{r['cell']} T={r['length']} {when}"] = (np.arange(1, len(norms) + 1), norms / norms[-1])
-    plots.plot_training_runs(fig_curves, figures / f"gradnorms_{name}_profiles.png",
+            label = f"{r['cell']} T={r['length']} {when}"
+            fig_curves[label] = (np.arange(1, len(norms) + 1), norms / norms[-1])
+            styles[label] = {"color": f"C{i}", "linestyle": linestyle}
+    plots.plot_training_runs(fig_curves, figures / f"gradnorms_{name}_profiles.png", styles=styles,
                              metric="||dL/ds_t|| / ||dL/ds_T||", xlabel="time step t",
                              title=f"{task}: gradient reaching each step, start vs end of training")
 
