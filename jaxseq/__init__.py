@@ -5,9 +5,9 @@ loop), ``bptt`` (hand-derived backward passes), ``layers`` (fast LSTM layer), ``
 theory), ``interop`` (PyTorch / Keras weights). Flax wrappers in ``jaxseq.nn``; models in ``jaxseq.models``;
 the training loop in ``jaxseq.training``.
 """
-from jaxseq import bptt, cells, interop, layers, scan
+from jaxseq import bptt, cells, gradients, interop, layers, scan
 from jaxseq.cells import Cell, LSTMState
 from jaxseq.scan import bidirectional, stacked, unroll
 
-__all__ = ["Cell", "LSTMState", "bidirectional", "bptt", "cells", "interop", "layers", "scan", "stacked", "unroll"]
+__all__ = ["Cell", "LSTMState", "bidirectional", "bptt", "cells", "gradients", "interop", "layers", "scan", "stacked", "unroll"]
 __version__ = "0.1.0"
