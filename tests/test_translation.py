@@ -269,6 +269,10 @@ def test_translate_train_eval_predict(tmp_path, capsys):
                      "--plot", str(plot)]) == 0
     assert plot.stat().st_size > 1000
 
+    assert cli.main(["translate", "compare", str(run), "--plot", str(tmp_path / "bleu.png")]) == 0
+    out = capsys.readouterr().out
+    assert "| dot | 2 |" in out and (tmp_path / "bleu.png").is_file()
+
     (data / "bad.vi").write_text("only one line\n", encoding="utf-8")
     assert cli.main(["translate", "eval", "--run", str(run), "--src", str(data / "tst2012.en"), "--ref",
                      str(data / "bad.vi")]) == 2

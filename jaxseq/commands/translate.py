@@ -43,7 +43,7 @@ def register(subparsers) -> None:
     t.add_argument("--embed", type=int, default=64)
     t.add_argument("--hidden", type=int, default=64, help="encoder width per direction")
     t.add_argument("--dropout", type=float, default=0.2)
-    t.add_argument("--max-len", type=int, default=12, help="drop training pairs longer than this (tokens)")
+    t.add_argument("--max-len", type=int, default=10, help="drop training pairs longer than this (tokens)")
     t.add_argument("--min-count", type=int, default=2, help="vocabulary: minimum training count")
     t.add_argument("--max-vocab", type=int, default=None, help="vocabulary: maximum size (specials included)")
     t.add_argument("--batch-size", type=int, default=64)
