@@ -175,6 +175,26 @@ def lstm_forward(params, xs_t, carry0: LSTMState):
     return final, hs, tape
 
 
+def lstm_step_backward(gates, tanh_c, c_prev, dh, dc_next):
+    """One step of the LSTM backward recursion (shared by ``lstm_backward`` and the fused layer).
+
+    Args:
+      gates: the activated gates ``(i, f, g, o)`` of step t, each ``[*batch, H]``.
+      tanh_c: ``tanh(c_t)``; c_prev: ``c_{t-1}``.
+      dh: total gradient at ``h_t`` (output gradient + recurrent term from step t+1).
+      dc_next: gradient arriving at ``c_t`` from step t+1 (``δc_{t+1} ⊙ f_{t+1}``).
+
+    Returns:
+      ``(δz_t [*batch, 4H], δc_t ⊙ f_t)``: the pre-activation gradient (gate order i, f, g, o) and the
+      gradient passed to ``c_{t-1}``.
+    """
+    i, f, g, o = gates
+    dc = dc_next + dh * o * (1.0 - tanh_c * tanh_c)
+    dz = jnp.concatenate([dc * g * i * (1.0 - i), dc * c_prev * f * (1.0 - f), dc * i * (1.0 - g * g),
+                          dh * tanh_c * o * (1.0 - o)], axis=-1)
+    return dz, dc * f
+
+
 def lstm_backward(params, xs_t, tape: LSTMTape, dhs_t, dfinal: LSTMState):
     """The LSTM backward recursion, carrying only ``(δh, δc)`` through time.
 
@@ -194,11 +214,8 @@ def lstm_backward(params, xs_t, tape: LSTMTape, dhs_t, dfinal: LSTMState):
     def step(carry, inputs):
         dh_next, dc_next = carry
         dh_out, t = inputs
-        dh = dh_out + dh_next
-        dc = dc_next + dh * t.o * (1.0 - t.tanh_c * t.tanh_c)
-        dz = jnp.concatenate([dc * t.g * t.i * (1.0 - t.i), dc * t.c_prev * t.f * (1.0 - t.f),
-                              dc * t.i * (1.0 - t.g * t.g), dh * t.tanh_c * t.o * (1.0 - t.o)], axis=-1)
-        return (dz @ params["W"].T, dc * t.f), dz
+        dz, dc_prev = lstm_step_backward((t.i, t.f, t.g, t.o), t.tanh_c, t.c_prev, dh_out + dh_next, dc_next)
+        return (dz @ params["W"].T, dc_prev), dz
 
     (dh0, dc0), dz = lax.scan(step, (dfinal.h, dfinal.c), (dhs_t, tape), reverse=True)
     grads = {"U": _outer_sum(xs_t, dz), "W": _outer_sum(tape.h_prev, dz), "b": dz.sum(axis=tuple(range(dz.ndim - 1)))}

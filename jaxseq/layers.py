@@ -35,7 +35,7 @@ import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
-from jaxseq import cells
+from jaxseq import bptt, cells
 from jaxseq.cells import LSTMState
 from jaxseq.scan import _batch_shape, check_sequence_inputs, merge_outputs, reverse_within_lengths, unroll
 
@@ -203,14 +203,8 @@ def _backward_loop(WT, acts, cs, c0, dys, valid_t, dh, dc):
             a, c, cp, dy, valid = inp
         else:
             (a, c, cp, dy), valid = inp, None
-        i, f, g, o = jnp.split(a, 4, axis=-1)
-        dh_t = dh + dy
-        tc = jnp.tanh(c)
-        dc_t = dc + dh_t * o * (1 - tc * tc)
-        dz = jnp.concatenate([dc_t * g * i * (1 - i), dc_t * cp * f * (1 - f), dc_t * i * (1 - g * g),
-                              dh_t * tc * o * (1 - o)], axis=-1)
+        dz, dc_new = bptt.lstm_step_backward(jnp.split(a, 4, axis=-1), jnp.tanh(c), cp, dh + dy, dc)
         dh_new = dz @ WT
-        dc_new = dc_t * f
         if valid is not None:
             keep = valid[:, None]
             dz = jnp.where(keep, dz, jnp.zeros((), dz.dtype))
