@@ -46,8 +46,8 @@ class TourConfig:
     forecast_epochs: int = 10
     caption_epochs: int = 6
     caption_images: int = 1200
-    translate_epochs: int = 3
-    translate_max_len: int = 8  # Tatoeba pairs up to this many tokens
+    translate_epochs: int = 4  # ~55 s per score function on 2 CPU cores; docs/translation.md trains 16
+    translate_max_len: int = 10  # Tatoeba pairs up to this many tokens
     attention: tuple = SCORE_FUNCTIONS
     speed_configs: str = "1:100:128:256"  # B:T:I:H shapes for bench_lstm.py
     speed_repeats: int = 5
@@ -181,12 +181,14 @@ def translation(cfg: TourConfig, folder: pathlib.Path) -> str:
     for attention in cfg.attention:
         out = folder / attention
         _cli(["translate", "train", "--attention", attention, "--epochs", str(cfg.translate_epochs), "--max-len",
-              str(cfg.translate_max_len), "--seed", str(cfg.seed), "--out", str(out), "--no-progress"])
+              str(cfg.translate_max_len), "--hidden", "64", "--embed", "64", "--lr", "3e-3", "--seed", str(cfg.seed),
+              "--out", str(out), "--no-progress"])
         result = json.loads((out / "metrics.json").read_text())
         rows.append([attention, result["dev"]["sacrebleu"], result["dev"]["tokenized_bleu"], result["dev_loss"]])
     with_attention = next((a for a in cfg.attention if a != "none"), None)
     text = (f"Tatoeba English→Vietnamese, sentences up to {cfg.translate_max_len} tokens, {cfg.translate_epochs} "
-            "epochs per model; dev BLEU (sacreBLEU on detokenised output, and tokenised).\n\n"
+            "epochs per model (a short run: docs/translation.md trains 16); dev BLEU (sacreBLEU on detokenised "
+            "output, and tokenised).\n\n"
             + _table(["attention", "sacreBLEU", "tokenised BLEU", "dev loss"], rows))
     if with_attention:
         printed = _cli(["translate", "predict", "--run", str(folder / with_attention), "I love teaching", "--plot",
