@@ -355,15 +355,29 @@ def _choose_form(batch: int, input_size: int, hidden: int, num_steps: int) -> st
     return "hoist" if batch <= 8 else "concat"
 
 
-def _run_fused(params, carry, xs, lengths, reverse, segment, form):
+def _flatten_batch(params, carry, xs):
+    """Flatten any leading batch dimensions into one: the fused and cuDNN loops work on ``[B, T, ...]``.
+
+    Returns ``(batch_shape, xs [B, T, I], h0 [B, H], c0 [B, H])``.
+    """
     batch_shape = _batch_shape(xs, False)
     hidden = cells.hidden_size(params)
-    num_steps, in_size = xs.shape[-2], xs.shape[-1]
-    # Flatten any leading batch dimensions into one: the loops work on [B, T, ...].
     batch = int(np.prod(batch_shape)) if batch_shape else 1
-    xs = xs.reshape(batch, num_steps, in_size)
-    h0 = carry.h.reshape(batch, hidden)
-    c0 = carry.c.reshape(batch, hidden)
+    return (batch_shape, xs.reshape(batch, *xs.shape[-2:]), carry.h.reshape(batch, hidden),
+            carry.c.reshape(batch, hidden))
+
+
+def _unflatten_batch(batch_shape, h, c, ys):
+    """Inverse of ``_flatten_batch`` for the results: ``(LSTMState, ys [*batch, T, H])``."""
+    hidden = h.shape[-1]
+    return (LSTMState(h.reshape(*batch_shape, hidden), c.reshape(*batch_shape, hidden)),
+            ys.reshape(*batch_shape, ys.shape[-2], hidden))
+
+
+def _run_fused(params, carry, xs, lengths, reverse, segment, form):
+    batch_shape, xs, h0, c0 = _flatten_batch(params, carry, xs)
+    batch, num_steps, in_size = xs.shape
+    hidden = h0.shape[-1]
     if lengths is not None:
         lengths = jnp.clip(jnp.asarray(lengths, jnp.int32), 0, num_steps).reshape(batch)
     if reverse:
@@ -372,8 +386,7 @@ def _run_fused(params, carry, xs, lengths, reverse, segment, form):
     h, c, ys = _fused_lstm(form, segment, params["U"], params["W"], params["b"], h0, c0, xs, lengths)
     if reverse:
         ys = _reverse_steps(ys, lengths)
-    ys = ys.reshape(*batch_shape, num_steps, hidden)
-    return LSTMState(h.reshape(*batch_shape, hidden), c.reshape(*batch_shape, hidden)), ys
+    return _unflatten_batch(batch_shape, h, c, ys)
 
 
 def _reverse_steps(a, lengths):
@@ -408,18 +421,14 @@ def to_cudnn_weights(params) -> jax.Array:
 def _run_cudnn(params, carry, xs, lengths, reverse):
     from jax.experimental import rnn as jrnn  # imported here: only the cuDNN path needs it
 
-    batch_shape = _batch_shape(xs, False)
-    hidden = cells.hidden_size(params)
-    num_steps, in_size = xs.shape[-2], xs.shape[-1]
-    batch = int(np.prod(batch_shape)) if batch_shape else 1
-    xs = xs.reshape(batch, num_steps, in_size)
-    h0 = carry.h.reshape(batch, hidden)
-    c0 = carry.c.reshape(batch, hidden)
+    batch_shape, xs, h0, c0 = _flatten_batch(params, carry, xs)
+    batch, num_steps, in_size = xs.shape
+    hidden = h0.shape[-1]
     full = lengths is None
     lengths = (jnp.full((batch,), num_steps, jnp.int32) if full
                else jnp.clip(jnp.asarray(lengths, jnp.int32), 0, num_steps).reshape(batch))
     if reverse:
-        xs = jnp.swapaxes(reverse_within_lengths(jnp.swapaxes(xs, 0, 1), lengths), 0, 1)
+        xs = _reverse_steps(xs, lengths)
     # cuDNN fails on zero-length sequences (jax-ml/jax#17966): run them as length 1 and restore the initial
     # carry and zero outputs afterwards, which also gives them zero gradient through cuDNN.
     empty = lengths == 0
@@ -431,9 +440,8 @@ def _run_cudnn(params, carry, xs, lengths, reverse):
     if not full:
         ys = jnp.where((jnp.arange(num_steps)[None, :] < lengths[:, None])[..., None], ys, 0.0)
     if reverse:
-        ys = jnp.swapaxes(reverse_within_lengths(jnp.swapaxes(ys, 0, 1), lengths), 0, 1)
-    ys = ys.reshape(*batch_shape, num_steps, hidden)
-    return LSTMState(h.reshape(*batch_shape, hidden), c.reshape(*batch_shape, hidden)), ys
+        ys = _reverse_steps(ys, lengths)
+    return _unflatten_batch(batch_shape, h, c, ys)
 
 
 # ----------------------------------------------------------------------------------------------------------
