@@ -478,20 +478,20 @@ class _Checkpoints:
             policies.append(cm.BestN(get_metric_fn=metric, reverse=best_mode == "min", n=1,
                                      keep_checkpoints_without_metrics=False))
             best = dict(best_fn=metric, best_mode=best_mode)
-        options = ocp.CheckpointManagerOptions(
-            preservation_policy=cm.AnyPreservationPolicy(policies),
-            # Synchronous saves: the next train_step donates (reuses) the state buffers, and a save that has
-            # returned is on disk, which is what the SIGTERM handler and the kill test rely on.
-            enable_async_checkpointing=False,
-            cleanup_tmp_directories=not read_only,  # leftovers of a save cut short by SIGKILL
-            create=not read_only, read_only=read_only, **best)
-        # A read-only manager (restoring for eval/predict) makes Orbax warn that the folder is read only and
-        # saving is off: both intended here, so those warnings are silenced rather than shown to users.
+        # A read-only manager (restoring for eval/predict) makes Orbax warn, from both the options and the manager,
+        # that the folder is read only and saving is off: both intended here, so those warnings are silenced.
         absl_logger = logging.getLogger("absl")
         level = absl_logger.level
         if read_only:
             absl_logger.setLevel(logging.ERROR)
         try:
+            options = ocp.CheckpointManagerOptions(
+                preservation_policy=cm.AnyPreservationPolicy(policies),
+                # Synchronous saves: the next train_step donates (reuses) the state buffers, and a save that has
+                # returned is on disk, which is what the SIGTERM handler and the kill test rely on.
+                enable_async_checkpointing=False,
+                cleanup_tmp_directories=not read_only,  # leftovers of a save cut short by SIGKILL
+                create=not read_only, read_only=read_only, **best)
             self.manager = ocp.CheckpointManager(
                 directory, options=options,
                 item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
