@@ -258,6 +258,21 @@ def test_caption_bleu_uses_all_references():
         metrics.caption_bleu(["x"], refs)
 
 
+def test_cider_and_rouge_l_against_hand_values():
+    pytest.importorskip("pycocoevalcap", reason="CIDEr/ROUGE-L need the caption-metrics extra")
+    refs = [["a dog runs on grass"], ["two children play in the water"], ["a red bird sits on a branch"]]
+    perfect = metrics.caption_cider_rouge([r[0] for r in refs], refs)
+    # CIDEr-D of a caption equal to its only reference: cosine 1 for n = 1..4, no length penalty, x10.
+    assert perfect["cider"] == pytest.approx(10.0, rel=1e-6) and perfect["rouge_l"] == pytest.approx(1.0)
+    # ROUGE-L of "dog runs on grass" against "dog on grass fast": LCS 3, P = R = 3/4, so F_beta = 3/4.
+    one = metrics.caption_cider_rouge(["dog runs on grass"], [["dog on grass fast"]])
+    assert one["rouge_l"] == pytest.approx(0.75)
+    worse = metrics.caption_cider_rouge(["a dog", "two children", "a bird"], refs)
+    assert 0 < worse["cider"] < perfect["cider"] and 0 < worse["rouge_l"] < 1
+    with pytest.raises(ValueError, match="hypotheses"):
+        metrics.caption_cider_rouge(["x"], refs)
+
+
 def test_caption_cli_train_eval_predict(tmp_path, capsys):
     from jaxseq import cli
 
