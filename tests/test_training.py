@@ -254,8 +254,9 @@ def test_bad_out_dir_and_missing_run_folder(tmp_path):
 
 def _env(**extra):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT), **extra}
-    env.pop("XLA_FLAGS", None)
-    env.update(extra)
+    # The suite's XLA flags (conftest) plus the test's own: the same compiler settings in every process, which
+    # the bitwise comparisons across processes rely on.
+    env["XLA_FLAGS"] = " ".join(f for f in (os.environ.get("XLA_FLAGS"), extra.get("XLA_FLAGS")) if f)
     return env
 
 
