@@ -188,11 +188,20 @@ def lstm_step_backward(gates, tanh_c, c_prev, dh, dc_next):
       ``(δz_t [*batch, 4H], δc_t ⊙ f_t)``: the pre-activation gradient (gate order i, f, g, o) and the
       gradient passed to ``c_{t-1}``.
     """
+    dz_parts, dc_prev = lstm_step_backward_parts(gates, tanh_c, c_prev, dh, dc_next)
+    return jnp.concatenate(dz_parts, axis=-1), dc_prev
+
+
+def lstm_step_backward_parts(gates, tanh_c, c_prev, dh, dc_next):
+    """``lstm_step_backward`` with ``δz_t`` as its four gate parts ``(δz_i, δz_f, δz_g, δz_o)``, each ``[*batch, H]``.
+
+    The fused layer keeps the parts apart: on XLA:CPU a loop step that slices one ``[B, 4H]`` block into gates
+    runs slower than one that reads four ``[B, H]`` arrays (benchmarks/RESULTS.md).
+    """
     i, f, g, o = gates
     dc = dc_next + dh * o * (1.0 - tanh_c * tanh_c)
-    dz = jnp.concatenate([dc * g * i * (1.0 - i), dc * c_prev * f * (1.0 - f), dc * i * (1.0 - g * g),
-                          dh * tanh_c * o * (1.0 - o)], axis=-1)
-    return dz, dc * f
+    return (dc * g * i * (1.0 - i), dc * c_prev * f * (1.0 - f), dc * i * (1.0 - g * g),
+            dh * tanh_c * o * (1.0 - o)), dc * f
 
 
 def lstm_backward(params, xs_t, tape: LSTMTape, dhs_t, dfinal: LSTMState):

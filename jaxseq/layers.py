@@ -132,17 +132,19 @@ def _scan_layer(apply: Callable, params, carry, xs, lengths, reverse: bool, segm
 
 
 def _lstm_activations(z):
-    """Gate activations ``[i, f, g, o]`` (``[..., 4H]``) from pre-activations ``z``."""
+    """Gate activations ``(i, f, g, o)``, each ``[..., H]``, from pre-activations ``z`` ``[..., 4H]``."""
     i, f, g, o = jnp.split(z, 4, axis=-1)
-    return jnp.concatenate([jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)], axis=-1)
+    return jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
 
 
 def _forward_loop(form: str, U, W, b, h0, c0, xs_t, valid_t, save: bool):
     """Run the LSTM over time-major ``xs_t`` ``[T, B, I]``.
 
     ``valid_t`` is ``bool[T, B]`` or None (all steps valid). Returns ``(h, c, ys, saved)`` where ``ys`` is
-    ``[T, B, H]`` (zeros at invalid steps) and, if ``save``, ``saved = (acts [T, B, 4H], cs [T, B, H])``
-    with the gate activations and cell states the backward pass needs.
+    ``[T, B, H]`` (zeros at invalid steps) and, if ``save``, ``saved = (gates, cs [T, B, H])``: the four
+    activated gates ``(i, f, g, o)``, each ``[T, B, H]``, and the cell states the backward pass needs. The gates
+    stay four arrays rather than one ``[T, B, 4H]`` block: on XLA:CPU a backward step that reads four arrays
+    ran 0.74x the time of one that slices a block (benchmarks/RESULTS.md).
     """
     hidden = W.shape[0]
     if form == "hoist":
@@ -161,8 +163,8 @@ def _forward_loop(form: str, U, W, b, h0, c0, xs_t, valid_t, save: bool):
             z = x @ U + h @ W + b
         else:
             z = jnp.concatenate([x, h], axis=-1) @ UW + b
-        acts = _lstm_activations(z)
-        i, f, g, o = jnp.split(acts, 4, axis=-1)
+        gates = _lstm_activations(z)
+        i, f, g, o = gates
         c_new = f * c + i * g
         h_new = o * jnp.tanh(c_new)
         if valid is not None:
@@ -172,22 +174,22 @@ def _forward_loop(form: str, U, W, b, h0, c0, xs_t, valid_t, save: bool):
             y = jnp.where(keep, h_new, jnp.zeros((), h_new.dtype))
         else:
             y = h_new
-        out = (y, acts, c_new) if save else y
+        out = (y, gates, c_new) if save else y
         return (h_new, c_new), out
 
     (h, c), out = lax.scan(step, (h0, c0), inputs if valid_t is None else (inputs, valid_t))
     if save:
-        ys, acts, cs = out
-        return h, c, ys, (acts, cs)
+        ys, gates, cs = out
+        return h, c, ys, (gates, cs)
     return h, c, out, None
 
 
-def _backward_loop(WT, acts, cs, c0, dys, valid_t, dh, dc):
+def _backward_loop(WT, gates, cs, c0, dys, valid_t, dh, dc):
     """The LSTM BPTT recursion over one stretch of time, newest step first.
 
     Args:
       WT: ``W.T`` ``[4H, H]``.
-      acts, cs: the forward's saved gate activations ``[T, B, 4H]`` and cell states ``[T, B, H]``.
+      gates, cs: the forward's saved gate activations ``(i, f, g, o)`` and cell states, each ``[T, B, H]``.
       c0: the cell state before the stretch ``[B, H]``.
       dys: output cotangents ``[T, B, H]``; valid_t: ``bool[T, B]`` or None.
       dh, dc: cotangents of the carry after the stretch.
@@ -200,21 +202,21 @@ def _backward_loop(WT, acts, cs, c0, dys, valid_t, dh, dc):
     def step(carry, inp):
         dh, dc = carry
         if valid_t is not None:
-            a, c, cp, dy, valid = inp
+            *step_gates, c, cp, dy, valid = inp
         else:
-            (a, c, cp, dy), valid = inp, None
-        dz, dc_new = bptt.lstm_step_backward(jnp.split(a, 4, axis=-1), jnp.tanh(c), cp, dh + dy, dc)
-        dh_new = dz @ WT
+            (*step_gates, c, cp, dy), valid = inp, None
+        dz_parts, dc_new = bptt.lstm_step_backward_parts(step_gates, jnp.tanh(c), cp, dh + dy, dc)
+        dh_new = jnp.concatenate(dz_parts, axis=-1) @ WT
         if valid is not None:
             keep = valid[:, None]
-            dz = jnp.where(keep, dz, jnp.zeros((), dz.dtype))
+            dz_parts = tuple(jnp.where(keep, part, jnp.zeros((), part.dtype)) for part in dz_parts)
             dh_new = jnp.where(keep, dh_new, dh)
             dc_new = jnp.where(keep, dc_new, dc)
-        return (dh_new, dc_new), dz
+        return (dh_new, dc_new), dz_parts
 
-    inputs = (acts, cs, c_prev, dys) if valid_t is None else (acts, cs, c_prev, dys, valid_t)
-    (dh, dc), dz = lax.scan(step, (dh, dc), inputs, reverse=True)
-    return dh, dc, dz
+    inputs = (*gates, cs, c_prev, dys) + (() if valid_t is None else (valid_t,))
+    (dh, dc), dz_parts = lax.scan(step, (dh, dc), inputs, reverse=True)
+    return dh, dc, jnp.concatenate(dz_parts, axis=-1)
 
 
 def _gemm_t(a, b):
@@ -277,8 +279,8 @@ def _fused_lstm_fwd(form, segment, U, W, b, h0, c0, xs, lengths):
     if segment is None:
         xs_t = jnp.moveaxis(xs, 1, 0)
         valid_t = _valid(lengths, num_steps)
-        h, c, ys, (acts, cs) = _forward_loop(form, U, W, b, h0, c0, xs_t, valid_t, save=True)
-        return (h, c, jnp.moveaxis(ys, 0, 1)), (U, W, h0, c0, xs_t, lengths, ys, acts, cs, want_dxs)
+        h, c, ys, (gates, cs) = _forward_loop(form, U, W, b, h0, c0, xs_t, valid_t, save=True)
+        return (h, c, jnp.moveaxis(ys, 0, 1)), (U, W, h0, c0, xs_t, lengths, ys, gates, cs, want_dxs)
     # Checkpointed: keep the carry at each segment start, nothing else per step.
     n = -(-num_steps // segment)
     if lengths is None and n * segment != num_steps:
@@ -301,7 +303,7 @@ def _instantiate(ct, shape, dtype):
 def _fused_lstm_bwd(form, segment, res, cotangents):
     U, W = res[0], res[1]
     if segment is None:
-        U, W, h0, c0, xs_t, lengths, ys, acts, cs, want_dxs = res
+        U, W, h0, c0, xs_t, lengths, ys, gates, cs, want_dxs = res
         num_steps, batch = xs_t.shape[:2]
     else:
         U, W, b, starts, xs, lengths, want_dxs = res
@@ -311,7 +313,7 @@ def _fused_lstm_bwd(form, segment, res, cotangents):
     if segment is None:
         dys = jnp.moveaxis(_instantiate(cotangents[2], (batch, num_steps, hidden), dtype), 1, 0)
         valid_t = _valid(lengths, num_steps)
-        dh0, dc0, dz = _backward_loop(W.T, acts, cs, c0, dys, valid_t, dh, dc)
+        dh0, dc0, dz = _backward_loop(W.T, gates, cs, c0, dys, valid_t, dh, dc)
         dU, dW, db = _weight_grads(xs_t, _h_prev(h0, ys), dz)
         dxs = None if want_dxs is None else jnp.moveaxis(dz @ U.T, 0, 1)
         return dU, dW, db, dh0, dc0, dxs, None
@@ -325,8 +327,8 @@ def _fused_lstm_bwd(form, segment, res, cotangents):
         h0, c0, k = seg
         valid = None if lengths is None else _valid(lengths - k * segment, segment)
         x_seg = _time_slice(xs, k, segment)
-        _, _, ys, (acts, cs) = _forward_loop(form, U, W, b, h0, c0, x_seg, valid, save=True)
-        dh, dc, dz = _backward_loop(WT, acts, cs, c0, _time_slice(dys, k, segment), valid, dh, dc)
+        _, _, ys, (gates, cs) = _forward_loop(form, U, W, b, h0, c0, x_seg, valid, save=True)
+        dh, dc, dz = _backward_loop(WT, gates, cs, c0, _time_slice(dys, k, segment), valid, dh, dc)
         gU, gW, gb = _weight_grads(x_seg, _h_prev(h0, ys), dz)
         dx = None if want_dxs is None else dz @ UT
         return (dh, dc, dU + gU, dW + gW, db + gb), dx
