@@ -131,9 +131,8 @@ def _scan_layer(apply: Callable, params, carry, xs, lengths, reverse: bool, segm
 # Fused LSTM: custom VJP whose backward pass is the hand BPTT
 
 
-def _lstm_activations(z):
-    """Gate activations ``(i, f, g, o)``, each ``[..., H]``, from pre-activations ``z`` ``[..., 4H]``."""
-    i, f, g, o = jnp.split(z, 4, axis=-1)
+def _lstm_activations(i, f, g, o):
+    """Gate activations ``(i, f, g, o)`` from their pre-activations, each ``[..., H]``."""
     return jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
 
 
@@ -143,13 +142,14 @@ def _forward_loop(form: str, U, W, b, h0, c0, xs_t, valid_t, save: bool):
     ``valid_t`` is ``bool[T, B]`` or None (all steps valid). Returns ``(h, c, ys, saved)`` where ``ys`` is
     ``[T, B, H]`` (zeros at invalid steps) and, if ``save``, ``saved = (gates, cs [T, B, H])``: the four
     activated gates ``(i, f, g, o)``, each ``[T, B, H]``, and the cell states the backward pass needs. The gates
-    stay four arrays rather than one ``[T, B, 4H]`` block: on XLA:CPU a backward step that reads four arrays
-    ran 0.74x the time of one that slices a block (benchmarks/RESULTS.md).
+    stay four arrays rather than one ``[T, B, 4H]`` block, and so do the hoisted input products: on XLA:CPU a
+    loop step that reads four arrays ran 0.64-0.74x the time of one that slices a block (benchmarks/RESULTS.md).
     """
     hidden = W.shape[0]
     if form == "hoist":
         num_steps, batch = xs_t.shape[:2]
-        inputs = (xs_t.reshape(num_steps * batch, -1) @ U + b).reshape(num_steps, batch, 4 * hidden)
+        projected = (xs_t.reshape(num_steps * batch, -1) @ U + b).reshape(num_steps, batch, 4 * hidden)
+        inputs = tuple(jnp.split(projected, 4, axis=-1))
     else:
         inputs = xs_t
     UW = jnp.concatenate([U, W], axis=0) if form == "concat" else None
@@ -158,12 +158,12 @@ def _forward_loop(form: str, U, W, b, h0, c0, xs_t, valid_t, save: bool):
         h, c = carry
         x, valid = inp if valid_t is not None else (inp, None)
         if form == "hoist":
-            z = x + h @ W
+            z = tuple(xk + zk for xk, zk in zip(x, jnp.split(h @ W, 4, axis=-1)))
         elif form == "step":
-            z = x @ U + h @ W + b
+            z = jnp.split(x @ U + h @ W + b, 4, axis=-1)
         else:
-            z = jnp.concatenate([x, h], axis=-1) @ UW + b
-        gates = _lstm_activations(z)
+            z = jnp.split(jnp.concatenate([x, h], axis=-1) @ UW + b, 4, axis=-1)
+        gates = _lstm_activations(*z)
         i, f, g, o = gates
         c_new = f * c + i * g
         h_new = o * jnp.tanh(c_new)
