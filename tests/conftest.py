@@ -18,8 +18,8 @@ def key():
 
 @pytest.fixture(scope="session")
 def shared_data() -> pathlib.Path:
-    """The real data beside the checkout (../shared/data), found through JAXSEQ_SHARED_DATA."""
-    root = os.environ.get("JAXSEQ_SHARED_DATA")
-    if not root or not pathlib.Path(root).is_dir():
-        pytest.skip("real data not available: set JAXSEQ_SHARED_DATA to the shared/data folder (.ci/run does)")
+    """The real data: JAXSEQ_SHARED_DATA, else ../shared/data beside the checkout (as .ci/run sets it)."""
+    root = os.environ.get("JAXSEQ_SHARED_DATA") or pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not pathlib.Path(root).is_dir():
+        pytest.skip(f"real data not available at {root}: set JAXSEQ_SHARED_DATA to the shared/data folder")
     return pathlib.Path(root)

@@ -8,9 +8,9 @@ def register(subparsers) -> None:
                               "Bitcoin forecast, synthetic captioning, Tatoeba en->vi with attention and the LSTM "
                               "speed table, into one report folder (README.md with figures and tables).")
     p.add_argument("--out", default=None, help="report folder (default runs/tour-<time>)")
-    p.add_argument("--quick", action="store_true", help="small sizes: about two minutes on 2 CPU cores (CI)")
+    p.add_argument("--quick", action="store_true", help="small sizes: about 90 s on 2 CPU cores (CI)")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(run=lambda args: _run(args))
+    p.set_defaults(run=_run)
 
 
 def _run(args) -> int:
