@@ -13,7 +13,7 @@ Sections (each in its own sub-folder of ``out``, collected in ``out/README.md``)
 
 Every section trains through the same commands a user would type; a section that fails is reported as such
 and the tour goes on, so one broken piece does not lose the rest. ``quick=True`` shrinks every section so the
-whole tour runs in about two minutes on 2 CPU cores (the test suite runs it).
+whole tour runs in about 90 s on 2 CPU cores (the test suite runs it).
 """
 from __future__ import annotations
 
@@ -90,13 +90,13 @@ def gradient_norms(cfg: TourConfig, folder: pathlib.Path) -> str:
             "tanh RNN (σ_max 0.9, upper bound)": ["--cell", "rnn", "--sigma-max", "0.9"],
             "LSTM (forget bias 1, Π f)": ["--cell", "lstm", "--forget-bias", "1"]}
     rows, images = [], []
-    for i, (label, flags) in enumerate(runs.items()):
+    for label, flags in runs.items():
         out = folder / flags[1]
         _cli(["gradnorms", *flags, "--steps", str(cfg.gradnorm_steps), "--hidden", "32", "--seed", str(cfg.seed),
               "--out", str(out)])
         result = json.loads((out / "gradnorms.json").read_text())
-        first = 0  # timesteps run from t = 1 (farthest from T) upwards
-        rows.append([label, result["timesteps"][first], result["measured"][first], result["theory"][first],
+        # Index 0 is t = 1, the step farthest from T.
+        rows.append([label, result["timesteps"][0], result["measured"][0], result["theory"][0],
                      result["theory_kind"]])
         images.append(f"![{label}]({flags[1]}/gradnorms.png)")
     return ("‖∂h_T/∂h_t‖ at the farthest step t against the theory of chapter 17 (`jaxseq gradnorms`).\n\n"
