@@ -95,7 +95,7 @@ def gradient_norms(cfg: TourConfig, folder: pathlib.Path) -> str:
         _cli(["gradnorms", *flags, "--steps", str(cfg.gradnorm_steps), "--hidden", "32", "--seed", str(cfg.seed),
               "--out", str(out)])
         result = json.loads((out / "gradnorms.json").read_text())
-        # Index 0 is t = 1, the step farthest from T.
+        # Index 0 is the first timestep (t = 0), the one farthest from T.
         rows.append([label, result["timesteps"][0], result["measured"][0], result["theory"][0],
                      result["theory_kind"]])
         images.append(f"![{label}]({flags[1]}/gradnorms.png)")
