@@ -10,7 +10,12 @@ parameters (``jaxseq.cells.lstm.init``) and the same semantics as ``jaxseq.unrol
   over all timesteps instead of one thin product per step (which is what autodiff through a scan does).
 * ``impl="cudnn"``: ``jax.experimental.rnn.lstm`` (cuDNN) on a CUDA GPU for float32; elsewhere it falls back
   to ``"fused"``.
-* ``impl="auto"``: cuDNN on a CUDA GPU for float32 without a checkpoint policy, ``"fused"`` otherwise.
+* ``impl="auto"``: ``"fused"``. On an H200 the fused path took 0.30-0.95x the time of
+  ``jax.experimental.rnn``'s cuDNN call at all four benchmark shapes in float32, training and forward
+  (benchmarks/RESULTS.md), so cuDNN runs only when asked for.
+
+Every path's float32 products follow ``jax_default_matmul_precision``: on a GPU the default lets XLA and cuDNN
+use TF32 tensor cores; ``jax.default_matmul_precision("highest")`` gives strict float32.
 
 Memory-bounded training: ``checkpoint="sqrt"`` (or an int segment length) keeps only the carries at segment
 boundaries in the forward pass and recomputes each segment in the backward pass, so activation memory grows
@@ -56,6 +61,22 @@ def _check_impl(impl: str, allowed=IMPLS) -> None:
         raise ValueError(f"impl must be one of {allowed}, got {impl!r}")
 
 
+# Time steps per loop iteration when ``unroll=None``, by backend. Measured with benchmarks/bench_lstm_gpu.py on
+# an H200 (fused LSTM training step, float32): unroll 16 took 0.48x (32, 500, 64, 128), 0.53x (1, 100, 128, 256)
+# and 0.70x (64, 34, 200, 256) the time of unroll 1; each iteration costs a launch of the loop body there. On
+# the 2-core CPU unroll 2 and 4 were no faster (benchmarks/RESULTS.md), so the CPU keeps one step per iteration.
+DEFAULT_UNROLL = {"gpu": 16}
+
+
+def _resolve_unroll(unroll) -> int:
+    """``unroll`` checked, or the default for the default backend when None (``DEFAULT_UNROLL``)."""
+    if unroll is None:
+        return DEFAULT_UNROLL.get(jax.default_backend(), 1)
+    if isinstance(unroll, bool) or not isinstance(unroll, (int, np.integer)) or unroll < 1:
+        raise ValueError(f"unroll must be a positive int (time steps per loop iteration) or None, got {unroll!r}")
+    return int(unroll)
+
+
 def _segment_length(checkpoint, num_steps: int) -> int | None:
     """Segment length for a checkpoint policy: None (store everything), "sqrt", or a positive int."""
     if checkpoint is None:
@@ -90,10 +111,11 @@ def _pad_time(x_t, total: int):
 # Scan implementation (any cell), optionally checkpointed in segments
 
 
-def _scan_layer(apply: Callable, params, carry, xs, lengths, reverse: bool, segment: int | None):
+def _scan_layer(apply: Callable, params, carry, xs, lengths, reverse: bool, segment: int | None,
+                steps_per_iteration: int = 1):
     """``jaxseq.unroll``; with ``segment``, a scan over ``jax.checkpoint``-ed segments of ``segment`` steps."""
     if segment is None:
-        return unroll(apply, params, carry, xs, lengths=lengths, reverse=reverse)
+        return unroll(apply, params, carry, xs, lengths=lengths, reverse=reverse, unroll=steps_per_iteration)
     num_steps = xs.shape[-2]
     batch_shape = _batch_shape(xs, False)
     lengths = (jnp.full(batch_shape, num_steps, jnp.int32) if lengths is None
@@ -118,7 +140,7 @@ def _scan_layer(apply: Callable, params, carry, xs, lengths, reverse: bool, segm
             new_c = jax.tree_util.tree_map(lambda a, b: jnp.where(valid_mask(t, a), a, b), new_c, c)
             return new_c, jnp.where(valid_mask(t, y), y, jnp.zeros((), y.dtype))
 
-        return lax.scan(step, c, (x_seg, k * segment + jnp.arange(segment)))
+        return lax.scan(step, c, (x_seg, k * segment + jnp.arange(segment)), unroll=steps_per_iteration)
 
     carry, ys = lax.scan(run_segment, carry, (xs_seg, jnp.arange(n)))
     ys = ys.reshape(n * segment, *ys.shape[2:])[:num_steps]
@@ -136,7 +158,7 @@ def _lstm_activations(i, f, g, o):
     return jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
 
 
-def _forward_loop(form: str, U, W, b, h0, c0, xs_t, valid_t, save: bool):
+def _forward_loop(form: str, U, W, b, h0, c0, xs_t, valid_t, save: bool, steps_per_iteration: int = 1):
     """Run the LSTM over time-major ``xs_t`` ``[T, B, I]``.
 
     ``valid_t`` is ``bool[T, B]`` or None (all steps valid). Returns ``(h, c, ys, saved)`` where ``ys`` is
@@ -177,14 +199,15 @@ def _forward_loop(form: str, U, W, b, h0, c0, xs_t, valid_t, save: bool):
         out = (y, gates, c_new) if save else y
         return (h_new, c_new), out
 
-    (h, c), out = lax.scan(step, (h0, c0), inputs if valid_t is None else (inputs, valid_t))
+    (h, c), out = lax.scan(step, (h0, c0), inputs if valid_t is None else (inputs, valid_t),
+                           unroll=steps_per_iteration)
     if save:
         ys, gates, cs = out
         return h, c, ys, (gates, cs)
     return h, c, out, None
 
 
-def _backward_loop(WT, gates, cs, c0, dys, valid_t, dh, dc):
+def _backward_loop(WT, gates, cs, c0, dys, valid_t, dh, dc, steps_per_iteration: int = 1):
     """The LSTM BPTT recursion over one stretch of time, newest step first.
 
     Args:
@@ -215,7 +238,7 @@ def _backward_loop(WT, gates, cs, c0, dys, valid_t, dh, dc):
         return (dh_new, dc_new), dz_parts
 
     inputs = (*gates, cs, c_prev, dys) + (() if valid_t is None else (valid_t,))
-    (dh, dc), dz_parts = lax.scan(step, (dh, dc), inputs, reverse=True)
+    (dh, dc), dz_parts = lax.scan(step, (dh, dc), inputs, reverse=True, unroll=steps_per_iteration)
     return dh, dc, jnp.concatenate(dz_parts, axis=-1)
 
 
@@ -261,15 +284,15 @@ def _from_segments(a_seg, num_steps: int):
     return jnp.transpose(a_seg, (2, 0, 1, 3)).reshape(batch, n * segment, features)[:, :num_steps]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _fused_lstm(form, segment, U, W, b, h0, c0, xs, lengths):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _fused_lstm(form, segment, per_iter, U, W, b, h0, c0, xs, lengths):
     """The fused LSTM on batch-major ``xs`` ``[B, T, I]`` -> ``(h, c, ys [B, T, H])``."""
     xs_t = jnp.moveaxis(xs, 1, 0)
-    h, c, ys, _ = _forward_loop(form, U, W, b, h0, c0, xs_t, _valid(lengths, xs_t.shape[0]), save=False)
+    h, c, ys, _ = _forward_loop(form, U, W, b, h0, c0, xs_t, _valid(lengths, xs_t.shape[0]), False, per_iter)
     return h, c, jnp.moveaxis(ys, 0, 1)
 
 
-def _fused_lstm_fwd(form, segment, U, W, b, h0, c0, xs, lengths):
+def _fused_lstm_fwd(form, segment, per_iter, U, W, b, h0, c0, xs, lengths):
     # With symbolic zeros each primal arrives as (value, perturbed): the backward pass skips the input
     # gradient GEMM (a [T, B, I] buffer) when nobody differentiates with respect to xs.
     want_dxs = () if xs.perturbed else None
@@ -279,7 +302,7 @@ def _fused_lstm_fwd(form, segment, U, W, b, h0, c0, xs, lengths):
     if segment is None:
         xs_t = jnp.moveaxis(xs, 1, 0)
         valid_t = _valid(lengths, num_steps)
-        h, c, ys, (gates, cs) = _forward_loop(form, U, W, b, h0, c0, xs_t, valid_t, save=True)
+        h, c, ys, (gates, cs) = _forward_loop(form, U, W, b, h0, c0, xs_t, valid_t, True, per_iter)
         return (h, c, jnp.moveaxis(ys, 0, 1)), (U, W, h0, c0, xs_t, lengths, ys, gates, cs, want_dxs)
     # Checkpointed: keep the carry at each segment start, nothing else per step.
     n = -(-num_steps // segment)
@@ -289,7 +312,7 @@ def _fused_lstm_fwd(form, segment, U, W, b, h0, c0, xs, lengths):
 
     def run_segment(carry, k):
         valid = None if lengths is None else _valid(lengths - k * segment, segment)
-        h, c, ys, _ = _forward_loop(form, U, W, b, *carry, _time_slice(xs, k, segment), valid, save=False)
+        h, c, ys, _ = _forward_loop(form, U, W, b, *carry, _time_slice(xs, k, segment), valid, False, per_iter)
         return (h, c), (carry, ys)
 
     (h, c), (starts, ys) = lax.scan(run_segment, (h0, c0), jnp.arange(n))
@@ -300,7 +323,7 @@ def _instantiate(ct, shape, dtype):
     return jnp.zeros(shape, dtype) if isinstance(ct, SymbolicZero) else ct
 
 
-def _fused_lstm_bwd(form, segment, res, cotangents):
+def _fused_lstm_bwd(form, segment, per_iter, res, cotangents):
     U, W = res[0], res[1]
     if segment is None:
         U, W, h0, c0, xs_t, lengths, ys, gates, cs, want_dxs = res
@@ -313,7 +336,7 @@ def _fused_lstm_bwd(form, segment, res, cotangents):
     if segment is None:
         dys = jnp.moveaxis(_instantiate(cotangents[2], (batch, num_steps, hidden), dtype), 1, 0)
         valid_t = _valid(lengths, num_steps)
-        dh0, dc0, dz = _backward_loop(W.T, gates, cs, c0, dys, valid_t, dh, dc)
+        dh0, dc0, dz = _backward_loop(W.T, gates, cs, c0, dys, valid_t, dh, dc, per_iter)
         dU, dW, db = _weight_grads(xs_t, _h_prev(h0, ys), dz)
         dxs = None if want_dxs is None else jnp.moveaxis(dz @ U.T, 0, 1)
         return dU, dW, db, dh0, dc0, dxs, None
@@ -327,8 +350,8 @@ def _fused_lstm_bwd(form, segment, res, cotangents):
         h0, c0, k = seg
         valid = None if lengths is None else _valid(lengths - k * segment, segment)
         x_seg = _time_slice(xs, k, segment)
-        _, _, ys, (gates, cs) = _forward_loop(form, U, W, b, h0, c0, x_seg, valid, save=True)
-        dh, dc, dz = _backward_loop(WT, gates, cs, c0, _time_slice(dys, k, segment), valid, dh, dc)
+        _, _, ys, (gates, cs) = _forward_loop(form, U, W, b, h0, c0, x_seg, valid, True, per_iter)
+        dh, dc, dz = _backward_loop(WT, gates, cs, c0, _time_slice(dys, k, segment), valid, dh, dc, per_iter)
         gU, gW, gb = _weight_grads(x_seg, _h_prev(h0, ys), dz)
         dx = None if want_dxs is None else dz @ UT
         return (dh, dc, dU + gU, dW + gW, db + gb), dx
@@ -376,7 +399,7 @@ def _unflatten_batch(batch_shape, h, c, ys):
             ys.reshape(*batch_shape, ys.shape[-2], hidden))
 
 
-def _run_fused(params, carry, xs, lengths, reverse, segment, form):
+def _run_fused(params, carry, xs, lengths, reverse, segment, form, steps_per_iteration):
     batch_shape, xs, h0, c0 = _flatten_batch(params, carry, xs)
     batch, num_steps, in_size = xs.shape
     hidden = h0.shape[-1]
@@ -385,17 +408,26 @@ def _run_fused(params, carry, xs, lengths, reverse, segment, form):
     if reverse:
         xs = _reverse_steps(xs, lengths)
     form = form or _choose_form(batch, in_size, hidden, num_steps)
-    h, c, ys = _fused_lstm(form, segment, params["U"], params["W"], params["b"], h0, c0, xs, lengths)
+    h, c, ys = _fused_lstm(form, segment, steps_per_iteration, params["U"], params["W"], params["b"], h0, c0, xs,
+                           lengths)
     if reverse:
         ys = _reverse_steps(ys, lengths)
     return _unflatten_batch(batch_shape, h, c, ys)
 
 
 def _reverse_steps(a, lengths):
-    """Reverse batch-major ``a`` ``[B, T, F]`` in time, inside each length when ``lengths`` is given."""
+    """Reverse batch-major ``a`` ``[B, T, F]`` in time, inside each length when ``lengths`` is given.
+
+    Gathers along the time axis of ``a`` itself, not through a time-major transpose. On an H200 (jax 0.11.2)
+    the transposed form, fed to cuDNN under ``jit``, gave wrong outputs (max error 0.8; right in eager mode
+    and when the same input came from the host); this form matches ``unroll`` to 6e-8 there. The likely cause:
+    cuDNN's custom call puts no layout constraint on its operands, so XLA may hand it the transpose's layout.
+    """
     if lengths is None:
         return jnp.flip(a, 1)
-    return jnp.moveaxis(reverse_within_lengths(jnp.moveaxis(a, 1, 0), lengths), 0, 1)
+    t = jnp.arange(a.shape[1])[None, :]
+    index = jnp.where(t < lengths[:, None], lengths[:, None] - 1 - t, t)
+    return jnp.take_along_axis(a, index[:, :, None], axis=1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -420,6 +452,19 @@ def to_cudnn_weights(params) -> jax.Array:
     return jnp.concatenate([params["U"].T.reshape(-1), params["W"].T.reshape(-1), b, jnp.zeros_like(b)])
 
 
+def _cudnn_precision():
+    """The float32 matmul precision for cuDNN, following ``jax_default_matmul_precision`` like the other paths.
+
+    Unset (JAX's default) lets cuDNN use TF32 tensor cores on Ampere and later, as XLA's own float32 dots may;
+    "highest"/"float32" gives strict float32. cuDNN's LSTM offers nothing between TF32 and float32, so every
+    other setting ("high", "tensorfloat32", "bfloat16", "default", ...) maps to TF32 (``Precision.HIGH``).
+    """
+    setting = jax.config.jax_default_matmul_precision
+    if setting is None:
+        return None
+    return lax.Precision.HIGHEST if str(setting).lower() in ("highest", "float32") else lax.Precision.HIGH
+
+
 def _run_cudnn(params, carry, xs, lengths, reverse):
     from jax.experimental import rnn as jrnn  # imported here: only the cuDNN path needs it
 
@@ -436,7 +481,7 @@ def _run_cudnn(params, carry, xs, lengths, reverse):
     empty = lengths == 0
     ys, h, c = jrnn.lstm(xs, h0[None], c0[None], to_cudnn_weights(params), jnp.maximum(lengths, 1),
                          input_size=in_size, hidden_size=hidden, num_layers=1, dropout=0.0,
-                         bidirectional=False, precision=lax.Precision.HIGHEST)
+                         bidirectional=False, precision=_cudnn_precision())
     h = jnp.where(empty[:, None], h0, h[0])
     c = jnp.where(empty[:, None], c0, c[0])
     if not full:
@@ -451,7 +496,7 @@ def _run_cudnn(params, carry, xs, lengths, reverse):
 
 
 def lstm(params, xs, *, carry=None, lengths=None, reverse: bool = False, impl: str = "auto",
-         checkpoint=None, form: str | None = None):
+         checkpoint=None, form: str | None = None, unroll: int | None = None):
     """An LSTM layer over ``xs`` ``[*batch, time, features]`` (params from ``jaxseq.cells.lstm.init``).
 
     Same results as ``jaxseq.unroll(cells.lstm.apply, params, carry, xs, lengths=..., reverse=...)``.
@@ -470,46 +515,52 @@ def lstm(params, xs, *, carry=None, lengths=None, reverse: bool = False, impl: s
         segment in the backward pass (about one extra forward pass of time for ``O(√T)`` memory).
       form: fused path only, where the input product goes: ``"hoist"``, ``"step"`` or ``"concat"`` (see
         ``FORMS``); None picks by shape.
+      unroll: time steps per loop iteration of the scan and fused paths (``lax.scan``'s ``unroll``), as in
+        Flax's ``nn.RNN``; results do not depend on it. None: 16 on GPU, 1 elsewhere (``DEFAULT_UNROLL``).
 
     Returns:
       ``(final_carry, ys)``: ``LSTMState`` after each sequence's last valid step, outputs ``[*batch, time, H]``.
     """
     _check_impl(impl)
+    unroll = _resolve_unroll(unroll)
     if form is not None and form not in FORMS:
         raise ValueError(f"form must be one of {FORMS} or None, got {form!r}")
     xs, carry = _prepare(cells.lstm, params, xs, carry, lengths)
     carry = LSTMState(*carry)
     segment = _segment_length(checkpoint, xs.shape[-2])
     if impl == "scan":
-        return _scan_layer(cells.lstm.apply, params, carry, xs, lengths, reverse, segment)
-    if impl in ("auto", "cudnn") and segment is None and _cudnn_available(xs, params):
+        return _scan_layer(cells.lstm.apply, params, carry, xs, lengths, reverse, segment, unroll)
+    if impl == "cudnn" and segment is None and _cudnn_available(xs, params):
         return _run_cudnn(params, carry, xs, lengths, reverse)
-    return _run_fused(params, carry, xs, lengths, reverse, segment, form)
+    return _run_fused(params, carry, xs, lengths, reverse, segment, form, unroll)
 
 
-def _scan_only_layer(cell, params, xs, carry, lengths, reverse, impl, checkpoint):
+def _scan_only_layer(cell, params, xs, carry, lengths, reverse, impl, checkpoint, unroll):
     _check_impl(impl, ("auto", "scan"))
+    unroll = _resolve_unroll(unroll)
     xs, carry = _prepare(cell, params, xs, carry, lengths)
-    return _scan_layer(cell.apply, params, carry, xs, lengths, reverse, _segment_length(checkpoint, xs.shape[-2]))
+    return _scan_layer(cell.apply, params, carry, xs, lengths, reverse, _segment_length(checkpoint, xs.shape[-2]),
+                       unroll)
 
 
-def gru(params, xs, *, carry=None, lengths=None, reverse: bool = False, impl: str = "auto", checkpoint=None):
+def gru(params, xs, *, carry=None, lengths=None, reverse: bool = False, impl: str = "auto", checkpoint=None,
+        unroll: int | None = None):
     """A GRU layer (params from ``jaxseq.cells.gru.init``) over ``xs`` ``[*batch, time, features]``.
 
     Arguments and results as ``lstm``; the carry is ``h`` ``[*batch, hidden]``. Only ``impl="scan"`` exists
-    (``"auto"`` selects it); ``checkpoint`` works as for ``lstm``.
+    (``"auto"`` selects it); ``checkpoint`` and ``unroll`` work as for ``lstm``.
     """
-    return _scan_only_layer(cells.gru, params, xs, carry, lengths, reverse, impl, checkpoint)
+    return _scan_only_layer(cells.gru, params, xs, carry, lengths, reverse, impl, checkpoint, unroll)
 
 
 def rnn(params, xs, *, carry=None, lengths=None, reverse: bool = False, impl: str = "auto", checkpoint=None,
-        activation: str = "tanh"):
+        activation: str = "tanh", unroll: int | None = None):
     """The chapter's simple RNN layer (params from ``jaxseq.cells.rnn.init``), tanh or relu.
 
     Arguments and results as ``lstm``; the carry is ``s`` ``[*batch, hidden]``. Only ``impl="scan"`` exists.
     """
     cell = cells.make_rnn(activation)
-    return _scan_only_layer(cell, params, xs, carry, lengths, reverse, impl, checkpoint)
+    return _scan_only_layer(cell, params, xs, carry, lengths, reverse, impl, checkpoint, unroll)
 
 
 def bidirectional(layer: Callable, params, xs, *, lengths=None, merge: str | None = "concat", carry=None,

@@ -64,6 +64,31 @@ def test_lstm_matches_unroll_values_and_gradients(key, impl, checkpoint, form, w
     assert_trees_close(actual, _EXPECTED[with_lengths, reverse])
 
 
+@pytest.mark.parametrize("impl,checkpoint", [("fused", None), ("fused", 3), ("scan", None)])
+def test_unroll_does_not_change_results(key, impl, checkpoint):
+    """``unroll`` steps per loop iteration (3 does not divide T = 7): same values and gradients."""
+    params, xs, carry, r = _inputs(key)
+    lengths = jnp.asarray(LENGTHS)
+    run = lambda k: (lambda p, x, c: layers.lstm(p, x, carry=c, lengths=lengths, reverse=True, impl=impl,
+                                                 checkpoint=checkpoint, unroll=k))
+    assert_trees_close(_value_and_grads(run(3), params, xs, carry, r), _value_and_grads(run(1), params, xs, carry, r))
+
+
+def test_unroll_default_follows_backend(key, monkeypatch):
+    """``unroll=None`` takes ``DEFAULT_UNROLL[backend]`` (16 on GPU), visible as the scans' ``unroll``."""
+    params, xs, _, _ = _inputs(key)
+
+    def scan_unrolls(**kwargs):
+        jaxpr = jax.make_jaxpr(lambda p, x: layers.lstm(p, x, **kwargs))(params, xs)
+        return {eqn.params["unroll"] for eqn in jaxpr.jaxpr.eqns if eqn.primitive.name == "scan"}
+
+    monkeypatch.setitem(layers.DEFAULT_UNROLL, jax.default_backend(), 5)
+    assert scan_unrolls(impl="scan") == {5}
+    assert scan_unrolls(impl="scan", unroll=2) == {2}
+    monkeypatch.delitem(layers.DEFAULT_UNROLL, jax.default_backend())
+    assert scan_unrolls(impl="scan") == {1}
+
+
 def test_lstm_outputs_and_default_carry(key):
     params, xs, _, _ = _inputs(key)
     lengths = jnp.asarray(LENGTHS)
@@ -199,6 +224,8 @@ def test_bad_arguments_raise_value_errors(key):
         layers.lstm(params, xs, checkpoint=0)
     with pytest.raises(ValueError, match="form"):
         layers.lstm(params, xs, form="fast")
+    with pytest.raises(ValueError, match="unroll"):
+        layers.lstm(params, xs, unroll=0)
     with pytest.raises(ValueError, match="impl"):
         layers.gru(cells.gru.init(key, I, H), xs, impl="fused")
     with pytest.raises(ValueError, match="features"):
