@@ -1,5 +1,8 @@
 """Thin Flax linen wrappers: parameters via ``self.param``, all maths in ``jaxseq.cells`` / ``jaxseq.scan``.
 
+Each layer runs through ``jaxseq.scan.layer``: the fused LSTM layer (``jaxseq.layers.lstm``) for ``cells.lstm``,
+the plain scan for other cells (``impl="scan"`` forces it).
+
 The cell's params live under one name (``"cell"``, ``"directions"`` = ``{"forward", "backward"}``, or ``"layers"``) in
 exactly the pure layout, so a wrapped model's params can be passed to the pure functions unchanged.
 """
@@ -20,9 +23,10 @@ class RNN(nn.Module):
     cell: Cell  # e.g. jaxseq.cells.lstm
     hidden_size: int
     reverse: bool = False  # padding-aware when lengths are given
-    unroll: int = 1
+    unroll: int | None = None  # steps per loop iteration; None: the layer's default (16 on GPU for the LSTM)
     time_major: bool = False
     param_dtype: Any = jnp.float32
+    impl: str = "auto"  # jaxseq.layers.lstm's impl for cells.lstm; "scan" for the plain loop
 
     @nn.compact
     def __call__(self, xs, *, lengths=None, initial_carry=None):
@@ -30,8 +34,8 @@ class RNN(nn.Module):
         if initial_carry is None:
             initial_carry = self.cell.init_carry(scan._batch_shape(xs, self.time_major), self.hidden_size,
                                                  self.param_dtype)
-        return scan.unroll(self.cell.apply, params, initial_carry, xs, lengths=lengths, reverse=self.reverse,
-                           unroll=self.unroll, time_major=self.time_major)
+        return scan.layer(self.cell, params, initial_carry, xs, lengths=lengths, reverse=self.reverse,
+                          unroll=self.unroll, time_major=self.time_major, impl=self.impl)
 
 
 class Bidirectional(nn.Module):
@@ -40,14 +44,16 @@ class Bidirectional(nn.Module):
     cell: Cell
     hidden_size: int
     merge: str | None = "concat"
-    unroll: int = 1
+    unroll: int | None = None
     param_dtype: Any = jnp.float32
+    impl: str = "auto"
 
     @nn.compact
     def __call__(self, xs, *, lengths=None):
         params = self.param("directions", lambda key: scan.init_bidirectional(self.cell, key, xs.shape[-1],
                                                                           self.hidden_size, self.param_dtype))
-        return scan.bidirectional(self.cell, params, xs, lengths=lengths, merge=self.merge, unroll=self.unroll)
+        return scan.bidirectional_layer(self.cell, params, xs, lengths=lengths, merge=self.merge, unroll=self.unroll,
+                                        impl=self.impl)
 
 
 class StackedRNN(nn.Module):
@@ -63,6 +69,7 @@ class StackedRNN(nn.Module):
     merge: str = "concat"
     dropout_rate: float = 0.0
     param_dtype: Any = jnp.float32
+    impl: str = "auto"
 
     @nn.compact
     def __call__(self, xs, *, lengths=None, deterministic: bool = True):
@@ -71,4 +78,4 @@ class StackedRNN(nn.Module):
             merge=self.merge, dtype=self.param_dtype))
         key = None if deterministic or self.dropout_rate == 0.0 else self.make_rng("dropout")
         return scan.stacked(self.cell, params, xs, lengths=lengths, bidirectional=self.bidirectional,
-                            merge=self.merge, dropout_rate=self.dropout_rate, key=key)
+                            merge=self.merge, dropout_rate=self.dropout_rate, key=key, impl=self.impl)

@@ -189,9 +189,6 @@ def bidirectional(cell: Cell, params, xs, *, lengths=None, merge: str | None = "
     return (c_f, c_b), merge_outputs(y_f, y_b, merge)
 
 
-_bidirectional = bidirectional  # `stacked` takes a flag named `bidirectional`.
-
-
 def init_stacked(cell: Cell, key, input_size: int, hidden_size: int, num_layers: int, *,
                  bidirectional: bool = False, merge: str = "concat", dtype=jnp.float32) -> list:
     """Params for ``stacked``: one entry per layer (``{"forward", "backward"}`` when bidirectional)."""
@@ -206,13 +203,50 @@ def init_stacked(cell: Cell, key, input_size: int, hidden_size: int, num_layers:
     return layers
 
 
+def layer(cell: Cell, params, carry, xs, *, lengths=None, reverse: bool = False, unroll: int | None = None,
+          time_major: bool = False, impl: str = "auto"):
+    """One recurrent layer, one direction, by the fastest path: what models and the Flax wrappers call.
+
+    For ``cells.lstm`` (batch-major, ``impl`` other than ``"scan"``) this is ``jaxseq.layers.lstm``, the fused
+    layer whose backward pass is the hand BPTT (``impl`` and ``unroll`` go to it; ``unroll=None`` is its
+    per-backend default). Any other cell, ``time_major`` or ``impl="scan"`` runs ``unroll`` over the cell, the
+    reference loop. Same arguments and results as ``unroll``.
+    """
+    from jaxseq import cells, layers  # layers builds on this module
+
+    if impl not in layers.IMPLS:
+        raise ValueError(f"impl must be one of {layers.IMPLS}, got {impl!r}")
+    if cell is cells.lstm and impl != "scan" and not time_major:
+        return layers.lstm(params, xs, carry=carry, lengths=lengths, reverse=reverse, impl=impl, unroll=unroll)
+    if impl not in ("auto", "scan"):
+        raise ValueError(f"impl={impl!r} exists for cells.lstm (batch-major) only; use 'auto' or 'scan'")
+    return _unroll(cell.apply, params, carry, xs, lengths=lengths, reverse=reverse, unroll=unroll or 1,
+                   time_major=time_major)
+
+
+def bidirectional_layer(cell: Cell, params, xs, *, lengths=None, merge: str | None = "concat", carry=None,
+                        unroll: int | None = None, time_major: bool = False, impl: str = "auto"):
+    """``bidirectional`` with each direction run by ``layer`` (the fused LSTM for ``cells.lstm``)."""
+    if merge not in MERGES:
+        raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
+    if carry is None:
+        batch_shape = _batch_shape(xs, time_major)
+        carry = tuple(cell.init_carry(batch_shape, params[d]["W"].shape[0], params[d]["W"].dtype)
+                      for d in ("forward", "backward"))
+    kwargs = dict(lengths=lengths, unroll=unroll, time_major=time_major, impl=impl)
+    c_f, y_f = layer(cell, params["forward"], carry[0], xs, reverse=False, **kwargs)
+    c_b, y_b = layer(cell, params["backward"], carry[1], xs, reverse=True, **kwargs)
+    return (c_f, c_b), merge_outputs(y_f, y_b, merge)
+
+
 def stacked(cell: Cell, layer_params: Sequence[Any], xs, *, lengths=None, bidirectional: bool = False,
-            merge: str = "concat", dropout_rate: float = 0.0, key=None, unroll: int = 1,
-            time_major: bool = False):
+            merge: str = "concat", dropout_rate: float = 0.0, key=None, unroll: int | None = None,
+            time_major: bool = False, impl: str = "auto"):
     """Stack recurrent layers, each reading the previous layer's outputs, with dropout between layers.
 
     Dropout (as PyTorch's ``nn.LSTM(dropout=...)``) applies to each layer's input except the first, so not
-    after the last layer. Pass ``key`` to enable it (training); ``key=None`` means deterministic.
+    after the last layer. Pass ``key`` to enable it (training); ``key=None`` means deterministic. Each layer
+    runs through ``layer``: the fused LSTM layer for ``cells.lstm`` (``impl="scan"`` for the plain loop).
 
     Returns:
       ``(final_carries, ys)``: a list with each layer's final carry and the last layer's outputs.
@@ -222,16 +256,16 @@ def stacked(cell: Cell, layer_params: Sequence[Any], xs, *, lengths=None, bidire
     if bidirectional and merge is None:
         raise ValueError("stacked bidirectional layers need a merge mode that gives one output, not None")
     carries, ys = [], xs
-    for layer, params in enumerate(layer_params):
-        if layer > 0 and dropout_rate > 0.0 and key is not None:
-            keep = jax.random.bernoulli(jax.random.fold_in(key, layer), 1.0 - dropout_rate, ys.shape)
+    for depth, params in enumerate(layer_params):
+        if depth > 0 and dropout_rate > 0.0 and key is not None:
+            keep = jax.random.bernoulli(jax.random.fold_in(key, depth), 1.0 - dropout_rate, ys.shape)
             ys = jnp.where(keep, ys / (1.0 - dropout_rate), jnp.zeros((), ys.dtype))
         if bidirectional:
-            carry, ys = _bidirectional(cell, params, ys, lengths=lengths, merge=merge, unroll=unroll,
-                                       time_major=time_major)
+            carry, ys = bidirectional_layer(cell, params, ys, lengths=lengths, merge=merge, unroll=unroll,
+                                            time_major=time_major, impl=impl)
         else:
             carry0 = cell.init_carry(_batch_shape(ys, time_major), params["W"].shape[0], params["W"].dtype)
-            carry, ys = _unroll(cell.apply, params, carry0, ys, lengths=lengths, unroll=unroll,
-                                  time_major=time_major)
+            carry, ys = layer(cell, params, carry0, ys, lengths=lengths, unroll=unroll, time_major=time_major,
+                              impl=impl)
         carries.append(carry)
     return carries, ys

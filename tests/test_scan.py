@@ -121,6 +121,25 @@ def test_stacked_layers_and_dropout_between_layers(key):
     assert ys_bi.shape == (2, T, 2 * H) and float(jnp.abs(ys_bi[1, 3:]).max()) == 0.0
 
 
+def test_layer_runs_the_fused_lstm_and_the_scan_for_other_cells(key):
+    """``scan.layer`` (what stacked, the nn wrappers and the models call) picks the fused LSTM layer."""
+    xs = jax.random.normal(key, (2, T, I))
+
+    def primitives(cell, **kwargs):
+        params = cell.init(key, I, H)
+        jaxpr = jax.make_jaxpr(lambda p, x: jaxseq.scan.layer(cell, p, cell.init_carry((2,), H), x, **kwargs))(
+            params, xs)
+        return {eqn.primitive.name for eqn in jaxpr.jaxpr.eqns}
+
+    assert "custom_vjp_call" in primitives(cells.lstm)
+    assert "scan" in primitives(cells.lstm, impl="scan") and "custom_vjp_call" not in primitives(cells.lstm, impl="scan")
+    assert "scan" in primitives(cells.gru)
+    with pytest.raises(ValueError, match="cells.lstm"):
+        primitives(cells.gru, impl="fused")
+    with pytest.raises(ValueError, match="impl"):
+        primitives(cells.lstm, impl="cuda")
+
+
 def test_lstm_forget_bias_and_initialisers(key):
     params = cells.lstm.init(key, I, H)
     np.testing.assert_array_equal(params["b"], jnp.concatenate([jnp.zeros(H), jnp.ones(H), jnp.zeros(2 * H)]))
