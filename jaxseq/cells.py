@@ -1,11 +1,13 @@
 """Pure recurrent cells: the chapter's RNN, LSTM and GRU as three pure functions each.
 
-A cell is ``Cell(init, init_carry, apply)``:
+A cell is ``Cell(init, init_carry, apply, kind)``:
 
 * ``init(key, input_size, hidden_size, dtype=float32) -> params`` (a dict of arrays),
 * ``init_carry(batch_shape, hidden_size, dtype=float32) -> carry`` (zeros),
 * ``apply(params, carry, x) -> (carry, y)``: one time step, exactly a ``lax.scan`` body once ``params``
   are bound. ``x`` is ``[*batch, input_size]`` with any number of leading batch dimensions (none too).
+* ``kind``: ``"lstm"`` for cells from ``make_lstm`` (their step is the standard LSTM, so ``jaxseq.scan.layer``
+  may run them as the fused layer ``jaxseq.layers.lstm``), ``"custom"`` (the default) otherwise.
 
 Parameter layout (one convention for every cell, row vectors so that a batch is one GEMM):
 
@@ -55,6 +57,7 @@ class Cell(NamedTuple):
     init: Callable[..., Params]
     init_carry: Callable[..., Any]
     apply: Callable[[Params, Any, jax.Array], tuple[Any, jax.Array]]
+    kind: str = "custom"  # "lstm": the standard LSTM step, which the fused layer may replace
 
 
 class LSTMState(NamedTuple):
@@ -136,7 +139,7 @@ def make_lstm(*, forget_bias: float = 1.0, kernel_init: Initializer = glorot_uni
         h = jax.nn.sigmoid(o) * jnp.tanh(c)
         return LSTMState(h, c), h
 
-    return Cell(init, init_carry, apply)
+    return Cell(init, init_carry, apply, "lstm")
 
 
 def make_gru(*, kernel_init: Initializer = glorot_uniform, recurrent_init: Initializer = orthogonal,

@@ -207,19 +207,20 @@ def layer(cell: Cell, params, carry, xs, *, lengths=None, reverse: bool = False,
           time_major: bool = False, impl: str = "auto"):
     """One recurrent layer, one direction, by the fastest path: what models and the Flax wrappers call.
 
-    For ``cells.lstm`` (batch-major, ``impl`` other than ``"scan"``) this is ``jaxseq.layers.lstm``, the fused
+    For an LSTM cell (``cell.kind == "lstm"``: ``cells.lstm`` or any ``cells.make_lstm``; batch-major input,
+    ``impl`` other than ``"scan"``) this is ``jaxseq.layers.lstm``, the fused
     layer whose backward pass is the hand BPTT (``impl`` and ``unroll`` go to it; ``unroll=None`` is its
     per-backend default). Any other cell, ``time_major`` or ``impl="scan"`` runs ``unroll`` over the cell, the
     reference loop. Same arguments and results as ``unroll``.
     """
-    from jaxseq import cells, layers  # layers builds on this module
+    from jaxseq import layers  # layers builds on this module
 
     if impl not in layers.IMPLS:
         raise ValueError(f"impl must be one of {layers.IMPLS}, got {impl!r}")
-    if cell is cells.lstm and impl != "scan" and not time_major:
+    if cell.kind == "lstm" and impl != "scan" and not time_major:
         return layers.lstm(params, xs, carry=carry, lengths=lengths, reverse=reverse, impl=impl, unroll=unroll)
     if impl not in ("auto", "scan"):
-        raise ValueError(f"impl={impl!r} exists for cells.lstm (batch-major) only; use 'auto' or 'scan'")
+        raise ValueError(f"impl={impl!r} exists for LSTM cells (batch-major) only; use 'auto' or 'scan'")
     return _unroll(cell.apply, params, carry, xs, lengths=lengths, reverse=reverse, unroll=unroll or 1,
                    time_major=time_major)
 

@@ -132,9 +132,10 @@ def test_layer_runs_the_fused_lstm_and_the_scan_for_other_cells(key):
         return {eqn.primitive.name for eqn in jaxpr.jaxpr.eqns}
 
     assert "custom_vjp_call" in primitives(cells.lstm)
+    assert "custom_vjp_call" in primitives(cells.make_lstm(forget_bias=0.0))  # any make_lstm cell
     assert "scan" in primitives(cells.lstm, impl="scan") and "custom_vjp_call" not in primitives(cells.lstm, impl="scan")
     assert "scan" in primitives(cells.gru)
-    with pytest.raises(ValueError, match="cells.lstm"):
+    with pytest.raises(ValueError, match="LSTM cells"):
         primitives(cells.gru, impl="fused")
     with pytest.raises(ValueError, match="impl"):
         primitives(cells.lstm, impl="cuda")

@@ -36,9 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxseq import decoding
+from jaxseq import decoding, scan
 from jaxseq.cells import LSTMState, make_lstm
-from jaxseq.scan import unroll
 
 VARIANTS = ("merge", "inject", "attention")
 
@@ -155,7 +154,7 @@ class CaptionModel(nn.Module):
             _, logits = step(self, state, tokens)
             return logits
         x = self._embed(tokens, deterministic)
-        _, hs = unroll(_lstm.apply, self.lstm, state["lstm"], x)
+        _, hs = scan.layer(_lstm, self.lstm, state["lstm"], x)  # the fused LSTM layer (hand-BPTT backward)
         image = state.get("image")
         return self._head(hs, None if image is None else image[:, None, :], deterministic)
 
