@@ -177,16 +177,9 @@ def bidirectional(cell: Cell, params, xs, *, lengths=None, merge: str | None = "
       ``((forward_final, backward_final), ys)``; the backward final carry is the state after each sequence's
       first element.
     """
-    if merge not in MERGES:
-        raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
-    if carry is None:
-        batch_shape = _batch_shape(xs, time_major)
-        carry = tuple(cell.init_carry(batch_shape, params[d]["W"].shape[0], params[d]["W"].dtype)
-                      for d in ("forward", "backward"))
-    kwargs = dict(lengths=lengths, unroll=unroll, time_major=time_major)
-    c_f, y_f = _unroll(cell.apply, params["forward"], carry[0], xs, reverse=False, **kwargs)
-    c_b, y_b = _unroll(cell.apply, params["backward"], carry[1], xs, reverse=True, **kwargs)
-    return (c_f, c_b), merge_outputs(y_f, y_b, merge)
+    # The reference loop for every cell: `bidirectional_layer` with each direction an `unroll`.
+    return bidirectional_layer(cell, params, xs, lengths=lengths, merge=merge, carry=carry, unroll=unroll,
+                               time_major=time_major, impl="scan")
 
 
 def init_stacked(cell: Cell, key, input_size: int, hidden_size: int, num_layers: int, *,
