@@ -284,8 +284,9 @@ def cpu_model():
 def main(argv=None) -> int:
     args, configs, impls, modes = parse_args(argv)
     if args.single_thread:
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
-                                   "intra_op_parallelism_threads=1").strip()
+        # XLA:CPU (jax 0.10) ignores --xla_cpu_multi_thread_eigen / intra_op_parallelism_threads and sizes its
+        # thread pool by the CPUs the process may run on: pin the process to one core before jax starts.
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
         args.torch_threads = 1
     import jax
 
