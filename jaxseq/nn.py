@@ -1,7 +1,7 @@
 """Thin Flax linen wrappers: parameters via ``self.param``, all maths in ``jaxseq.cells`` / ``jaxseq.scan``.
 
-Each layer runs through ``jaxseq.scan.layer``: the fused LSTM layer (``jaxseq.layers.lstm``) for ``cells.lstm``,
-the plain scan for other cells (``impl="scan"`` forces it).
+Each layer runs through ``jaxseq.scan.layer``: the fused LSTM layer (``jaxseq.layers.lstm``) for LSTM cells
+(``cells.lstm``, any ``cells.make_lstm``), the plain scan for other cells (``impl="scan"`` forces it).
 
 The cell's params live under one name (``"cell"``, ``"directions"`` = ``{"forward", "backward"}``, or ``"layers"``) in
 exactly the pure layout, so a wrapped model's params can be passed to the pure functions unchanged.
@@ -26,7 +26,7 @@ class RNN(nn.Module):
     unroll: int | None = None  # steps per loop iteration; None: the layer's default (16 on GPU for the LSTM)
     time_major: bool = False
     param_dtype: Any = jnp.float32
-    impl: str = "auto"  # jaxseq.layers.lstm's impl for cells.lstm; "scan" for the plain loop
+    impl: str = "auto"  # jaxseq.layers.lstm's impl for LSTM cells; "scan" for the plain loop
 
     @nn.compact
     def __call__(self, xs, *, lengths=None, initial_carry=None):

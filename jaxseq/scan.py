@@ -202,9 +202,10 @@ def layer(cell: Cell, params, carry, xs, *, lengths=None, reverse: bool = False,
 
     For an LSTM cell (``cell.kind == "lstm"``: ``cells.lstm`` or any ``cells.make_lstm``; batch-major input,
     ``impl`` other than ``"scan"``) this is ``jaxseq.layers.lstm``, the fused
-    layer whose backward pass is the hand BPTT (``impl`` and ``unroll`` go to it; ``unroll=None`` is its
-    per-backend default). Any other cell, ``time_major`` or ``impl="scan"`` runs ``unroll`` over the cell, the
-    reference loop. Same arguments and results as ``unroll``.
+    layer whose backward pass is the hand BPTT (``impl`` goes to it). Any other cell, ``time_major`` or
+    ``impl="scan"`` runs ``unroll`` over the cell, the reference loop. ``unroll=None`` means the per-backend
+    default steps per loop iteration (``jaxseq.layers.DEFAULT_UNROLL``: 16 on GPU, 1 elsewhere) on either path.
+    Same arguments and results as ``unroll``.
     """
     from jaxseq import layers  # layers builds on this module
 
@@ -214,13 +215,13 @@ def layer(cell: Cell, params, carry, xs, *, lengths=None, reverse: bool = False,
         return layers.lstm(params, xs, carry=carry, lengths=lengths, reverse=reverse, impl=impl, unroll=unroll)
     if impl not in ("auto", "scan"):
         raise ValueError(f"impl={impl!r} exists for LSTM cells (batch-major) only; use 'auto' or 'scan'")
-    return _unroll(cell.apply, params, carry, xs, lengths=lengths, reverse=reverse, unroll=unroll or 1,
-                   time_major=time_major)
+    return _unroll(cell.apply, params, carry, xs, lengths=lengths, reverse=reverse,
+                   unroll=layers._resolve_unroll(unroll), time_major=time_major)
 
 
 def bidirectional_layer(cell: Cell, params, xs, *, lengths=None, merge: str | None = "concat", carry=None,
                         unroll: int | None = None, time_major: bool = False, impl: str = "auto"):
-    """``bidirectional`` with each direction run by ``layer`` (the fused LSTM for ``cells.lstm``)."""
+    """``bidirectional`` with each direction run by ``layer`` (the fused LSTM for LSTM cells)."""
     if merge not in MERGES:
         raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
     if carry is None:
