@@ -201,9 +201,9 @@ def layer(cell: Cell, params, carry, xs, *, lengths=None, reverse: bool = False,
     """One recurrent layer, one direction, by the fastest path: what models and the Flax wrappers call.
 
     For an LSTM cell (``cell.kind == "lstm"``: ``cells.lstm`` or any ``cells.make_lstm``; batch-major input,
-    ``impl`` other than ``"scan"``) this is ``jaxseq.layers.lstm``, the fused
-    layer whose backward pass is the hand BPTT (``impl`` goes to it). Any other cell, ``time_major`` or
-    ``impl="scan"`` runs ``unroll`` over the cell, the reference loop. ``unroll=None`` means the per-backend
+    ``impl`` other than ``"scan"``) this is ``jaxseq.layers.lstm``, the fused layer whose backward pass is the
+    hand BPTT (``impl`` goes to it). Any other cell, ``time_major`` or ``impl="scan"`` runs ``unroll`` over the
+    cell, the reference loop. ``unroll=None`` means the per-backend
     default steps per loop iteration (``jaxseq.layers.DEFAULT_UNROLL``: 16 on GPU, 1 elsewhere) on either path.
     Same arguments and results as ``unroll``.
     """
@@ -241,7 +241,7 @@ def stacked(cell: Cell, layer_params: Sequence[Any], xs, *, lengths=None, bidire
 
     Dropout (as PyTorch's ``nn.LSTM(dropout=...)``) applies to each layer's input except the first, so not
     after the last layer. Pass ``key`` to enable it (training); ``key=None`` means deterministic. Each layer
-    runs through ``layer``: the fused LSTM layer for ``cells.lstm`` (``impl="scan"`` for the plain loop).
+    runs through ``layer``: the fused LSTM layer for LSTM cells (``impl="scan"`` for the plain loop).
 
     Returns:
       ``(final_carries, ys)``: a list with each layer's final carry and the last layer's outputs.
