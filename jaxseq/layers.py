@@ -418,16 +418,12 @@ def _run_fused(params, carry, xs, lengths, reverse, segment, form, steps_per_ite
 def _reverse_steps(a, lengths):
     """Reverse batch-major ``a`` ``[B, T, F]`` in time, inside each length when ``lengths`` is given.
 
-    Gathers along the time axis of ``a`` itself, not through a time-major transpose. On an H200 (jax 0.11.2)
-    the transposed form, fed to cuDNN under ``jit``, gave wrong outputs (max error 0.8; right in eager mode
-    and when the same input came from the host); this form matches ``unroll`` to 6e-8 there. The likely cause:
-    cuDNN's custom call puts no layout constraint on its operands, so XLA may hand it the transpose's layout.
+    Along ``a``'s own time axis, not through a time-major transpose: on an H200 (jax 0.11.2) the transposed
+    form, fed to cuDNN under ``jit``, gave wrong outputs (max error 0.8; right in eager mode and when the same
+    input came from the host), and this form matches ``unroll`` to 6e-8 there. The likely cause: cuDNN's custom
+    call puts no layout constraint on its operands, so XLA may hand it the transpose's layout.
     """
-    if lengths is None:
-        return jnp.flip(a, 1)
-    t = jnp.arange(a.shape[1])[None, :]
-    index = jnp.where(t < lengths[:, None], lengths[:, None] - 1 - t, t)
-    return jnp.take_along_axis(a, index[:, :, None], axis=1)
+    return jnp.flip(a, 1) if lengths is None else reverse_within_lengths(a, lengths, time_axis=1)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -81,17 +81,20 @@ def _mask_like(valid: jax.Array, leaf: jax.Array) -> jax.Array:
     return valid.reshape(valid.shape + (1,) * (leaf.ndim - valid.ndim))
 
 
-def reverse_within_lengths(xs_t: jax.Array, lengths: jax.Array) -> jax.Array:
-    """Reverse each sequence of a time-major ``[time, *batch, ...]`` array inside its own length.
+def reverse_within_lengths(xs: jax.Array, lengths: jax.Array, time_axis: int = 0) -> jax.Array:
+    """Reverse each sequence of ``xs`` inside its own length along ``time_axis``.
 
-    Position ``t < L`` maps to ``L - 1 - t``; padded positions stay where they are. The map is its own
-    inverse, so the same call un-reverses outputs.
+    ``time_axis=0``: time-major ``[time, *batch, ...]``; ``time_axis=1``: batch-major ``[batch, time, ...]``
+    with ``lengths`` ``[batch]``. Position ``t < L`` maps to ``L - 1 - t``; padded positions stay where they
+    are. The map is its own inverse, so the same call un-reverses outputs. Nothing is transposed: the gather
+    runs along the data's own time axis.
     """
-    num_steps = xs_t.shape[0]
-    t = jnp.arange(num_steps).reshape((num_steps,) + (1,) * lengths.ndim)
-    index = jnp.where(t < lengths, lengths - 1 - t, t)
-    index = index.reshape(index.shape + (1,) * (xs_t.ndim - index.ndim))
-    return jnp.take_along_axis(xs_t, index, axis=0)
+    num_steps = xs.shape[time_axis]
+    t = jnp.arange(num_steps).reshape([num_steps if d == time_axis else 1 for d in range(lengths.ndim + 1)])
+    lengths = jnp.expand_dims(lengths, time_axis)
+    index = jnp.where(t < lengths, lengths - 1 - t, t)  # [time, *batch] or [batch, time]
+    index = index.reshape(index.shape + (1,) * (xs.ndim - index.ndim))
+    return jnp.take_along_axis(xs, index, axis=time_axis)
 
 
 def unroll(apply: Callable, params, carry, xs, *, lengths=None, reverse: bool = False, unroll: int = 1,
@@ -209,8 +212,7 @@ def layer(cell: Cell, params, carry, xs, *, lengths=None, reverse: bool = False,
     """
     from jaxseq import layers  # layers builds on this module
 
-    if impl not in layers.IMPLS:
-        raise ValueError(f"impl must be one of {layers.IMPLS}, got {impl!r}")
+    layers._check_impl(impl)
     if cell.kind == "lstm" and impl != "scan" and not time_major:
         return layers.lstm(params, xs, carry=carry, lengths=lengths, reverse=reverse, impl=impl, unroll=unroll)
     if impl not in ("auto", "scan"):
