@@ -37,9 +37,11 @@ import sys
 import time
 import traceback
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # jaxseq from this checkout
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.join(_HERE, ".."), _HERE]  # jaxseq from this checkout; bench_lstm beside this file
 
-CONFIGS = [(64, 34, 200, 256), (128, 100, 256, 512), (32, 500, 64, 128), (1, 100, 128, 256)]
+from bench_lstm import CONFIGS, flops  # noqa: E402 - the CPU benchmark's shapes and FLOP count
+
 PRECISIONS = ("fp32", "tf32", "bf16")
 IMPLS = ("scan", "fused", "cudnn", "torch")
 MODES = ("train", "forward")
@@ -67,12 +69,6 @@ def parse_args(argv=None):
         if not set(got) <= set(allowed):
             p.error(f"--{name} must be a subset of {allowed}, got {got}")
     return args
-
-
-def flops(B, T, I, H, mode):
-    """THEORY.md §3: forward 8·B·T·H·(I+H); a training step (forward + backward) is 3× that."""
-    forward = 8 * B * T * H * (I + H)
-    return forward if mode == "forward" else 3 * forward
 
 
 @contextlib.contextmanager
