@@ -46,7 +46,7 @@ class TourConfig:
     forecast_epochs: int = 10
     caption_epochs: int = 6
     caption_images: int = 1200
-    translate_epochs: int = 6  # 39-45 s per score function on 2 CPU cores: dev BLEU 4-7 with attention, 3 without
+    translate_epochs: int = 6  # 37-45 s per score function on 2 CPU cores: dev BLEU 4-7 with attention, 3 without
     translate_max_len: int = 10  # Tatoeba pairs up to this many tokens
     attention: tuple = SCORE_FUNCTIONS
     speed_configs: str = "1:100:128:256"  # B:T:I:H shapes for bench_lstm.py
