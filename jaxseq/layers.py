@@ -42,7 +42,8 @@ from jax.custom_derivatives import SymbolicZero
 
 from jaxseq import bptt, cells
 from jaxseq.cells import LSTMState
-from jaxseq.scan import _batch_shape, check_sequence_inputs, merge_outputs, reverse_within_lengths, unroll
+from jaxseq.scan import (_batch_shape, check_sequence_inputs, merge_outputs, reverse_within_lengths, sum_like,
+                         unroll, vary_like)
 
 IMPLS = ("auto", "scan", "fused", "cudnn")
 # How the fused forward forms z_t = x_t U + h_{t-1} W + b (see `_choose_form`):
@@ -142,7 +143,7 @@ def _scan_layer(apply: Callable, params, carry, xs, lengths, reverse: bool, segm
 
         return lax.scan(step, c, (x_seg, k * segment + jnp.arange(segment)), unroll=steps_per_iteration)
 
-    carry, ys = lax.scan(run_segment, carry, (xs_seg, jnp.arange(n)))
+    carry, ys = lax.scan(run_segment, vary_like(carry, params, xs_seg, lengths), (xs_seg, jnp.arange(n)))
     ys = ys.reshape(n * segment, *ys.shape[2:])[:num_steps]
     if reverse:
         ys = reverse_within_lengths(ys, lengths)
@@ -199,7 +200,7 @@ def _forward_loop(form: str, U, W, b, h0, c0, xs_t, valid_t, save: bool, steps_p
         out = (y, gates, c_new) if save else y
         return (h_new, c_new), out
 
-    (h, c), out = lax.scan(step, (h0, c0), inputs if valid_t is None else (inputs, valid_t),
+    (h, c), out = lax.scan(step, vary_like((h0, c0), U, W, b, xs_t, valid_t), inputs if valid_t is None else (inputs, valid_t),
                            unroll=steps_per_iteration)
     if save:
         ys, gates, cs = out
@@ -238,7 +239,7 @@ def _backward_loop(WT, gates, cs, c0, dys, valid_t, dh, dc, steps_per_iteration:
         return (dh_new, dc_new), dz_parts
 
     inputs = (*gates, cs, c_prev, dys) + (() if valid_t is None else (valid_t,))
-    (dh, dc), dz_parts = lax.scan(step, (dh, dc), inputs, reverse=True, unroll=steps_per_iteration)
+    (dh, dc), dz_parts = lax.scan(step, vary_like((dh, dc), WT, inputs), inputs, reverse=True, unroll=steps_per_iteration)
     return dh, dc, jnp.concatenate(dz_parts, axis=-1)
 
 
@@ -296,14 +297,14 @@ def _fused_lstm_fwd(form, segment, per_iter, U, W, b, h0, c0, xs, lengths):
     # With symbolic zeros each primal arrives as (value, perturbed): the backward pass skips the input
     # gradient GEMM (a [T, B, I] buffer) when nobody differentiates with respect to xs.
     want_dxs = () if xs.perturbed else None
-    U, W, b, h0, c0, xs = (a.value for a in (U, W, b, h0, c0, xs))
+    primals = U, W, b, h0, c0, xs = tuple(a.value for a in (U, W, b, h0, c0, xs))
     lengths = None if lengths is None else lengths.value
     num_steps = xs.shape[1]
     if segment is None:
         xs_t = jnp.moveaxis(xs, 1, 0)
         valid_t = _valid(lengths, num_steps)
         h, c, ys, (gates, cs) = _forward_loop(form, U, W, b, h0, c0, xs_t, valid_t, True, per_iter)
-        return (h, c, jnp.moveaxis(ys, 0, 1)), (U, W, h0, c0, xs_t, lengths, ys, gates, cs, want_dxs)
+        return (h, c, jnp.moveaxis(ys, 0, 1)), (primals, (xs_t, lengths, ys, gates, cs, want_dxs))
     # Checkpointed: keep the carry at each segment start, nothing else per step.
     n = -(-num_steps // segment)
     if lengths is None and n * segment != num_steps:
@@ -315,8 +316,8 @@ def _fused_lstm_fwd(form, segment, per_iter, U, W, b, h0, c0, xs, lengths):
         h, c, ys, _ = _forward_loop(form, U, W, b, *carry, _time_slice(xs, k, segment), valid, False, per_iter)
         return (h, c), (carry, ys)
 
-    (h, c), (starts, ys) = lax.scan(run_segment, (h0, c0), jnp.arange(n))
-    return (h, c, _from_segments(ys, num_steps)), (U, W, b, starts, xs, lengths, want_dxs)
+    (h, c), (starts, ys) = lax.scan(run_segment, vary_like((h0, c0), U, W, b, xs, lengths), jnp.arange(n))
+    return (h, c, _from_segments(ys, num_steps)), (primals, (starts, xs, lengths, want_dxs))
 
 
 def _instantiate(ct, shape, dtype):
@@ -324,13 +325,18 @@ def _instantiate(ct, shape, dtype):
 
 
 def _fused_lstm_bwd(form, segment, per_iter, res, cotangents):
-    U, W = res[0], res[1]
+    primals, res = res
+    return sum_like(_fused_lstm_grads(form, segment, per_iter, primals, res, cotangents), (*primals, None))
+
+
+def _fused_lstm_grads(form, segment, per_iter, primals, res, cotangents):
+    U, W, b, h0, c0, _ = primals
     if segment is None:
-        U, W, h0, c0, xs_t, lengths, ys, gates, cs, want_dxs = res
+        xs_t, lengths, ys, gates, cs, want_dxs = res
         num_steps, batch = xs_t.shape[:2]
     else:
-        U, W, b, starts, xs, lengths, want_dxs = res
-        batch, num_steps = starts[0].shape[1], None
+        starts, xs, lengths, want_dxs = res
+        batch = xs.shape[0]
     hidden, dtype = W.shape[0], W.dtype
     dh, dc = (_instantiate(ct, (batch, hidden), dtype) for ct in cotangents[:2])
     if segment is None:
@@ -357,7 +363,8 @@ def _fused_lstm_bwd(form, segment, per_iter, res, cotangents):
         return (dh, dc, dU + gU, dW + gW, db + gb), dx
 
     zeros = (jnp.zeros_like(U), jnp.zeros_like(W), jnp.zeros_like(b))
-    (dh0, dc0, dU, dW, db), dxs = lax.scan(segment_bwd, (dh, dc, *zeros), (*starts, jnp.arange(n)),
+    init = vary_like((dh, dc, *zeros), U, W, b, starts, xs, dys, lengths)
+    (dh0, dc0, dU, dW, db), dxs = lax.scan(segment_bwd, init, (*starts, jnp.arange(n)),
                                            reverse=True)
     if want_dxs is not None:
         dxs = _from_segments(dxs, num_steps)

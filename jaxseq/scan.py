@@ -97,6 +97,49 @@ def reverse_within_lengths(xs: jax.Array, lengths: jax.Array, time_axis: int = 0
     return jnp.take_along_axis(xs, index, axis=time_axis)
 
 
+def _varying_axes(x) -> frozenset:
+    """The ``shard_map`` mesh axes along which ``x`` varies (empty outside ``shard_map``)."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "mat", None)  # jax >= 0.10; earlier releases name the set ``vma``
+    return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
+
+
+def vary_like(tree, *refs):
+    """``tree`` with every leaf made to vary over the ``shard_map`` mesh axes that any leaf of ``refs`` varies over.
+
+    Inside ``shard_map`` a scan's carry must enter with the same varying axes it leaves with. A zero initial carry
+    (or a zero cotangent) is invariant, while a step that reads batch-sharded inputs makes it vary, so scan would
+    reject it; this casts the initial carry up front. Outside ``shard_map`` nothing varies and ``tree`` comes back
+    unchanged.
+    """
+    axes = frozenset().union(*(_varying_axes(leaf) for leaf in jax.tree_util.tree_leaves(refs)))
+    if not axes:
+        return tree
+
+    def cast(leaf):
+        missing = tuple(sorted(axes - _varying_axes(leaf)))
+        return lax.pcast(leaf, missing, to="varying") if missing else leaf
+
+    return jax.tree_util.tree_map(cast, tree)
+
+
+
+def sum_like(cotangents, primals):
+    """Sum each cotangent over the ``shard_map`` axes it varies over and its primal does not.
+
+    A custom VJP's backward pass must return cotangents typed like its primal inputs. Inside ``shard_map`` a
+    replicated (invariant) weight meets per-shard data, so its cotangent comes out per-shard; its gradient is
+    the sum over the shards, which is what autodiff's transpose of the implicit broadcast gives too. ``None``
+    cotangents (non-differentiable inputs) pass through.
+    """
+    def reduce(ct, primal):
+        if ct is None:
+            return None
+        extra = tuple(sorted(_varying_axes(ct) - _varying_axes(primal)))
+        return lax.psum(ct, extra) if extra else ct
+
+    return tuple(reduce(ct, primal) for ct, primal in zip(cotangents, primals))
+
 def unroll(apply: Callable, params, carry, xs, *, lengths=None, reverse: bool = False, unroll: int = 1,
            time_major: bool = False):
     """Run ``apply(params, carry, x_t) -> (carry, y_t)`` over the time axis of ``xs`` with ``lax.scan``.
@@ -120,6 +163,7 @@ def unroll(apply: Callable, params, carry, xs, *, lengths=None, reverse: bool = 
     xs = jnp.asarray(xs)
     check_sequence_inputs(params, carry, xs, lengths, time_major=time_major)
     xs_t = xs if time_major else jnp.moveaxis(xs, -2, 0)
+    carry = vary_like(carry, params, xs, lengths)
 
     if lengths is None:
         carry, ys = lax.scan(lambda c, x: apply(params, c, x), carry, xs_t, reverse=reverse, unroll=unroll)

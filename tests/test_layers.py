@@ -1,4 +1,6 @@
 """Layer functions (jaxseq.layers): every implementation equals jaxseq.unroll, values and gradients."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -119,6 +121,36 @@ def test_fused_lstm_gradients_under_vmap(key):
     ref = jax.grad(lambda p, x: jnp.sum(unroll(cells.lstm.apply, p, cells.lstm.init_carry((), H), x)[1] * r[0]))
     assert_trees_close(jax.vmap(grad, in_axes=(None, 0))(params, xs), jax.vmap(ref, in_axes=(None, 0))(params, xs))
 
+
+
+@pytest.mark.parametrize("layer,impl,checkpoint", [("lstm", "fused", None), ("lstm", "fused", 3), ("lstm", "scan", None),
+                                                   ("gru", "scan", 3)])
+def test_layers_inside_shard_map(key, layer, impl, checkpoint):
+    """Batch-sharded inside ``shard_map`` with the default (zero, replicated) carry: same values and gradients.
+
+    The zero carry is invariant across the mesh while the sharded inputs vary; scan and the custom VJP reject
+    that mismatch unless the layer casts the carry and sums the replicated weights' cotangents. The type check
+    runs on a one-device mesh too, so this needs no extra devices.
+    """
+    cell = {"lstm": cells.lstm, "gru": cells.gru}[layer]
+    params, xs, _, r = _inputs(key, cell)
+    lengths = jnp.asarray(LENGTHS)
+    run = functools.partial(getattr(layers, layer), lengths=lengths, reverse=True, impl=impl, checkpoint=checkpoint)
+
+    def loss(p, x, lengths, r):
+        final, ys = run(p, x, lengths=lengths)
+        return jnp.sum(ys * r) + sum(jnp.sum(jnp.sin(leaf)) for leaf in jax.tree_util.tree_leaves(final))
+
+    def per_shard(p, x, n, r):
+        value, grads = jax.value_and_grad(loss, argnums=(0, 1))(p, x, n, r)
+        return jax.lax.psum(value, "batch"), grads  # the parameter gradient comes out summed already
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("batch",))
+    spec = jax.sharding.PartitionSpec
+    sharded = jax.shard_map(per_shard, mesh=mesh, in_specs=(spec(), spec("batch"), spec("batch"), spec("batch")),
+                            out_specs=(spec(), (spec(), spec("batch"))))
+    assert_trees_close(jax.jit(sharded)(params, xs, lengths, r),
+                       jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, xs, lengths, r))
 
 @pytest.mark.parametrize("impl,checkpoint", [("fused", None), ("fused", "sqrt")])
 def test_bidirectional_lstm_matches_scan_bidirectional(key, impl, checkpoint):
