@@ -170,8 +170,7 @@ def _forward_loop(form: str, U, W, b, h0, c0, xs_t, valid_t, save: bool, steps_p
     """
     hidden = W.shape[0]
     if form == "hoist":
-        num_steps, batch = xs_t.shape[:2]
-        projected = (xs_t.reshape(num_steps * batch, -1) @ U + b).reshape(num_steps, batch, 4 * hidden)
+        projected = xs_t @ U + b  # [T, B, 4H]; no reshape that merges (and so would gather) a sharded batch
         inputs = tuple(jnp.split(projected, 4, axis=-1))
     else:
         inputs = xs_t
@@ -244,8 +243,17 @@ def _backward_loop(WT, gates, cs, c0, dys, valid_t, dh, dc, steps_per_iteration:
 
 
 def _gemm_t(a, b):
-    """``Σ_t a_tᵀ b_t`` for time-major ``[T, B, m]`` and ``[T, B, n]``: one GEMM over all ``T·B`` rows."""
-    return a.reshape(-1, a.shape[-1]).T @ b.reshape(-1, b.shape[-1])
+    """``Σ_t a_tᵀ b_t`` for time-major ``[T, B, m]`` and ``[T, B, n]``: one GEMM over all ``T·B`` rows.
+
+    On one device the operands are reshaped to ``[T·B, m]`` (free for time-major arrays). With several devices
+    the batch may be sharded, and merging a sharded batch into the rows made GSPMD gather every activation onto
+    every device and repeat the GEMM there; a contraction over (T, B) lets each device contract its own rows
+    and adds the partial sums instead. On one device that form costs XLA:CPU a transposed copy of ``a``
+    (1.0-1.2x the GEMM's time at the benchmark shapes), so it is kept for the multi-device case.
+    """
+    if jax.device_count() == 1:
+        return a.reshape(-1, a.shape[-1]).T @ b.reshape(-1, b.shape[-1])
+    return lax.dot_general(a, b, (((0, 1), (0, 1)), ((), ())))
 
 
 def _weight_grads(xs_t, h_prev, dz):

@@ -1,5 +1,10 @@
 """Layer functions (jaxseq.layers): every implementation equals jaxseq.unroll, values and gradients."""
 import functools
+import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -151,6 +156,48 @@ def test_layers_inside_shard_map(key, layer, impl, checkpoint):
                             out_specs=(spec(), (spec(), spec("batch"))))
     assert_trees_close(jax.jit(sharded)(params, xs, lengths, r),
                        jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, xs, lengths, r))
+
+
+BATCH_SHARDED = textwrap.dedent("""
+    import json, re
+    import jax, jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+    from jaxseq import cells, layers
+    jax.config.update("jax_num_cpu_devices", 2)
+    B, T, I, H = 4, 6, 3, 5
+    params = cells.lstm.init(jax.random.PRNGKey(0), I, H)
+    xs = jax.random.normal(jax.random.PRNGKey(1), (B, T, I))
+    r = jax.random.normal(jax.random.PRNGKey(2), (B, T, H))
+    lengths = jnp.array([6, 2, 0, 5])
+    def grads(impl, checkpoint=None):
+        loss = lambda p, x, n: jnp.sum(layers.lstm(p, x, lengths=n, impl=impl, checkpoint=checkpoint)[1] * r)
+        return jax.jit(jax.grad(loss))
+    shard = NamedSharding(jax.sharding.Mesh(jax.devices(), ("batch",)), PartitionSpec("batch"))
+    out = {}
+    for checkpoint in (None, 3):
+        step = grads("fused", checkpoint)
+        args = (params, jax.device_put(xs, shard), jax.device_put(lengths, shard))
+        hlo = step.lower(*args).compile().as_text()
+        out[str(checkpoint)] = {"gathers": len(re.findall(r"all-gather", hlo)),
+                                "error": max(float(jnp.max(jnp.abs(a - b))) for a, b in
+                                             zip(jax.tree.leaves(step(*args)),
+                                                 jax.tree.leaves(grads("scan")(params, xs, lengths))))}
+    print(json.dumps(out))
+""")
+
+
+def test_fused_lstm_batch_sharded_over_two_devices():
+    """Data parallel (GSPMD, as jaxseq.training shards a batch): right gradients, and no activation gathers.
+
+    Merging a sharded batch into the weight-gradient GEMM's rows once made every device gather all the
+    activations and repeat the GEMM.
+    """
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", BATCH_SHARDED], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for checkpoint, result in json.loads(proc.stdout.strip().splitlines()[-1]).items():
+        assert result["gathers"] == 0, (checkpoint, result)
+        assert result["error"] < 1e-5, (checkpoint, result)
 
 @pytest.mark.parametrize("impl,checkpoint", [("fused", None), ("fused", "sqrt")])
 def test_bidirectional_lstm_matches_scan_bidirectional(key, impl, checkpoint):
