@@ -39,7 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--configs", default="0,1,2,3",
                    help="comma-separated indices into %s, or B:T:I:H shapes" % (CONFIGS,))
     p.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {IMPLS}; also "
-                   "jaxseq-<form> (hoist|step|concat) and jaxseq-ckpt (checkpoint='sqrt') for tuning")
+                   "jaxseq-<form> (hoist|step|concat), jaxseq-ckpt (checkpoint='sqrt') and jaxseq-dp (batch sharded "
+                   "over --cpu-devices devices)")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
     p.add_argument("--repeats", type=int, default=9, help="timed samples per implementation (median, min)")
     p.add_argument("--min-sample-s", type=float, default=0.1, help="each sample repeats the call to last this long")
@@ -47,6 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--single-thread", action="store_true",
                    help="run XLA and torch on one thread each (set before jax starts); with the CPU-time column "
                         "this gives comparable figures on a machine shared with other jobs")
+    p.add_argument("--cpu-devices", type=int, default=1,
+                   help="split the CPU into this many JAX devices (jax_num_cpu_devices); the jaxseq-dp rows shard "
+                        "the batch over them, the way jaxseq.training uses several devices")
     p.add_argument("--products", action="store_true",
                    help="also time the step's matrix products alone (recurrent chains and the big GEMMs)")
     args = p.parse_args(argv)
@@ -92,6 +96,8 @@ def build_jax_family(name, B, T, I, H, modes):
         variant = name.split("-", 1)[1] if "-" in name else None
         if variant == "ckpt":
             kwargs["checkpoint"] = "sqrt"
+        elif variant == "dp":
+            x, r = shard_batch(x), shard_batch(r)
         elif variant is not None:
             kwargs.update(impl="fused", form=variant)
 
@@ -129,6 +135,18 @@ def build_jax_family(name, B, T, I, H, modes):
     if "forward" in modes:
         fns["forward"] = lambda: jax.block_until_ready(forward(params, x))
     return fns
+
+
+def shard_batch(a):
+    """``a`` split along its batch axis over every local device (``--cpu-devices``), as jaxseq.training does."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    devices = jax.devices()
+    if a.shape[0] % len(devices):
+        raise ValueError(f"jaxseq-dp: batch {a.shape[0]} does not split over {len(devices)} devices")
+    mesh = jax.sharding.Mesh(devices, ("batch",))
+    return jax.device_put(a, NamedSharding(mesh, PartitionSpec("batch")))
 
 
 def build_torch(B, T, I, H, modes):
@@ -290,6 +308,8 @@ def main(argv=None) -> int:
         args.torch_threads = 1
     import jax
 
+    if args.cpu_devices > 1:
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     if "torch" in impls:
         import torch
 
@@ -297,7 +317,8 @@ def main(argv=None) -> int:
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), CPU {cpu_model()}, "
           f"{os.cpu_count()} logical cores, load average {os.getloadavg()}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()))
-    print(f"torch threads {args.torch_threads}; repeats {args.repeats}; impls {impls}; modes {modes}")
+    print(f"torch threads {args.torch_threads}; JAX devices {jax.device_count()}; repeats {args.repeats}; "
+          f"impls {impls}; modes {modes}")
     peak = peak_matmul(args.repeats, args.torch_threads)
     print("peak fp32 matmul (1024², best of repeats, per wall-s and per cpu-s): "
           + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peak.items()))
