@@ -195,8 +195,8 @@ def lstm_step_backward(gates, tanh_c, c_prev, dh, dc_next):
 def lstm_step_backward_parts(gates, tanh_c, c_prev, dh, dc_next):
     """``lstm_step_backward`` with ``δz_t`` as its four gate parts ``(δz_i, δz_f, δz_g, δz_o)``, each ``[*batch, H]``.
 
-    The fused layer keeps the parts apart: on XLA:CPU a loop step that slices one ``[B, 4H]`` block into gates
-    runs slower than one that reads four ``[B, H]`` arrays (benchmarks/RESULTS.md).
+    The fused layer reads the gates as four arrays: on XLA:CPU a loop step that slices one ``[B, 4H]`` block
+    into gates runs slower than one that reads four ``[B, H]`` arrays (benchmarks/RESULTS.md).
     """
     i, f, g, o = gates
     dc = dc_next + dh * o * (1.0 - tanh_c * tanh_c)

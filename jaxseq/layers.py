@@ -199,8 +199,8 @@ def _forward_loop(form: str, U, W, b, h0, c0, xs_t, valid_t, save: bool, steps_p
         out = (y, gates, c_new) if save else y
         return (h_new, c_new), out
 
-    (h, c), out = lax.scan(step, vary_like((h0, c0), U, W, b, xs_t, valid_t), inputs if valid_t is None else (inputs, valid_t),
-                           unroll=steps_per_iteration)
+    scanned = inputs if valid_t is None else (inputs, valid_t)
+    (h, c), out = lax.scan(step, vary_like((h0, c0), U, W, b, scanned), scanned, unroll=steps_per_iteration)
     if save:
         ys, gates, cs = out
         return h, c, ys, (gates, cs)
@@ -229,17 +229,18 @@ def _backward_loop(WT, gates, cs, c0, dys, valid_t, dh, dc, steps_per_iteration:
         else:
             (*step_gates, c, cp, dy), valid = inp, None
         dz_parts, dc_new = bptt.lstm_step_backward_parts(step_gates, jnp.tanh(c), cp, dh + dy, dc)
-        dh_new = jnp.concatenate(dz_parts, axis=-1) @ WT
-        if valid is not None:
-            keep = valid[:, None]
-            dz_parts = tuple(jnp.where(keep, part, jnp.zeros((), part.dtype)) for part in dz_parts)
-            dh_new = jnp.where(keep, dh_new, dh)
-            dc_new = jnp.where(keep, dc_new, dc)
-        return (dh_new, dc_new), dz_parts
+        # One [B, 4H] block feeds the product and is the step's only output: on XLA:CPU emitting the four parts
+        # as four outputs (four per-step writes, and a concatenate after the loop) took 1.3x the loop's time.
+        dz = jnp.concatenate(dz_parts, axis=-1)
+        if valid is None:
+            return (dz @ WT, dc_new), dz
+        keep = valid[:, None]
+        dz = jnp.where(keep, dz, jnp.zeros((), dz.dtype))
+        return (jnp.where(keep, dz @ WT, dh), jnp.where(keep, dc_new, dc)), dz
 
     inputs = (*gates, cs, c_prev, dys) + (() if valid_t is None else (valid_t,))
-    (dh, dc), dz_parts = lax.scan(step, vary_like((dh, dc), WT, inputs), inputs, reverse=True, unroll=steps_per_iteration)
-    return dh, dc, jnp.concatenate(dz_parts, axis=-1)
+    (dh, dc), dz = lax.scan(step, vary_like((dh, dc), WT, inputs), inputs, reverse=True, unroll=steps_per_iteration)
+    return dh, dc, dz
 
 
 def _gemm_t(a, b):
