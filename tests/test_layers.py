@@ -172,22 +172,29 @@ BATCH_SHARDED = textwrap.dedent("""
     def grads(impl, checkpoint=None):
         loss = lambda p, x, n: jnp.sum(layers.lstm(p, x, lengths=n, impl=impl, checkpoint=checkpoint)[1] * r)
         return jax.jit(jax.grad(loss))
-    shard = NamedSharding(jax.sharding.Mesh(jax.devices(), ("batch",)), PartitionSpec("batch"))
+    mesh = jax.sharding.Mesh(jax.devices(), ("batch",))
+    shard = NamedSharding(mesh, PartitionSpec("batch"))
+    expected = jax.tree.leaves(grads("scan")(params, xs, lengths))
+    error = lambda actual: max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(actual), expected))
     out = {}
     for checkpoint in (None, 3):
         step = grads("fused", checkpoint)
         args = (params, jax.device_put(xs, shard), jax.device_put(lengths, shard))
         hlo = step.lower(*args).compile().as_text()
-        out[str(checkpoint)] = {"gathers": len(re.findall(r"all-gather", hlo)),
-                                "error": max(float(jnp.max(jnp.abs(a - b))) for a, b in
-                                             zip(jax.tree.leaves(step(*args)),
-                                                 jax.tree.leaves(grads("scan")(params, xs, lengths))))}
+        # The same inside shard_map: each device's half, the replicated weights' gradients summed over both.
+        spec = PartitionSpec("batch")
+        per_shard = jax.shard_map(lambda p, x, n, r: jax.grad(lambda p: jnp.sum(
+            layers.lstm(p, x, lengths=n, impl="fused", checkpoint=checkpoint)[1] * r))(p),
+            mesh=mesh, in_specs=(PartitionSpec(), spec, spec, spec), out_specs=PartitionSpec())
+        out[str(checkpoint)] = {"gathers": len(re.findall(r"all-gather", hlo)), "error": error(step(*args)),
+                                "shard_map error": error(jax.jit(per_shard)(params, xs, lengths, r))}
     print(json.dumps(out))
 """)
 
 
 def test_fused_lstm_batch_sharded_over_two_devices():
-    """Data parallel (GSPMD, as jaxseq.training shards a batch): right gradients, and no activation gathers.
+    """Data parallel over two devices, by GSPMD (as jaxseq.training shards a batch) and by shard_map: right
+    gradients, and no activation gathers.
 
     Merging a sharded batch into the weight-gradient GEMM's rows once made every device gather all the
     activations and repeat the GEMM.
@@ -197,7 +204,7 @@ def test_fused_lstm_batch_sharded_over_two_devices():
     assert proc.returncode == 0, proc.stderr[-3000:]
     for checkpoint, result in json.loads(proc.stdout.strip().splitlines()[-1]).items():
         assert result["gathers"] == 0, (checkpoint, result)
-        assert result["error"] < 1e-5, (checkpoint, result)
+        assert result["error"] < 1e-5 and result["shard_map error"] < 1e-5, (checkpoint, result)
 
 @pytest.mark.parametrize("impl,checkpoint", [("fused", None), ("fused", "sqrt")])
 def test_bidirectional_lstm_matches_scan_bidirectional(key, impl, checkpoint):
