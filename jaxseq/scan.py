@@ -100,7 +100,7 @@ def reverse_within_lengths(xs: jax.Array, lengths: jax.Array, time_axis: int = 0
 def _varying_axes(x) -> frozenset:
     """The ``shard_map`` mesh axes along which ``x`` varies (empty outside ``shard_map``)."""
     aval = jax.typeof(x)
-    manual = getattr(aval, "mat", None)  # jax >= 0.10; earlier releases name the set ``vma``
+    manual = getattr(aval, "mat", None)  # this jax (0.10); older releases keep the set in ``aval.vma``
     return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
 
 
@@ -123,7 +123,6 @@ def vary_like(tree, *refs):
     return jax.tree_util.tree_map(cast, tree)
 
 
-
 def sum_like(cotangents, primals):
     """Sum each cotangent over the ``shard_map`` axes it varies over and its primal does not.
 
@@ -139,6 +138,7 @@ def sum_like(cotangents, primals):
         return lax.psum(ct, extra) if extra else ct
 
     return tuple(reduce(ct, primal) for ct, primal in zip(cotangents, primals))
+
 
 def unroll(apply: Callable, params, carry, xs, *, lengths=None, reverse: bool = False, unroll: int = 1,
            time_major: bool = False):
