@@ -306,14 +306,17 @@ def _fused_lstm_fwd(form, segment, per_iter, U, W, b, h0, c0, xs, lengths):
     # With symbolic zeros each primal arrives as (value, perturbed): the backward pass skips the input
     # gradient GEMM (a [T, B, I] buffer) when nobody differentiates with respect to xs.
     want_dxs = () if xs.perturbed else None
-    primals = U, W, b, h0, c0, xs = tuple(a.value for a in (U, W, b, h0, c0, xs))
+    U, W, b, h0, c0, xs = (a.value for a in (U, W, b, h0, c0, xs))
+    # Kept for the backward pass; with the (time-major or padded) inputs saved below they also carry the
+    # primals' shard_map types, which `sum_like` matches the cotangents to.
+    params_and_carry = (U, W, b, h0, c0)
     lengths = None if lengths is None else lengths.value
     num_steps = xs.shape[1]
     if segment is None:
         xs_t = jnp.moveaxis(xs, 1, 0)
         valid_t = _valid(lengths, num_steps)
         h, c, ys, (gates, cs) = _forward_loop(form, U, W, b, h0, c0, xs_t, valid_t, True, per_iter)
-        return (h, c, jnp.moveaxis(ys, 0, 1)), (primals, (xs_t, lengths, ys, gates, cs, want_dxs))
+        return (h, c, jnp.moveaxis(ys, 0, 1)), (params_and_carry, (xs_t, lengths, ys, gates, cs, want_dxs))
     # Checkpointed: keep the carry at each segment start, nothing else per step.
     n = -(-num_steps // segment)
     if lengths is None and n * segment != num_steps:
@@ -326,7 +329,7 @@ def _fused_lstm_fwd(form, segment, per_iter, U, W, b, h0, c0, xs, lengths):
         return (h, c), (carry, ys)
 
     (h, c), (starts, ys) = lax.scan(run_segment, vary_like((h0, c0), U, W, b, xs, lengths), jnp.arange(n))
-    return (h, c, _from_segments(ys, num_steps)), (primals, (starts, xs, lengths, want_dxs))
+    return (h, c, _from_segments(ys, num_steps)), (params_and_carry, (starts, xs, lengths, want_dxs))
 
 
 def _instantiate(ct, shape, dtype):
@@ -334,12 +337,14 @@ def _instantiate(ct, shape, dtype):
 
 
 def _fused_lstm_bwd(form, segment, per_iter, res, cotangents):
-    primals, res = res
-    return sum_like(_fused_lstm_grads(form, segment, per_iter, primals, res, cotangents), (*primals, None))
+    params_and_carry, res = res
+    grads = _fused_lstm_grads(form, segment, per_iter, params_and_carry, res, cotangents)
+    inputs = res[0] if segment is None else res[1]  # xs_t or the padded xs: the same shard_map type as xs
+    return sum_like(grads, (*params_and_carry, inputs, None))
 
 
-def _fused_lstm_grads(form, segment, per_iter, primals, res, cotangents):
-    U, W, b, h0, c0, _ = primals
+def _fused_lstm_grads(form, segment, per_iter, params_and_carry, res, cotangents):
+    U, W, b, h0, c0 = params_and_carry
     if segment is None:
         xs_t, lengths, ys, gates, cs, want_dxs = res
         num_steps, batch = xs_t.shape[:2]
