@@ -127,9 +127,8 @@ def test_fused_lstm_gradients_under_vmap(key):
     assert_trees_close(jax.vmap(grad, in_axes=(None, 0))(params, xs), jax.vmap(ref, in_axes=(None, 0))(params, xs))
 
 
-
-@pytest.mark.parametrize("layer,impl,checkpoint", [("lstm", "fused", None), ("lstm", "fused", 3), ("lstm", "scan", None),
-                                                   ("gru", "scan", 3)])
+@pytest.mark.parametrize("layer,impl,checkpoint", [("lstm", "fused", None), ("lstm", "fused", 3),
+                                                   ("lstm", "scan", None), ("gru", "scan", 3)])
 def test_layers_inside_shard_map(key, layer, impl, checkpoint):
     """Batch-sharded inside ``shard_map`` with the default (zero, replicated) carry: same values and gradients.
 
@@ -205,6 +204,7 @@ def test_fused_lstm_batch_sharded_over_two_devices():
     for checkpoint, result in json.loads(proc.stdout.strip().splitlines()[-1]).items():
         assert result["gathers"] == 0, (checkpoint, result)
         assert result["error"] < 1e-5 and result["shard_map error"] < 1e-5, (checkpoint, result)
+
 
 @pytest.mark.parametrize("impl,checkpoint", [("fused", None), ("fused", "sqrt")])
 def test_bidirectional_lstm_matches_scan_bidirectional(key, impl, checkpoint):
