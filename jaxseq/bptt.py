@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxseq.cells import LSTMState
-from jaxseq.scan import check_sequence_inputs
+from jaxseq.scan import check_sequence_inputs, vary_like
 
 _ACTIVATIONS = ("tanh", "relu")
 
@@ -44,7 +44,8 @@ def _activation_grad(activation: str, s):
 def _rnn_forward(params, xs_t, activation: str):
     """States ``s_0 .. s_T`` ``[T + 1, *batch, H]`` of ``s_t = f(x_t U + s_{t-1} W + b)``, ``s_0 = 0``."""
     f = jnp.tanh if activation == "tanh" else jax.nn.relu
-    s0 = jnp.zeros(xs_t.shape[1:-1] + (params["W"].shape[0],), xs_t.dtype)
+    # vary_like: inside shard_map the zero start must vary over the mesh like the (batch-sharded) inputs.
+    s0 = vary_like(jnp.zeros(xs_t.shape[1:-1] + (params["W"].shape[0],), xs_t.dtype), params, xs_t)
 
     def step(s, x):
         s = f(x @ params["U"] + s @ params["W"] + params["b"])
@@ -66,7 +67,8 @@ def _rnn_backward(params, xs_t, states, dstates, activation: str):
         da = _activation_grad(activation, s_t) * (ds_out + ds_next)
         return da @ params["W"].T, da
 
-    _, da = lax.scan(step, jnp.zeros_like(dstates[0]), (states[1:], dstates), reverse=True)
+    ds_last = vary_like(jnp.zeros_like(dstates[0]), params, states, dstates)
+    _, da = lax.scan(step, ds_last, (states[1:], dstates), reverse=True)
     return {"U": _outer_sum(xs_t, da), "W": _outer_sum(states[:-1], da), "b": da.sum(axis=tuple(range(da.ndim - 1)))}
 
 
@@ -171,7 +173,7 @@ def lstm_forward(params, xs_t, carry0: LSTMState):
         h = o * tanh_c
         return LSTMState(h, c), (h, LSTMTape(carry.h, carry.c, i, f, g, o, tanh_c))
 
-    final, (hs, tape) = lax.scan(step, carry0, xs_t)
+    final, (hs, tape) = lax.scan(step, vary_like(carry0, params, xs_t), xs_t)
     return final, hs, tape
 
 
@@ -226,7 +228,8 @@ def lstm_backward(params, xs_t, tape: LSTMTape, dhs_t, dfinal: LSTMState):
         dz, dc_prev = lstm_step_backward((t.i, t.f, t.g, t.o), t.tanh_c, t.c_prev, dh_out + dh_next, dc_next)
         return (dz @ params["W"].T, dc_prev), dz
 
-    (dh0, dc0), dz = lax.scan(step, (dfinal.h, dfinal.c), (dhs_t, tape), reverse=True)
+    dlast = vary_like((dfinal.h, dfinal.c), params, dhs_t, tape)
+    (dh0, dc0), dz = lax.scan(step, dlast, (dhs_t, tape), reverse=True)
     grads = {"U": _outer_sum(xs_t, dz), "W": _outer_sum(tape.h_prev, dz), "b": dz.sum(axis=tuple(range(dz.ndim - 1)))}
     return LSTMGrads(grads, dz @ params["U"].T, LSTMState(dh0, dc0))
 

@@ -38,7 +38,7 @@ from jax.flatten_util import ravel_pytree
 
 from jaxseq import cells
 from jaxseq.cells import Cell, LSTMState, glorot_uniform, orthogonal, zeros
-from jaxseq.scan import check_sequence_inputs, unroll
+from jaxseq.scan import check_sequence_inputs, unroll, vary_like
 
 #: Bound on |f′| for each activation (Pascanu et al. 2013, §3.2): the γ in ``(γ σ_max(W))^{T−t}``.
 ACTIVATION_GAMMA = {"linear": 1.0, "tanh": 1.0, "relu": 1.0, "sigmoid": 0.25}
@@ -176,7 +176,7 @@ def _field_indices(carry, field: str | None) -> tuple:
 
 def _dense_norms(step_flat, prev, xs, in_idx, out_idx):
     jacobians = jax.vmap(jax.jacfwd(step_flat))(prev, xs)  # [T, S, S]; row j is ∂s_{j+1}/∂s_j
-    eye = jnp.eye(prev.shape[1], dtype=prev.dtype)
+    eye = vary_like(jnp.eye(prev.shape[1], dtype=prev.dtype), jacobians)  # shard_map: vary like the data
     # P_t = J_T ⋯ J_{t+1}, built from the end: P_{t−1} = P_t J_t.
     first, later = lax.scan(lambda p, j: (p @ j, p), eye, jacobians, reverse=True)
     products = jnp.concatenate([first[None], later])[:, out_idx][:, :, in_idx]
@@ -195,7 +195,7 @@ def _power_norms(step_flat, prev, xs, in_idx, out_idx, num_iters, num_probes, ke
             _, push = jax.linearize(lambda state: step_flat(state, x), s)
             moved = jax.vmap(push)(v)
             return jnp.where((starts < j)[:, None], moved, v), None
-        return lax.scan(body, vectors, (prev, xs, jnp.arange(1, num_steps + 1)))[0]
+        return lax.scan(body, vary_like(vectors, prev, xs), (prev, xs, jnp.arange(1, num_steps + 1)))[0]
 
     def backward(vectors):
         """Row t -> ``J_{t+1}ᵀ ⋯ J_Tᵀ u_t``: the transposed products, by vjp from the end."""
@@ -204,7 +204,8 @@ def _power_norms(step_flat, prev, xs, in_idx, out_idx, num_iters, num_probes, ke
             _, pull = jax.vjp(lambda state: step_flat(state, x), s)
             moved = jax.vmap(lambda row: pull(row)[0])(u)
             return jnp.where((starts < j)[:, None], moved, u), None
-        return lax.scan(body, vectors, (prev, xs, jnp.arange(1, num_steps + 1)), reverse=True)[0]
+        return lax.scan(body, vary_like(vectors, prev, xs), (prev, xs, jnp.arange(1, num_steps + 1)),
+                        reverse=True)[0]
 
     def embed(v, idx):
         return jnp.zeros((num_steps + 1, size), prev.dtype).at[:, idx].set(v)
@@ -219,7 +220,7 @@ def _power_norms(step_flat, prev, xs, in_idx, out_idx, num_iters, num_probes, ke
     def iterate(_, v):
         return normalise(backward(embed(forward(embed(v, in_idx))[:, out_idx], out_idx))[:, in_idx])
 
-    v = lax.fori_loop(0, num_iters, iterate, v)
+    v = lax.fori_loop(0, num_iters, iterate, vary_like(v, prev, xs))
     spectral = jnp.linalg.norm(forward(embed(v, in_idx))[:, out_idx], axis=-1)
     # Hutchinson: E‖A z‖² = ‖A‖_F² for z ~ N(0, I).
     probes = jax.random.normal(k_probe, (num_probes, num_steps + 1, len(in_idx)), prev.dtype)

@@ -161,3 +161,30 @@ def test_bad_input_messages():
     del rnn_params["V"]
     with pytest.raises(ValueError, match="missing \\['V'\\]"):
         bptt.rnn_many_to_one_grads(rnn_params, rxs, 0)
+
+
+def test_hand_bptt_inside_shard_map():
+    """Batch-sharded inside ``shard_map`` (a one-device mesh checks the types): same loss and gradients.
+
+    The zero initial states are invariant across the mesh while the sharded inputs vary; scan rejects that
+    unless the recursions cast their start. Each shard's sums are its own, so they are psum-ed over the mesh.
+    """
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("batch",))
+    spec = jax.sharding.PartitionSpec
+
+    def sharded(fn, params, *batched):
+        summed = lambda *args: jax.tree_util.tree_map(lambda a: jax.lax.psum(jnp.sum(a), "batch"), fn(*args))
+        in_specs = (spec(),) + (spec("batch"),) * len(batched)
+        return jax.jit(jax.shard_map(summed, mesh=mesh, in_specs=in_specs, out_specs=spec()))(params, *batched)
+
+    def summed(result):
+        return jax.tree_util.tree_map(jnp.sum, result)
+
+    params, xs, k_y, batch, T, D = _rnn_case(SHAPES[1], jnp.float32)
+    label, labels = jax.random.randint(k_y, batch, 0, D), jax.random.randint(k_y, (*batch, T), 0, D)
+    assert_trees_close(sharded(bptt.rnn_many_to_one_grads, params, xs, label),
+                       summed(rnn_many_to_one(params, xs, label)))
+    assert_trees_close(sharded(bptt.rnn_many_to_many_grads, params, xs, labels),
+                       summed(rnn_many_to_many(params, xs, labels)))
+    lstm_params, xs, dhs, _, _ = _lstm_case(SHAPES[1], jnp.float32)
+    assert_trees_close(sharded(bptt.lstm_grads, lstm_params, xs, dhs), summed(lstm_grads(lstm_params, xs, dhs)))

@@ -224,3 +224,25 @@ def test_timestep_norms_do_not_underflow_or_overflow():
     # float32: squaring 3e-30 or 3e25 directly would flush to 0 or overflow to inf.
     grads = {"h": jnp.array([[3e-30, 4e-30], [0.0, 0.0]]), "c": jnp.array([[0.0, 0.0], [3e25, 4e25]])}
     np.testing.assert_allclose(gradients.timestep_norms(grads), [5e-30, 5e25], rtol=1e-6)
+
+
+def test_measurements_inside_shard_map(key):
+    """``carry_grads`` and ``jacobian_norms`` (dense and power, vmapped over the batch) run batch-sharded inside
+    ``shard_map`` (a one-device mesh checks the types) and give the same numbers as outside it."""
+    B, T, D, H = 2, 6, 3, 4
+    k_p, k_x, k_pow = jax.random.split(key, 3)
+    params = cells.lstm.init(k_p, D, H)
+    xs = jax.random.normal(k_x, (B, T, D))
+    carry = cells.lstm.init_carry((B,), H)
+
+    def measure(params, xs, carry):
+        _, grads = gradients.carry_grads(cells.lstm.apply, params, carry, xs, _loss)
+        per_sequence = lambda method: jax.vmap(lambda x, c: gradients.jacobian_norms(
+            cells.lstm.apply, params, c, x, method=method, num_iters=5, num_probes=3, key=k_pow))(xs, carry)
+        return grads, per_sequence("dense"), per_sequence("power")
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("batch",))
+    spec = jax.sharding.PartitionSpec
+    sharded = jax.shard_map(measure, mesh=mesh, in_specs=(spec(), spec("batch"), spec("batch")),
+                            out_specs=spec("batch"))
+    assert_trees_close(jax.jit(sharded)(params, xs, carry), jax.jit(measure)(params, xs, carry))
