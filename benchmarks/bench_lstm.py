@@ -32,6 +32,11 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 CONFIGS = [(64, 34, 200, 256), (128, 100, 256, 512), (32, 500, 64, 128), (1, 100, 128, 256)]
 IMPLS = ("jaxseq", "torch", "flax", "keras", "scan")
 MODES = ("train", "forward")
+# glibc malloc settings that keep freed memory for reuse. XLA:CPU allocates a call's temporaries anew on every
+# call; glibc serves a large block from a fresh mmap (always so above 64 MiB on a worker thread's arena) and
+# unmaps it on free, so each call page-faults all of it in again: 90 MiB, 23,000 faults and ~55 ms of kernel
+# time per training step at (32, 500, 64, 128). One arena, no mmap and no trimming keep the block mapped.
+KEEP_FREED_MEMORY = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2 ** 34)}
 
 
 def parse_args(argv=None):
@@ -53,6 +58,13 @@ def parse_args(argv=None):
                         "the batch over them, the way jaxseq.training uses several devices")
     p.add_argument("--products", action="store_true",
                    help="also time the step's matrix products alone (recurrent chains and the big GEMMs)")
+    p.add_argument("--reuse-freed-memory", action="store_true",
+                   help="rerun this script with glibc malloc told to keep freed memory (%s), so that XLA's per-call "
+                        "temporary buffers are not mapped and page-faulted in afresh on every call (Linux only)"
+                   % " ".join(f"{k}={v}" for k, v in KEEP_FREED_MEMORY.items()))
+    p.add_argument("--profile", type=int, default=0, metavar="K",
+                   help="after timing, profile each JAX implementation (jax.profiler) and print its K costliest "
+                        "ops: exclusive time per call, how often each runs per call, time per run")
     args = p.parse_args(argv)
     configs = []
     for item in args.configs.split(","):
@@ -251,6 +263,58 @@ def product_times(B, T, I, H, repeats):
     return out
 
 
+def profile_ops(fn, top, calls=3):
+    """Where one call's time goes: ``[(op name, exclusive seconds per call, runs per call)]``, costliest first.
+
+    Runs ``fn`` ``calls`` times under ``jax.profiler.trace`` and reads the trace back. On a GPU the device's
+    kernel events count; on the CPU, XLA's thunks on its worker threads (a loop's body thunks nest inside the
+    loop's event, so times are exclusive: a loop's own row is its overhead beyond the thunks it ran).
+    """
+    import glob
+    import tempfile
+
+    import jax
+    from jax.profiler import ProfileData
+
+    fn()  # compiled and warm before tracing
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            for _ in range(calls):
+                fn()
+        data = ProfileData.from_file(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)[0])
+        planes = list(data.planes)
+    device_planes = [plane for plane in planes if plane.name.startswith("/device:GPU")]
+    if device_planes:
+        lines = [line for plane in device_planes for line in plane.lines if line.name != "XLA Modules"]
+    else:
+        lines = [line for plane in planes for line in plane.lines if line.name.startswith("tf_XLA")]
+    exclusive, runs = {}, {}
+    for line in lines:
+        events = sorted(((e.start_ns, e.duration_ns, e.name) for e in line.events), key=lambda e: (e[0], -e[1]))
+        stack = []  # open events: [end, name, time left after the nested events]
+        for start, duration, name in events:
+            while stack and stack[-1][0] <= start:
+                _, done, own = stack.pop()
+                exclusive[done] = exclusive.get(done, 0) + own
+            if stack:
+                stack[-1][2] -= duration
+            stack.append([start + duration, name, duration])
+            runs[name] = runs.get(name, 0) + 1
+        for _, done, own in stack:
+            exclusive[done] = exclusive.get(done, 0) + own
+    rows = [(name, ns / calls / 1e9, runs[name] / calls) for name, ns in exclusive.items()
+            if not name.startswith("ThunkExecutor")]
+    return sorted(rows, key=lambda row: -row[1])[:top]
+
+
+def print_profile(config, mode, impl, rows, wall):
+    print(f"\nprofile of {impl} {mode} at {config} (wall {wall * 1e3:.2f} ms per call):")
+    print(f"  {'op':<48} {'ms/call':>9} {'% wall':>7} {'runs/call':>10} {'us/run':>9}")
+    for name, seconds, runs in rows:
+        print(f"  {name[:48]:<48} {seconds * 1e3:9.2f} {100 * seconds / wall:7.1f} {runs:10.0f} "
+              f"{1e6 * seconds / max(runs, 1):9.1f}")
+
+
 def print_rows(results, peak, header):
     """Print one configuration's rows as soon as it is done (long runs on a shared machine get cut short)."""
     if header:
@@ -292,6 +356,10 @@ def cpu_model():
 
 def main(argv=None) -> int:
     args, configs, impls, modes = parse_args(argv)
+    if args.reuse_freed_memory and any(os.environ.get(k) != v for k, v in KEEP_FREED_MEMORY.items()):
+        # glibc reads these when the process starts, and JAX's threads pick their arenas early: a new process.
+        command = [sys.executable, os.path.abspath(__file__), *(sys.argv[1:] if argv is None else argv)]
+        return subprocess.run(command, env={**os.environ, **KEEP_FREED_MEMORY}).returncode
     if args.single_thread:
         # XLA:CPU (jax 0.10) ignores --xla_cpu_multi_thread_eigen / intra_op_parallelism_threads and sizes its
         # thread pool by the CPUs the process may run on: pin the process to one core before jax starts.
@@ -310,6 +378,9 @@ def main(argv=None) -> int:
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()))
     print(f"torch threads {args.torch_threads}; JAX devices {jax.device_count()}; repeats {args.repeats}; "
           f"impls {impls}; modes {modes}")
+    kept = all(os.environ.get(k) == v for k, v in KEEP_FREED_MEMORY.items())
+    print("host memory: " + ("glibc keeps freed memory (" + " ".join(f"{k}={v}" for k, v in KEEP_FREED_MEMORY.items())
+                             + ")" if kept else "default malloc (see --reuse-freed-memory)"))
     peak = peak_matmul(args.repeats, args.torch_threads)
     print("peak fp32 matmul (1024², best of repeats, per wall-s and per cpu-s): "
           + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peak.items()))
@@ -335,8 +406,13 @@ def main(argv=None) -> int:
             print(f"products alone at {config}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in parts.items())
                   + f"; sum {total * 1e3:.2f} ms")
             results.append((config, "products", "sum", total, total, float("nan")))
-        del fns
         print_rows([row for row in results if row[0] == config], peak, header=config == configs[0])
+        if args.profile:
+            medians = {(mode, impl): med for c, mode, impl, med, _, _ in results if c == config}
+            for (mode, impl), fn in fns.items():
+                if impl != "torch":
+                    print_profile(config, mode, impl, profile_ops(fn, args.profile), medians[(mode, impl)])
+        del fns
         if len(configs) > 1:
             # Re-measure the peak between configurations and keep the best: on a shared machine one measurement
             # can land in a slow spell and make every "% peak" too high (the final table uses the best).

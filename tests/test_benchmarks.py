@@ -28,3 +28,30 @@ def test_bench_lstm_gpu_runs_checks_and_writes_rows(tmp_path, capsys):
     assert rows == {(p, m, i) for p in ("fp32", "bf16") for m in ("train", "forward")
                     for i in ("fused:u2", "scan", "cudnn", "torch") if not (p == "bf16" and i == "cudnn")}
     assert "x torch" in capsys.readouterr().out
+
+
+def _fused_step(T):
+    import jax
+
+    from jaxseq import cells, layers
+
+    params = cells.lstm.init(jax.random.PRNGKey(0), 3, 4)
+    xs = jax.random.normal(jax.random.PRNGKey(1), (2, T, 3))
+    step = jax.jit(jax.grad(lambda p: layers.lstm(p, xs, impl="fused")[1].sum()))
+    return lambda: jax.block_until_ready(step(params))
+
+
+def test_bench_lstm_profile_finds_the_per_step_ops():
+    bench = _load("bench_lstm")
+    rows = bench.profile_ops(_fused_step(T=5), top=50)
+    # The loops' body thunks run once per time step, so some op must show 5 runs per call.
+    assert any(runs == 5 for _, _, runs in rows), rows
+    assert all(seconds >= 0 for _, seconds, _ in rows)
+
+
+def test_bench_lstm_reuse_freed_memory_reruns_with_glibc_settings(capfd):
+    bench = _load("bench_lstm")
+    assert bench.main(["--configs", "2:5:3:4", "--impls", "jaxseq", "--modes", "forward", "--repeats", "1",
+                       "--min-sample-s", "0", "--reuse-freed-memory"]) == 0
+    out = capfd.readouterr().out
+    assert "host memory: glibc keeps freed memory (MALLOC_ARENA_MAX=1" in out and "(2, 5, 3, 4)" in out
