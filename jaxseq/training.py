@@ -37,6 +37,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from typing import Any, Callable, NamedTuple, Protocol
 
 import jax
@@ -288,8 +289,15 @@ def make_eval_step(loss_fn: LossFn, *, mixed_precision: bool = False) -> Callabl
 
 def make_eval_fn(loss_fn: LossFn, source: BatchSource, *, mixed_precision: bool = False
                  ) -> Callable[[Params], dict[str, float]]:
-    """An `evaluate(params) -> {name: float}` for `fit`: example-weighted means of eval_step over epoch 0."""
+    """An `evaluate(params) -> {name: float}` for `fit`: example-weighted means of eval_step over epoch 0.
+
+    Build an `ArrayBatches` eval source with `drop_remainder=False`, or its last partial batch is left out.
+    """
     eval_step = make_eval_step(loss_fn, mixed_precision=mixed_precision)
+    if isinstance(source, ArrayBatches) and source.drop_remainder and source.num_examples % source.batch_size:
+        warnings.warn(f"make_eval_fn: the eval source leaves out {source.num_examples % source.batch_size} of its "
+                      f"{source.num_examples} examples (batch_size={source.batch_size}, drop_remainder=True); build "
+                      "it with drop_remainder=False to evaluate all of them", stacklevel=2)
 
     def evaluate(params) -> dict[str, float]:
         totals: dict[str, float] = {}
@@ -734,7 +742,8 @@ def fit(config: TrainConfig, *, init_params: Callable[[jax.Array], Params], loss
     Raises:
       ValueError: bad config, an unwritable out_dir, a batch that does not divide over the devices, or a
         checkpoint folder written by another model/config.
-      NonFiniteError: `max_bad_steps` consecutive non-finite steps; the last good checkpoint is kept.
+      NonFiniteError: `max_bad_steps` consecutive non-finite steps, or training ending on non-finite steps;
+        the last good checkpoint is kept.
       KeyboardInterrupt / SystemExit(143): after Ctrl-C / SIGTERM, once a checkpoint is saved.
     """
     _validate_config(config)
@@ -745,6 +754,11 @@ def fit(config: TrainConfig, *, init_params: Callable[[jax.Array], Params], loss
     run_config = _json_roundtrip(run_config or {}, "run_config")
     train_config = _json_roundtrip(dataclasses.asdict(config), "config")
     out = _prepare_out_dir(config.out_dir)
+    source_batch = getattr(train, "batch_size", None)
+    if isinstance(source_batch, (int, np.integer)) and source_batch != config.batch_size:
+        # config.batch_size is what resuming checks against; it must be what the steps actually see.
+        raise ValueError(f"TrainConfig.batch_size={config.batch_size} but the training BatchSource makes batches "
+                         f"of {source_batch} (train.batch_size); build it with the config's batch_size")
     primary = jax.process_index() == 0
     epochs_batches = [train.num_batches(e) for e in range(config.epochs)]
     total_steps = sum(epochs_batches)
@@ -828,15 +842,20 @@ def _fit(config, ckpt, out, primary, init_params, train, evaluate, run_config, t
         ckpt.save(step, state, meta, metrics)
         return True
 
-    def check_streak():
+    def check_streak(at_end=False):
+        """Raise after `max_bad_steps` non-finite steps in a row, or at the end of training after any."""
         streak = recorder.bad_streak
-        if len(streak) >= config.max_bad_steps:
+        if streak and (at_end or len(streak) >= config.max_bad_steps):
             (s0, e0, i0), (s1, e1, i1) = streak[0], streak[-1]
+            why = ("training ended after" if at_end and len(streak) < config.max_bad_steps else "stopped:")
+            last_good = ckpt.latest_step()
             raise NonFiniteError(
-                f"stopped: {len(streak)} consecutive steps with a non-finite loss or gradients (max_bad_steps="
+                f"{why} {len(streak)} consecutive steps with a non-finite loss or gradients (max_bad_steps="
                 f"{config.max_bad_steps}), from step {s0} (epoch {e0}, batch {i0}) to step {s1} (epoch {e1}, "
-                f"batch {i1}); those updates were not applied. Last good checkpoint: step {ckpt.latest_step()} in "
-                f"{ckpt.directory}")
+                f"batch {i1}); those updates were not applied. "
+                + (f"Last good checkpoint: step {last_good} in {ckpt.directory}" if last_good is not None else
+                   f"No step had a finite loss, so {ckpt.directory} holds no checkpoint: check the data and the "
+                   "learning rate"))
 
     def run_eval(epoch, index):
         recorder.flush(schedule(step))
@@ -884,6 +903,9 @@ def _fit(config, ckpt, out, primary, init_params, train, evaluate, run_config, t
                     run_eval(epoch, epochs_batches[epoch])
                 save(epoch, epochs_batches[epoch])
                 epoch, index = epoch + 1, 0
+            # The last steps were non-finite (fewer than max_bad_steps, or the final save would have raised):
+            # no later batch can recover, and the final checkpoint was not written, so do not report success.
+            check_streak(at_end=True)
         finally:
             progress.close()
             recorder.close()

@@ -237,6 +237,27 @@ def test_non_finite_steps_stop_with_step_and_batch_and_keep_last_good_checkpoint
     assert done.step == 16 and sum(r["kind"] == "nonfinite" for r in done.history) == 2
 
 
+def test_make_eval_fn_warns_when_the_source_drops_examples():
+    with pytest.warns(UserWarning, match=r"leaves out 4 of its 20 examples .* drop_remainder=False"):
+        training.make_eval_fn(loss_fn, ArrayBatches(make_arrays(20), 8, seed=0, shuffle=False))
+    evaluate = training.make_eval_fn(loss_fn, ArrayBatches(make_arrays(20), 8, seed=0, shuffle=False,
+                                                           drop_remainder=False))
+    assert set(evaluate(init_params(jax.random.PRNGKey(0)))) >= {"loss"}
+
+def test_non_finite_steps_at_the_end_are_not_reported_as_success(tmp_path):
+    arrays = make_arrays(32)  # 4 batches of 8 per epoch
+    # Every step NaN, fewer steps (4) than max_bad_steps: no good step, so no checkpoint, and fit says so.
+    all_bad = Scripted(ArrayBatches(arrays, 8, seed=0), nan_from=(0, 0))
+    with pytest.raises(NonFiniteError, match=r"training ended after 4 consecutive .* from step 1 .* to step 4 .*"
+                                             r"No step had a finite loss, so .* holds no checkpoint"):
+        fit(config(tmp_path, "all-bad", epochs=1), init_params=init_params, loss_fn=loss_fn, train=all_bad)
+    # Good steps, then the last two NaN: the error names them and the last good checkpoint (end of epoch 1).
+    tail_bad = Scripted(ArrayBatches(arrays, 8, seed=0), nan_from=(1, 2))
+    with pytest.raises(NonFiniteError, match=r"training ended after 2 consecutive .* from step 7 \(epoch 1, "
+                                             r"batch 2\) to step 8 .* Last good checkpoint: step 4"):
+        fit(config(tmp_path, "tail-bad"), init_params=init_params, loss_fn=loss_fn, train=tail_bad)
+
+
 def test_bad_out_dir_and_missing_run_folder(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
@@ -245,6 +266,10 @@ def test_bad_out_dir_and_missing_run_folder(tmp_path):
             train=ArrayBatches(make_arrays(), 8, seed=0))
     with pytest.raises(ValueError, match="TrainConfig.optimizer='lion'"):
         fit(TrainConfig(out_dir=str(tmp_path), optimizer="lion"), init_params=init_params, loss_fn=loss_fn,
+            train=ArrayBatches(make_arrays(), 8, seed=0))
+    with pytest.raises(ValueError, match=r"TrainConfig.batch_size=32 but the training BatchSource makes batches of "
+                                         r"8 \(train.batch_size\)"):
+        fit(TrainConfig(out_dir=str(tmp_path / "mismatch")), init_params=init_params, loss_fn=loss_fn,
             train=ArrayBatches(make_arrays(), 8, seed=0))
     with pytest.raises(FileNotFoundError, match="no checkpoints"):
         restore_params(str(tmp_path / "nothing"))
