@@ -31,7 +31,7 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,8 +43,23 @@ SCORES = ("cosine", "additive", "location", "general", "dot", "scaled_dot")
 _glorot = jax.nn.initializers.glorot_uniform()
 
 
+def _check_param(score_name: str, params: Params, key: str, expected: tuple, why: str) -> None:
+    """Raise a ``ValueError`` naming ``params[key]`` unless it has shape ``expected``; a str entry is a free size."""
+    if not isinstance(params, Mapping):
+        raise ValueError(f"{score_name} attention params must be a dict (init_score), got {type(params).__name__}")
+    if key not in params:
+        raise ValueError(f'{score_name} attention params are missing "{key}" (init_score("{score_name}", ...)); got '
+                         f"keys {sorted(params)}")
+    shape = tuple(jnp.shape(params[key]))
+    if len(shape) != len(expected) or any(isinstance(e, int) and s != e for s, e in zip(shape, expected)):
+        want = "[" + ", ".join(map(str, expected)) + "]"
+        raise ValueError(f'{score_name} attention\'s params["{key}"] has shape {shape}; expected {want} ({why})')
+
+
 def cosine_score(params: Params, query: jax.Array, keys: jax.Array) -> jax.Array:
     """Content-based score ``beta * cos(s, h_i)``; ``query [batch, n]``, ``keys [batch, source, n]``."""
+    _check_same_size("cosine", query, keys)
+    _check_param("cosine", params, "beta_raw", (), "a scalar key strength")
     eps = jnp.asarray(1e-8, query.dtype)
     q = query / jnp.maximum(jnp.linalg.norm(query, axis=-1, keepdims=True), eps)
     k = keys / jnp.maximum(jnp.linalg.norm(keys, axis=-1, keepdims=True), eps)
@@ -54,6 +69,12 @@ def cosine_score(params: Params, query: jax.Array, keys: jax.Array) -> jax.Array
 
 def additive_score(params: Params, query: jax.Array, keys: jax.Array) -> jax.Array:
     """Additive (Bahdanau) score ``vᵀ tanh(W_q s + W_k h_i)`` ``[batch, source]``."""
+    _check_param("additive", params, "v", ("A",), "A: the attention size")
+    size = params["v"].shape[0]
+    _check_param("additive", params, "W_q", (query.shape[-1], size),
+                 f"W_q [query, A]: query has {query.shape[-1]} features, v has A = {size}")
+    _check_param("additive", params, "W_k", (keys.shape[-1], size),
+                 f"W_k [key, A]: keys have {keys.shape[-1]} features, v has A = {size}")
     hidden = jnp.tanh((query @ params["W_q"])[:, None, :] + keys @ params["W_k"])
     return hidden @ params["v"]
 
@@ -63,6 +84,8 @@ def location_score(params: Params, query: jax.Array, keys: jax.Array) -> jax.Arr
 
     The keys only give the number of positions; a source longer than ``max_positions`` is an error.
     """
+    _check_param("location", params, "W", (query.shape[-1], "max_positions"),
+                 f"W [query, max_positions]: query has {query.shape[-1]} features")
     source = keys.shape[-2]
     max_positions = params["W"].shape[1]
     if source > max_positions:
@@ -73,6 +96,8 @@ def location_score(params: Params, query: jax.Array, keys: jax.Array) -> jax.Arr
 
 def general_score(params: Params, query: jax.Array, keys: jax.Array) -> jax.Array:
     """General (bilinear) score ``sᵀ W h_i`` ``[batch, source]``."""
+    _check_param("general", params, "W", (query.shape[-1], keys.shape[-1]),
+                 f"W [query, key]: query has {query.shape[-1]} features, keys have {keys.shape[-1]}")
     return jnp.einsum("bq,bsq->bs", query, keys @ params["W"].T)
 
 
@@ -204,10 +229,15 @@ def attend(name: str, params: Params, query: jax.Array, keys: jax.Array, values:
       ``(context [batch, value], weights [batch, source])``; weights sum to 1 over valid positions and are
       exactly 0 at padded ones.
     """
+    query, keys = jnp.asarray(query), jnp.asarray(keys)
     if query.ndim != 2 or keys.ndim != 3 or query.shape[0] != keys.shape[0]:
         raise ValueError(f"attend expects query [batch, query] and keys [batch, source, key], got query "
                          f"{query.shape} and keys {keys.shape}")
-    values = keys if values is None else values
+    values = keys if values is None else jnp.asarray(values)
+    mask = None if mask is None else jnp.asarray(mask)
+    if values.ndim != 3 or values.shape[:2] != keys.shape[:2]:
+        raise ValueError(f"values must be [batch, source, value] with [batch, source] = {keys.shape[:2]} as keys, "
+                         f"got shape {values.shape}")
     if mask is not None and mask.shape != keys.shape[:2]:
         raise ValueError(f"mask must be [batch, source] = {keys.shape[:2]}, got {mask.shape}")
     weights = masked_softmax(score(name, params, query, keys), mask)

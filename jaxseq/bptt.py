@@ -19,8 +19,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
+from jaxseq import cells
 from jaxseq.cells import LSTMState
 from jaxseq.scan import check_sequence_inputs, vary_like
 
@@ -85,7 +87,31 @@ def _check_rnn(params, xs, activation):
     missing = {"U", "W", "b", "V", "c"} - set(params)
     if missing:
         raise ValueError(f"params must hold the chapter's U, W, b, V, c; missing {sorted(missing)}")
+    cells.check_params(params, "rnn")
+    hidden, V, c = params["W"].shape[0], tuple(np.shape(params["V"])), tuple(np.shape(params["c"]))
+    if len(V) != 2 or V[0] != hidden or c != V[1:]:
+        raise ValueError(f'params["V"] {V} and params["c"] {c} must be the readout V [H, classes] and c [classes] '
+                         f"with H = {hidden} (rows of W)")
     check_sequence_inputs(params, None, xs)
+
+
+def _check_labels(labels, name: str, expected_shape: tuple, num_classes: int):
+    """``labels`` as an array, checked: integer dtype, ``expected_shape``, and when concrete in ``[0, classes)``.
+
+    ``one_hot`` of an out-of-range label is all zeros, which would give a silent loss of 0.
+    """
+    labels = labels if isinstance(labels, jax.Array) else np.asarray(labels)
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise ValueError(f"{name} must be integer class indices, got dtype {labels.dtype}")
+    if tuple(labels.shape) != expected_shape:
+        raise ValueError(f"{name} has shape {tuple(labels.shape)}; expected {expected_shape} (one class per "
+                         f"{'sequence' if name == 'label' else 'time step'} of xs)")
+    if not isinstance(labels, jax.core.Tracer) and labels.size:
+        values = np.asarray(labels)
+        if values.min() < 0 or values.max() >= num_classes:
+            raise ValueError(f"{name} must lie in [0, {num_classes}) (columns of V); got values from {values.min()} "
+                             f"to {values.max()}")
+    return jnp.asarray(labels)
 
 
 def rnn_many_to_one_grads(params, xs, label, *, activation: str = "tanh"):
@@ -99,16 +125,17 @@ def rnn_many_to_one_grads(params, xs, label, *, activation: str = "tanh"):
     Args:
       params: ``{"U": [I, H], "W": [H, H], "b": [H], "V": [H, D], "c": [D]}``.
       xs: ``[*batch, time, I]``.
-      label: integer class ``[*batch]``.
+      label: integer class ``[*batch]`` in ``[0, classes)`` (checked when concrete).
       activation: ``"tanh"`` (the chapter's) or ``"relu"``.
 
     Returns:
       ``(loss, grads)`` with grads keyed like ``params``; the loss is summed over any batch dimensions.
     """
     _check_rnn(params, xs, activation)
+    label = _check_labels(label, "label", tuple(np.shape(xs)[:-2]), params["V"].shape[1])
     xs_t = _time_major(jnp.asarray(xs))
     states = _rnn_forward(params, xs_t, activation)
-    loss, d_logits = _softmax_xent(states[-1] @ params["V"] + params["c"], jnp.asarray(label))
+    loss, d_logits = _softmax_xent(states[-1] @ params["V"] + params["c"], label)
     dstates = jnp.zeros_like(states[1:]).at[-1].set(d_logits @ params["V"].T)
     grads = _rnn_backward(params, xs_t, states, dstates, activation)
     grads["V"] = jnp.einsum("...i,...j->ij", states[-1], d_logits)
@@ -124,12 +151,13 @@ def rnn_many_to_many_grads(params, xs, labels, *, activation: str = "tanh"):
     Args:
       params: as ``rnn_many_to_one_grads``.
       xs: ``[*batch, time, I]``.
-      labels: integer classes ``[*batch, time]``.
+      labels: integer classes ``[*batch, time]`` in ``[0, classes)`` (checked when concrete).
     """
     _check_rnn(params, xs, activation)
+    labels = _check_labels(labels, "labels", tuple(np.shape(xs)[:-1]), params["V"].shape[1])
     xs_t = _time_major(jnp.asarray(xs))
     states = _rnn_forward(params, xs_t, activation)
-    labels_t = jnp.moveaxis(jnp.asarray(labels), -1, 0)
+    labels_t = jnp.moveaxis(labels, -1, 0)
     loss, d_logits = _softmax_xent(states[1:] @ params["V"] + params["c"], labels_t)
     grads = _rnn_backward(params, xs_t, states, d_logits @ params["V"].T, activation)
     grads["V"] = _outer_sum(states[1:], d_logits)

@@ -7,7 +7,9 @@ A cell is ``Cell(init, init_carry, apply, kind)``:
 * ``apply(params, carry, x) -> (carry, y)``: one time step, exactly a ``lax.scan`` body once ``params``
   are bound. ``x`` is ``[*batch, input_size]`` with any number of leading batch dimensions (none too).
 * ``kind``: ``"lstm"`` for cells from ``make_lstm`` (their step is the standard LSTM, so ``jaxseq.scan.layer``
-  may run them as the fused layer ``jaxseq.layers.lstm``), ``"custom"`` (the default) otherwise.
+  may run them as the fused layer ``jaxseq.layers.lstm``), ``"gru"`` / ``"rnn"`` for ``make_gru`` /
+  ``make_rnn``, ``"custom"`` (the default) otherwise. A kind in ``LAYOUTS`` lets the layers check params and
+  carry against that layout before the loop starts.
 
 Parameter layout (one convention for every cell, row vectors so that a batch is one GEMM):
 
@@ -42,10 +44,11 @@ overridable through the factories ``make_rnn``, ``make_lstm`` and ``make_gru``.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Params = dict
 Initializer = Callable[[jax.Array, tuple, Any], jax.Array]
@@ -57,7 +60,7 @@ class Cell(NamedTuple):
     init: Callable[..., Params]
     init_carry: Callable[..., Any]
     apply: Callable[[Params, Any, jax.Array], tuple[Any, jax.Array]]
-    kind: str = "custom"  # "lstm": the standard LSTM step, which the fused layer may replace
+    kind: str = "custom"  # "lstm": the standard LSTM step, which the fused layer may replace; see LAYOUTS
 
 
 class LSTMState(NamedTuple):
@@ -65,6 +68,82 @@ class LSTMState(NamedTuple):
 
     h: jax.Array
     c: jax.Array
+
+
+# Params layout of each cell kind: k gate blocks and the bias names, i.e. U [I, kH], W [H, kH], each bias [kH].
+LAYOUTS = {"rnn": (1, ("b",)), "lstm": (4, ("b",)), "gru": (3, ("b", "b_h"))}
+_NAMES = {"rnn": "an RNN", "lstm": "an LSTM", "gru": "a GRU"}
+
+
+def check_size(name: str, value) -> int:
+    """``value`` as an int if it is a positive int (a size such as ``hidden_size``), else a ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _layout(kind: str) -> str:
+    """``{"U": [I, 4H], "W": [H, 4H], "b": [4H]}`` for ``kind``."""
+    blocks, biases = LAYOUTS[kind]
+    k = f"{blocks}H" if blocks > 1 else "H"
+    return "{" + ", ".join([f'"U": [I, {k}]', f'"W": [H, {k}]'] + [f'"{b}": [{k}]' for b in biases]) + "}"
+
+
+def _looks_like(params, kind: str) -> str:
+    """A hint naming the other cell kind whose layout ``params["W"]`` fits, if any."""
+    W = tuple(np.shape(params.get("W"))) if "W" in params else ()
+    for other, (blocks, biases) in LAYOUTS.items():
+        if other != kind and len(W) == 2 and W[1] == blocks * W[0] and set(biases) <= set(params):
+            return f" (these look like {other.upper()} params)"
+    return ""
+
+
+def check_params(params, kind: str, name: str = "params") -> None:
+    """Raise a ``ValueError`` naming the key if ``params`` do not follow ``kind``'s layout (see ``LAYOUTS``).
+
+    Shapes only (trace time): ``U [I, kH]``, ``W [H, kH]`` and each bias ``[kH]`` with ``H`` the rows of ``W``.
+    Extra keys are allowed (e.g. the readout ``V``, ``c`` of ``jaxseq.bptt``).
+    """
+    blocks, biases = LAYOUTS[kind]
+    expected = f"{_NAMES[kind]} expects {_layout(kind)} (jaxseq.cells.{kind}.init)"
+    if not isinstance(params, Mapping):
+        raise ValueError(f"{name} must be a dict of arrays: {expected}; got {type(params).__name__}")
+    missing = [k for k in ("U", "W", *biases) if k not in params]
+    if missing:
+        hint = (" (per-direction params: run them with a bidirectional layer)"
+                if {"forward", "backward"} <= set(params) else _looks_like(params, kind))
+        raise ValueError(f"{name} is missing {missing}: {expected}; got keys {sorted(params)}{hint}")
+    shape = {k: tuple(np.shape(params[k])) for k in ("U", "W", *biases)}
+    if len(shape["W"]) != 2:
+        raise ValueError(f'{name}["W"] has shape {shape["W"]}: {expected}')
+    hidden = shape["W"][0]
+    rows = shape["U"][0] if len(shape["U"]) == 2 else "I"
+    wanted = {"U": (rows, blocks * hidden), "W": (hidden, blocks * hidden), **{b: (blocks * hidden,) for b in biases}}
+    for k, want in wanted.items():
+        if shape[k] != want:
+            raise ValueError(f'{name}["{k}"] has shape {shape[k]} but {expected}: with H = {hidden} (rows of W), '
+                             f'{k} should have shape {want}{_looks_like(params, kind)}')
+
+
+def check_carry(carry, kind: str, name: str = "carry"):
+    """``carry`` checked for ``kind``'s structure: an ``LSTMState(h, c)`` (a pair is converted) or one array.
+
+    Shapes and dtypes are ``jaxseq.scan.check_sequence_inputs``' part.
+    """
+    if kind == "lstm":
+        if isinstance(carry, LSTMState):
+            return carry
+        if isinstance(carry, (tuple, list)) and len(carry) == 2 and all(hasattr(c, "shape") for c in carry):
+            return LSTMState(*carry)
+        got = (f"{type(carry).__name__} of {len(carry)}" if isinstance(carry, (tuple, list))
+               else f"an array of shape {tuple(np.shape(carry))}" if hasattr(carry, "shape")
+               else type(carry).__name__)
+        raise ValueError(f"{name} must be an LSTMState(h, c), h and c each [*batch, hidden] "
+                         f"(jaxseq.cells.lstm.init_carry); got {got}")
+    if kind in LAYOUTS and not hasattr(carry, "shape"):
+        raise ValueError(f"{name} must be one array h [*batch, hidden] for {_NAMES[kind]} "
+                         f"(jaxseq.cells.{kind}.init_carry); got {type(carry).__name__}")
+    return carry
 
 
 glorot_uniform: Initializer = jax.nn.initializers.glorot_uniform()
@@ -79,6 +158,8 @@ def _blockwise(init: Initializer, key, rows: int, hidden: int, blocks: int, dtyp
 
 
 def _kernels(key, input_size, hidden_size, blocks, dtype, kernel_init, recurrent_init):
+    check_size("input_size", input_size)
+    check_size("hidden_size", hidden_size)
     k_in, k_rec = jax.random.split(key)
     return (kernel_init(k_in, (input_size, blocks * hidden_size), dtype),
             _blockwise(recurrent_init, k_rec, hidden_size, hidden_size, blocks, dtype))
@@ -109,7 +190,7 @@ def make_rnn(activation: str = "tanh", *, kernel_init: Initializer = glorot_unif
         s = f(x @ params["U"] + carry @ params["W"] + params["b"])
         return s, s
 
-    return Cell(init, init_carry, apply)
+    return Cell(init, init_carry, apply, "rnn")
 
 
 def make_lstm(*, forget_bias: float = 1.0, kernel_init: Initializer = glorot_uniform,
@@ -166,7 +247,7 @@ def make_gru(*, kernel_init: Initializer = glorot_uniform, recurrent_init: Initi
         h = (1 - z) * n + z * carry
         return h, h
 
-    return Cell(init, init_carry, apply)
+    return Cell(init, init_carry, apply, "gru")
 
 
 rnn: Cell = make_rnn("tanh")

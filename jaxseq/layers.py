@@ -42,8 +42,8 @@ from jax.custom_derivatives import SymbolicZero
 
 from jaxseq import bptt, cells
 from jaxseq.cells import LSTMState
-from jaxseq.scan import (_batch_shape, check_sequence_inputs, merge_outputs, reverse_within_lengths, sum_like,
-                         unroll, vary_like)
+from jaxseq.scan import (_batch_shape, as_lengths, check_carry_pair, check_directions, check_sequence_inputs,
+                         merge_outputs, reverse_within_lengths, sum_like, unroll, vary_like)
 
 IMPLS = ("auto", "scan", "fused", "cudnn")
 # How the fused forward forms z_t = x_t U + h_{t-1} W + b (see `_choose_form`):
@@ -93,13 +93,17 @@ def _segment_length(checkpoint, num_steps: int) -> int | None:
 
 
 def _prepare(cell, params, xs, carry, lengths):
-    xs = jnp.asarray(xs)
+    """``(xs, carry, lengths)`` checked against ``cell``'s params layout; a zero carry when ``carry`` is None."""
+    xs, lengths = jnp.asarray(xs), as_lengths(lengths)
+    cells.check_params(params, cell.kind)
     if carry is None:
         if np.ndim(xs) < 2:
             check_sequence_inputs(params, carry, xs, lengths)  # raises the rank error
         carry = cell.init_carry(_batch_shape(xs, False), cells.hidden_size(params), params["W"].dtype)
+    else:
+        carry = cells.check_carry(carry, cell.kind)
     check_sequence_inputs(params, carry, xs, lengths)
-    return xs, carry
+    return xs, carry, lengths
 
 
 def _pad_time(x_t, total: int):
@@ -542,8 +546,7 @@ def lstm(params, xs, *, carry=None, lengths=None, reverse: bool = False, impl: s
     unroll = _resolve_unroll(unroll)
     if form is not None and form not in FORMS:
         raise ValueError(f"form must be one of {FORMS} or None, got {form!r}")
-    xs, carry = _prepare(cells.lstm, params, xs, carry, lengths)
-    carry = LSTMState(*carry)
+    xs, carry, lengths = _prepare(cells.lstm, params, xs, carry, lengths)
     segment = _segment_length(checkpoint, xs.shape[-2])
     if impl == "scan":
         return _scan_layer(cells.lstm.apply, params, carry, xs, lengths, reverse, segment, unroll)
@@ -555,7 +558,7 @@ def lstm(params, xs, *, carry=None, lengths=None, reverse: bool = False, impl: s
 def _scan_only_layer(cell, params, xs, carry, lengths, reverse, impl, checkpoint, unroll):
     _check_impl(impl, ("auto", "scan"))
     unroll = _resolve_unroll(unroll)
-    xs, carry = _prepare(cell, params, xs, carry, lengths)
+    xs, carry, lengths = _prepare(cell, params, xs, carry, lengths)
     return _scan_layer(cell.apply, params, carry, xs, lengths, reverse, _segment_length(checkpoint, xs.shape[-2]),
                        unroll)
 
@@ -592,7 +595,11 @@ def bidirectional(layer: Callable, params, xs, *, lengths=None, merge: str | Non
     Returns:
       ``((forward_final, backward_final), ys)`` as ``jaxseq.bidirectional``.
     """
-    carry = (None, None) if carry is None else carry
+    check_directions(params)
+    if carry is None:
+        carry = (None, None)
+    else:
+        check_carry_pair(carry)
     c_f, y_f = layer(params["forward"], xs, carry=carry[0], lengths=lengths, reverse=False, **kwargs)
     c_b, y_b = layer(params["backward"], xs, carry=carry[1], lengths=lengths, reverse=True, **kwargs)
     return (c_f, c_b), merge_outputs(y_f, y_b, merge)

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxseq import scan
-from jaxseq.cells import Cell
+from jaxseq.cells import Cell, check_size
 
 
 class RNN(nn.Module):
@@ -30,6 +30,7 @@ class RNN(nn.Module):
 
     @nn.compact
     def __call__(self, xs, *, lengths=None, initial_carry=None):
+        check_size("hidden_size", self.hidden_size)  # custom cells' init may not check it
         params = self.param("cell", lambda key: self.cell.init(key, xs.shape[-1], self.hidden_size, self.param_dtype))
         if initial_carry is None:
             initial_carry = self.cell.init_carry(scan._batch_shape(xs, self.time_major), self.hidden_size,
@@ -50,6 +51,7 @@ class Bidirectional(nn.Module):
 
     @nn.compact
     def __call__(self, xs, *, lengths=None):
+        check_size("hidden_size", self.hidden_size)
         params = self.param("directions", lambda key: scan.init_bidirectional(self.cell, key, xs.shape[-1],
                                                                           self.hidden_size, self.param_dtype))
         return scan.bidirectional_layer(self.cell, params, xs, lengths=lengths, merge=self.merge, unroll=self.unroll,
@@ -73,6 +75,8 @@ class StackedRNN(nn.Module):
 
     @nn.compact
     def __call__(self, xs, *, lengths=None, deterministic: bool = True):
+        check_size("hidden_size", self.hidden_size)
+        check_size("num_layers", self.num_layers)
         params = self.param("layers", lambda key: scan.init_stacked(
             self.cell, key, xs.shape[-1], self.hidden_size, self.num_layers, bidirectional=self.bidirectional,
             merge=self.merge, dtype=self.param_dtype))

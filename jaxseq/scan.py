@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxseq.cells import Cell
+from jaxseq import cells
+from jaxseq.cells import Cell, LSTMState
 
 MERGES = ("concat", "sum", "mean", "mul", None)
 
@@ -26,11 +27,44 @@ def _describe(x) -> str:
     return f"shape {tuple(np.shape(x))} and dtype {jnp.result_type(x)}"
 
 
+def as_lengths(lengths):
+    """``lengths`` as an array: a list or tuple of ints becomes a NumPy array (still concrete, so still checked)."""
+    if lengths is None or hasattr(lengths, "shape"):
+        return lengths
+    try:
+        return np.asarray(lengths)
+    except jax.errors.TracerArrayConversionError:  # a list of traced lengths under jit
+        return jnp.asarray(lengths)
+    except ValueError as e:  # ragged nested lists
+        raise ValueError(f"lengths must be an int array [*batch] (one length per sequence), got {lengths!r}") from e
+
+
+def _check_kernels(params) -> tuple[int, Any] | None:
+    """``(hidden, dtype)`` from a jaxseq-layout ``params`` (``U [I, G]``, ``W [H, G]``, biases ``[G]``), else None.
+
+    Any cell kind: only the layout's internal consistency is checked here (``jaxseq.cells.check_params`` knows
+    each kind's ``G``).
+    """
+    if not (isinstance(params, Mapping) and "U" in params and "W" in params):
+        return None
+    U, W = tuple(np.shape(params["U"])), tuple(np.shape(params["W"]))
+    if len(U) != 2 or len(W) != 2 or U[1] != W[1] or W[0] == 0 or W[1] % W[0]:
+        raise ValueError(
+            f"params U {U} and W {W} do not fit together: expected U [input, k * hidden] and W [hidden, k * hidden] "
+            f"with the same k * hidden columns (k gate blocks, see jaxseq.cells)")
+    for name in ("b", "b_h"):
+        if name in params and tuple(np.shape(params[name])) != (W[1],):
+            raise ValueError(f'params["{name}"] has shape {tuple(np.shape(params[name]))} but W {W} has {W[1]} '
+                             f"columns: expected {name} of shape {(W[1],)}")
+    return W[0], params["W"].dtype
+
+
 def check_sequence_inputs(params, carry, xs, lengths=None, *, time_major: bool = False) -> None:
     """Raise a ``ValueError`` naming the argument if ``xs``, ``carry`` or ``lengths`` do not fit ``params``.
 
     Runs at trace time on shapes and dtypes only, so errors appear before ``lax.scan`` is entered. Cells that
-    follow jaxseq's layout (input kernel ``params["U"]``) also get their feature size and dtype checked.
+    follow jaxseq's layout (``params["U"]``, ``params["W"]``) also get their feature size, dtype, the kernels'
+    and biases' shapes and the carry's hidden size and dtype checked.
     """
     if np.ndim(xs) < 2:
         raise ValueError(
@@ -41,6 +75,7 @@ def check_sequence_inputs(params, carry, xs, lengths=None, *, time_major: bool =
     if num_steps == 0:
         raise ValueError(f"xs has an empty time axis (axis {time_axis}) in {_describe(xs)}: nothing to unroll")
     batch_shape = _batch_shape(xs, time_major)
+    kernels = _check_kernels(params)
     if isinstance(params, Mapping) and "U" in params:
         expected = params["U"].shape[0]
         if np.shape(xs)[-1] != expected:
@@ -51,11 +86,23 @@ def check_sequence_inputs(params, carry, xs, lengths=None, *, time_major: bool =
             raise ValueError(
                 f"xs has dtype {jnp.result_type(xs)} but the cell's params have dtype {params['U'].dtype}; cast one "
                 f"of them (e.g. xs.astype({params['U'].dtype.name}))")
-    for i, leaf in enumerate(jax.tree_util.tree_leaves(carry)):
+    for i, (path, leaf) in enumerate(jax.tree_util.tree_flatten_with_path(carry)[0]):
+        name = f"carry{jax.tree_util.keystr(path)} (carry leaf {i})" if path else "carry"
+        hidden = np.shape(leaf)[-1] if np.ndim(leaf) else "hidden"
+        if kernels is not None:
+            hidden, dtype = kernels
+            if np.ndim(leaf) == 0 or np.shape(leaf)[-1] != hidden:
+                raise ValueError(
+                    f"{name} has {_describe(leaf)} but the cell's recurrent kernel W "
+                    f"{tuple(params['W'].shape)} has hidden size {hidden}; expected shape {(*batch_shape, hidden)}")
+            if jnp.result_type(leaf) != dtype:
+                raise ValueError(
+                    f"{name} has {_describe(leaf)} but the cell's params have dtype {dtype}; "
+                    f"expected dtype {dtype} (e.g. init_carry(..., dtype=params['W'].dtype))")
         if tuple(np.shape(leaf)[:-1]) != batch_shape:
             raise ValueError(
-                f"carry leaf {i} has {_describe(leaf)} but xs {tuple(np.shape(xs))} has batch shape {batch_shape}; "
-                f"expected carry shape {(*batch_shape, np.shape(leaf)[-1] if np.ndim(leaf) else 'hidden')}")
+                f"{name} has {_describe(leaf)} but xs {tuple(np.shape(xs))} has batch shape "
+                f"{batch_shape}; expected carry shape {(*batch_shape, hidden)}")
     if lengths is not None:
         if tuple(np.shape(lengths)) != batch_shape:
             raise ValueError(
@@ -149,8 +196,9 @@ def unroll(apply: Callable, params, carry, xs, *, lengths=None, reverse: bool = 
       params: the cell's parameter pytree.
       carry: initial carry, leaves ``[*batch, hidden]`` (e.g. ``cell.init_carry(batch_shape, hidden)``).
       xs: inputs ``[*batch, time, features]`` (``[time, *batch, features]`` if ``time_major``).
-      lengths: optional ``int[*batch]`` valid lengths in ``[0, time]``; padded steps keep the carry and emit
-        zeros. Checked when concrete; under ``jit`` a traced length outside the range is clipped into it.
+      lengths: optional ``int[*batch]`` valid lengths in ``[0, time]`` (an array, or a list of ints); padded steps
+        keep the carry and emit zeros. Checked when concrete; under ``jit`` a traced length outside the range is
+        clipped into it.
       reverse: run backwards in time (inside each sequence's length when ``lengths`` is given); outputs stay
         aligned with their inputs.
       unroll: steps per scan iteration, passed to ``lax.scan``.
@@ -160,7 +208,7 @@ def unroll(apply: Callable, params, carry, xs, *, lengths=None, reverse: bool = 
       ``(final_carry, ys)``: the carry after each sequence's last valid step and the outputs
       ``[*batch, time, out]`` (time-major if ``time_major``).
     """
-    xs = jnp.asarray(xs)
+    xs, lengths = jnp.asarray(xs), as_lengths(lengths)
     check_sequence_inputs(params, carry, xs, lengths, time_major=time_major)
     xs_t = xs if time_major else jnp.moveaxis(xs, -2, 0)
     carry = vary_like(carry, params, xs, lengths)
@@ -204,11 +252,40 @@ def merge_outputs(y_forward: jax.Array, y_backward: jax.Array, merge: str | None
     raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
 
 
+def check_directions(params, name: str = "params") -> None:
+    """Raise a ``ValueError`` unless ``params`` is ``{"forward": cell_params, "backward": cell_params}``."""
+    if not (isinstance(params, Mapping) and "forward" in params and "backward" in params):
+        got = f"keys {sorted(params)}" if isinstance(params, Mapping) else type(params).__name__
+        raise ValueError(f'{name} must be {{"forward": cell_params, "backward": cell_params}} for a bidirectional '
+                         f"layer (jaxseq.scan.init_bidirectional); got {got}")
+
+
+def check_cell_params(cell: Cell, params, name: str = "params", *, needs_hidden: bool = True) -> None:
+    """Check ``params`` against ``cell``'s layout: the full layout for the kinds in ``jaxseq.cells.LAYOUTS``;
+    for other cells, when ``needs_hidden``, that the recurrent kernel ``params["W"]`` (read for a zero carry's
+    hidden size) is there."""
+    if cell.kind in cells.LAYOUTS:
+        cells.check_params(params, cell.kind, name)
+    elif needs_hidden and not (isinstance(params, Mapping) and np.ndim(params.get("W")) == 2):
+        hint = (" (per-direction params: pass bidirectional=True)"
+                if isinstance(params, Mapping) and {"forward", "backward"} <= set(params) else "")
+        got = f"keys {sorted(params)}" if isinstance(params, Mapping) else type(params).__name__
+        raise ValueError(f'{name} must be a cell\'s params with a recurrent kernel "W" [hidden, k * hidden] '
+                         f"(cell.init); got {got}{hint}")
+
+
 def init_bidirectional(cell: Cell, key, input_size: int, hidden_size: int, dtype=jnp.float32) -> dict:
     """Params ``{"forward": ..., "backward": ...}`` for ``bidirectional``."""
     k_f, k_b = jax.random.split(key)
     return {"forward": cell.init(k_f, input_size, hidden_size, dtype),
             "backward": cell.init(k_b, input_size, hidden_size, dtype)}
+
+
+def check_carry_pair(carry) -> None:
+    """Raise a ``ValueError`` unless ``carry`` is a ``(forward_carry, backward_carry)`` pair."""
+    if isinstance(carry, LSTMState) or not (isinstance(carry, (tuple, list)) and len(carry) == 2):
+        got = "a single LSTMState" if isinstance(carry, LSTMState) else f"a {type(carry).__name__}"
+        raise ValueError(f"carry of a bidirectional layer must be a pair (forward_carry, backward_carry), got {got}")
 
 
 def bidirectional(cell: Cell, params, xs, *, lengths=None, merge: str | None = "concat", carry=None,
@@ -232,6 +309,7 @@ def bidirectional(cell: Cell, params, xs, *, lengths=None, merge: str | None = "
 def init_stacked(cell: Cell, key, input_size: int, hidden_size: int, num_layers: int, *,
                  bidirectional: bool = False, merge: str = "concat", dtype=jnp.float32) -> list:
     """Params for ``stacked``: one entry per layer (``{"forward", "backward"}`` when bidirectional)."""
+    cells.check_size("num_layers", num_layers)
     layers, size = [], input_size
     for k in jax.random.split(key, num_layers):
         if bidirectional:
@@ -257,6 +335,9 @@ def layer(cell: Cell, params, carry, xs, *, lengths=None, reverse: bool = False,
     from jaxseq import layers  # layers builds on this module
 
     layers._check_impl(impl)
+    if cell.kind in cells.LAYOUTS:
+        cells.check_params(params, cell.kind)
+        carry = None if carry is None else cells.check_carry(carry, cell.kind)
     if cell.kind == "lstm" and impl != "scan" and not time_major:
         return layers.lstm(params, xs, carry=carry, lengths=lengths, reverse=reverse, impl=impl, unroll=unroll)
     if impl not in ("auto", "scan"):
@@ -270,10 +351,16 @@ def bidirectional_layer(cell: Cell, params, xs, *, lengths=None, merge: str | No
     """``bidirectional`` with each direction run by ``layer`` (the fused LSTM for LSTM cells)."""
     if merge not in MERGES:
         raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
+    check_directions(params)
+    for d in ("forward", "backward"):
+        check_cell_params(cell, params[d], f'params["{d}"]', needs_hidden=carry is None)
     if carry is None:
         batch_shape = _batch_shape(xs, time_major)
         carry = tuple(cell.init_carry(batch_shape, params[d]["W"].shape[0], params[d]["W"].dtype)
                       for d in ("forward", "backward"))
+    else:
+        check_carry_pair(carry)
+    lengths = as_lengths(lengths)
     kwargs = dict(lengths=lengths, unroll=unroll, time_major=time_major, impl=impl)
     c_f, y_f = layer(cell, params["forward"], carry[0], xs, reverse=False, **kwargs)
     c_b, y_b = layer(cell, params["backward"], carry[1], xs, reverse=True, **kwargs)
@@ -289,6 +376,8 @@ def stacked(cell: Cell, layer_params: Sequence[Any], xs, *, lengths=None, bidire
     after the last layer. Pass ``key`` to enable it (training); ``key=None`` means deterministic. Each layer
     runs through ``layer``: the fused LSTM layer for LSTM cells (``impl="scan"`` for the plain loop).
 
+    ``layer_params`` is a non-empty list (``init_stacked``); each entry is checked against ``cell`` up front.
+
     Returns:
       ``(final_carries, ys)``: a list with each layer's final carry and the last layer's outputs.
     """
@@ -296,7 +385,20 @@ def stacked(cell: Cell, layer_params: Sequence[Any], xs, *, lengths=None, bidire
         raise ValueError(f"dropout_rate must lie in [0, 1), got {dropout_rate}")
     if bidirectional and merge is None:
         raise ValueError("stacked bidirectional layers need a merge mode that gives one output, not None")
-    carries, ys = [], xs
+    if isinstance(layer_params, Mapping) or not isinstance(layer_params, (list, tuple)):
+        raise ValueError(f"layer_params must be a list with one entry per layer (jaxseq.scan.init_stacked), got a "
+                         f"{type(layer_params).__name__}")
+    if not layer_params:
+        raise ValueError("stacked needs at least one layer, got layer_params=[] (init_stacked with num_layers >= 1)")
+    for depth, params in enumerate(layer_params):
+        name = f"layer_params[{depth}]"
+        if bidirectional:
+            check_directions(params, name)
+            for d in ("forward", "backward"):
+                check_cell_params(cell, params[d], f'{name}["{d}"]')
+        else:
+            check_cell_params(cell, params, name)
+    carries, ys, lengths = [], xs, as_lengths(lengths)
     for depth, params in enumerate(layer_params):
         if depth > 0 and dropout_rate > 0.0 and key is not None:
             keep = jax.random.bernoulli(jax.random.fold_in(key, depth), 1.0 - dropout_rate, ys.shape)

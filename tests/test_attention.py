@@ -121,6 +121,28 @@ def test_errors_name_the_problem(key):
         attn.attend("dot", {}, q[0], k)
 
 
+def test_params_that_do_not_fit_query_or_keys_name_the_key(key):
+    q, k = _inputs(key)  # N = 4 features each
+    additive = attn.init_score("additive", key, N, N, attention_size=6)
+    with pytest.raises(ValueError, match=r'additive attention\'s params\["W_k"\] has shape \(4, 6\); expected \[3, 6\] '
+                                         r"\(W_k \[key, A\]: keys have 3 features"):
+        attn.attend("additive", additive, q, k[..., :3])
+    with pytest.raises(ValueError, match=r'params\["W_q"\] has shape \(4, 6\); expected \[5, 6\]'):
+        attn.attend("additive", additive, jnp.ones((B, 5)), k)
+    with pytest.raises(ValueError, match=r'additive attention params are missing "v"'):
+        attn.attend("additive", {"W_q": additive["W_q"], "W_k": additive["W_k"]}, q, k)
+    general = attn.init_score("general", key, N, N)
+    with pytest.raises(ValueError, match=r'general attention\'s params\["W"\] has shape \(4, 4\); expected \[4, 3\]'):
+        attn.attend("general", general, q, k[..., :3])
+    location = attn.init_score("location", key, N, N, max_positions=S)
+    with pytest.raises(ValueError, match=r'params\["W"\] has shape \(4, 5\); expected \[2, max_positions\]'):
+        attn.attend("location", location, q[:, :2], k)
+    with pytest.raises(ValueError, match=r'cosine attention params are missing "beta_raw"'):
+        attn.attend("cosine", {}, q, k)
+    with pytest.raises(ValueError, match=r"values must be \[batch, source, value\] .* got shape \(3, 4, 2\)"):
+        attn.attend("dot", {}, q, k, values=jnp.ones((B, S - 1, 2)))
+
+
 def test_jit_and_grad_through_every_score(key):
     q, k = _inputs(key)
     mask = attn.mask_from_lengths(jnp.array([5, 3, 4]), S)

@@ -163,6 +163,29 @@ def test_bad_input_messages():
         bptt.rnn_many_to_one_grads(rnn_params, rxs, 0)
 
 
+def test_labels_out_of_range_or_misshapen_are_rejected():
+    params, xs, k_y, batch, T, D = _rnn_case(SHAPES[1], jnp.float32)  # batch (2,), D = 4 classes
+    # one_hot of an out-of-range label is all zeros: the loss would silently be 0.
+    for bad in (D, D + 2, -1):
+        with pytest.raises(ValueError, match=rf"label must lie in \[0, {D}\) .* from {min(bad, 0)} to {max(bad, 0)}"):
+            bptt.rnn_many_to_one_grads(params, xs, jnp.array([0, bad]))
+        with pytest.raises(ValueError, match=rf"labels must lie in \[0, {D}\)"):
+            bptt.rnn_many_to_many_grads(params, xs, jnp.zeros((*batch, T), int).at[1, 3].set(bad))
+    with pytest.raises(ValueError, match=r"label has shape \(3,\); expected \(2,\)"):
+        bptt.rnn_many_to_one_grads(params, xs, jnp.zeros(3, int))
+    with pytest.raises(ValueError, match=r"labels has shape \(2,\); expected \(2, 7\)"):
+        bptt.rnn_many_to_many_grads(params, xs, jnp.zeros(2, int))
+    with pytest.raises(ValueError, match="label must be integer class indices, got dtype float32"):
+        bptt.rnn_many_to_one_grads(params, xs, jnp.zeros(2))
+    with pytest.raises(ValueError, match=r'params\["V"\] \(6, 4\) and params\["c"\] \(4,\) must be the readout'):
+        bptt.rnn_many_to_one_grads({**params, "V": jnp.zeros((6, D))}, xs, [0, 1])
+    with pytest.raises(ValueError, match=r'params\["b"\] has shape \(3,\)'):
+        bptt.rnn_many_to_one_grads({**params, "b": jnp.zeros(3)}, xs, [0, 1])
+    # A list is taken; traced labels are not inspected (no host sync under jit).
+    loss, _ = bptt.rnn_many_to_one_grads(params, xs, [0, D - 1])
+    np.testing.assert_allclose(loss, rnn_many_to_one(params, xs, jnp.array([0, D - 1]))[0], rtol=1e-6)
+
+
 def test_hand_bptt_inside_shard_map():
     """Batch-sharded inside ``shard_map`` (a one-device mesh checks the types): same loss and gradients.
 

@@ -320,3 +320,67 @@ def test_bad_arguments_raise_value_errors(key):
         layers.lstm(params, xs, lengths=jnp.asarray([1, 2]))
     with pytest.raises(ValueError, match=r"\[batch, time, features\]"):
         layers.lstm(params, xs[0, 0, :])
+
+
+@pytest.mark.parametrize("impl", ["scan", "fused"])
+def test_lstm_carry_structure_size_and_dtype_are_checked(key, impl):
+    params, xs, carry, _ = _inputs(key)
+    with pytest.raises(ValueError, match=r"carry\.h \(carry leaf 0\) has shape \(3, 5\) .* W \(4, 16\) has hidden "
+                                         r"size 4; expected shape \(3, 4\)"):
+        layers.lstm(params, xs, carry=cells.lstm.init_carry((B,), H + 1), impl=impl)
+    with pytest.raises(ValueError, match=r"carry\.c \(carry leaf 1\) has .* dtype bfloat16 but the cell's params "
+                                         r"have dtype float32"):
+        layers.lstm(params, xs, carry=LSTMState(carry.h, carry.c.astype(jnp.bfloat16)), impl=impl)
+    with pytest.raises(ValueError, match=r"carry must be an LSTMState\(h, c\).* got an array of shape \(3, 4\)"):
+        layers.lstm(params, xs, carry=carry.h, impl=impl)
+    with pytest.raises(ValueError, match=r"carry must be an LSTMState\(h, c\).* got tuple of 3"):
+        layers.lstm(params, xs, carry=(carry.h, carry.c, carry.c), impl=impl)
+    # A plain (h, c) pair is still taken as an LSTMState.
+    assert_trees_close(layers.lstm(params, xs, carry=tuple(carry), impl=impl), layers.lstm(params, xs, carry=carry))
+
+
+@pytest.mark.parametrize("layer,cell", [(layers.gru, cells.gru), (layers.rnn, cells.rnn)])
+def test_gru_and_rnn_carry_is_checked(key, layer, cell):
+    params, xs, _, _ = _inputs(key, cell)
+    with pytest.raises(ValueError, match=r"^carry has shape \(3, 8\) .* hidden size 4; expected shape \(3, 4\)"):
+        layer(params, xs, carry=jnp.zeros((B, 2 * H)))
+    with pytest.raises(ValueError, match=r"^carry has .* dtype bfloat16 .* expected dtype float32"):
+        layer(params, xs, carry=jnp.zeros((B, H), jnp.bfloat16))
+    with pytest.raises(ValueError, match=r"carry must be one array h \[\*batch, hidden\] .* got LSTMState"):
+        layer(params, xs, carry=cells.lstm.init_carry((B,), H))
+
+
+def test_params_of_the_wrong_cell_or_shape_name_the_key(key):
+    lstm_params, xs, _, _ = _inputs(key)
+    gru_params = cells.gru.init(key, I, H)
+    lstm_layout = r'an LSTM expects \{"U": \[I, 4H\], "W": \[H, 4H\], "b": \[4H\]\}'
+    cases = [
+        (layers.lstm, gru_params, r'params\["U"\] has shape \(5, 12\) but ' + lstm_layout
+         + r'.*U should have shape \(5, 16\) \(these look like GRU params\)'),
+        (layers.gru, lstm_params, r"params is missing \['b_h'\]: a GRU expects .*\(these look like LSTM params\)"),
+        (layers.rnn, lstm_params, r'params\["U"\] has shape \(5, 16\) but an RNN expects \{"U": \[I, H\]'),
+        (layers.lstm, {"U": lstm_params["U"], "b": lstm_params["b"]}, r"params is missing \['W'\]: " + lstm_layout),
+        (layers.lstm, {**lstm_params, "b": jnp.zeros(7)},
+         r'params\["b"\] has shape \(7,\) .*b should have shape \(16,\)'),
+        (layers.lstm, {**lstm_params, "W": jnp.zeros((H, 15))}, r'params\["W"\] has shape \(4, 15\)'),
+        (layers.lstm, [lstm_params["U"]], r"params must be a dict of arrays: " + lstm_layout + ".*; got list"),
+    ]
+    for layer, params, pattern in cases:
+        with pytest.raises(ValueError, match=pattern):
+            layer(params, xs)
+    with pytest.raises(ValueError, match=r'^params must be \{"forward": cell_params, "backward": cell_params\}'):
+        bidirectional(cells.lstm, lstm_params, xs)
+    with pytest.raises(ValueError, match=r'^params must be \{"forward": cell_params, "backward": cell_params\}'):
+        layers.bidirectional(layers.lstm, lstm_params, xs)
+    with pytest.raises(ValueError, match=r"carry of a bidirectional layer must be a pair"):
+        layers.bidirectional(layers.gru, init_bidirectional(cells.gru, key, I, H), xs, carry=jnp.zeros((B, H)))
+
+
+def test_lengths_may_be_a_list(key):
+    params, xs, carry, _ = _inputs(key)
+    for kwargs in (dict(impl="fused"), dict(impl="scan", checkpoint=3), dict(impl="fused", checkpoint=3)):
+        assert_trees_close(layers.lstm(params, xs, carry=carry, lengths=LENGTHS.tolist(), reverse=True, **kwargs),
+                           layers.lstm(params, xs, carry=carry, lengths=jnp.asarray(LENGTHS), reverse=True, **kwargs))
+    gru_params = cells.gru.init(key, I, H)
+    assert_trees_close(layers.gru(gru_params, xs, lengths=list(LENGTHS)),
+                       layers.gru(gru_params, xs, lengths=jnp.asarray(LENGTHS)))

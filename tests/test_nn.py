@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import jaxseq
 from jaxseq import cells, nn
@@ -34,3 +35,12 @@ def test_bidirectional_and_stacked_modules(key):
     assert_trees_close(y_eval, y_pure)
     _, y_train = stack.apply(variables, xs, deterministic=False, rngs={"dropout": jax.random.PRNGKey(3)})
     assert not np.allclose(y_train, y_eval)
+
+
+def test_sizes_and_layer_count_must_be_positive(key):
+    xs = jnp.zeros((2, 5, 3))
+    for module, name in [(nn.RNN(cells.lstm, 0), "hidden_size"), (nn.Bidirectional(cells.gru, -1), "hidden_size"),
+                         (nn.RNN(cells.make_rnn("relu"), 2.0), "hidden_size"),
+                         (nn.StackedRNN(cells.lstm, 4, num_layers=0), "num_layers")]:
+        with pytest.raises(ValueError, match=f"{name} must be a positive int"):
+            module.init(key, xs)

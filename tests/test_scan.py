@@ -198,7 +198,8 @@ def test_bad_input_names_argument_shape_and_expectation(key):
         (dict(lengths=jnp.array([-1, 0])), r"lengths must lie in \[0, 6\]"),
         (dict(lengths=jnp.array([1, 2, 3])), r"lengths has shape \(3,\) .* expected one length per sequence"),
         (dict(lengths=jnp.array([1.0, 2.0])), r"lengths must be integers"),
-        (dict(carry=cells.lstm.init_carry((3,), H)), r"carry leaf 0 has shape \(3, 4\) .* batch shape \(2,\)"),
+        (dict(carry=cells.lstm.init_carry((3,), H)),
+         r"carry\.h \(carry leaf 0\) has shape \(3, 4\) .* batch shape \(2,\)"),
     ]
     for overrides, pattern in cases:
         args = dict(xs=xs, carry=carry, lengths=None) | overrides
@@ -211,3 +212,74 @@ def test_bad_input_names_argument_shape_and_expectation(key):
     # The check runs at trace time under jit too, before lax.scan is entered.
     with pytest.raises(ValueError, match="features"):
         jax.jit(functools.partial(jaxseq.unroll, cells.lstm.apply))(params, carry, jnp.zeros((2, T, 5)))
+
+
+@pytest.mark.parametrize("name", ["rnn", "lstm", "gru"])
+def test_carry_hidden_size_and_dtype_are_checked_before_the_scan(key, name):
+    cell = CELLS[name]
+    params = cell.init(key, I, H)
+    xs = jnp.zeros((2, T, I))
+    leaf = r"carry\.h \(carry leaf 0\)" if name == "lstm" else "carry"
+    with pytest.raises(ValueError, match=leaf + r" has shape \(2, 5\) .* W \(4, \d+\) has hidden size 4; "
+                                         r"expected shape \(2, 4\)"):
+        jaxseq.unroll(cell.apply, params, cell.init_carry((2,), H + 1), xs)
+    with pytest.raises(ValueError, match=leaf + r" has .* dtype bfloat16 but the cell's params have dtype float32"):
+        jax.jit(functools.partial(jaxseq.unroll, cell.apply))(params, cell.init_carry((2,), H, jnp.bfloat16), xs)
+    with pytest.raises(ValueError, match=r'params\["b"\] has shape \(3,\)'):
+        jaxseq.unroll(cell.apply, {**params, "b": jnp.zeros(3)}, cell.init_carry((2,), H), xs)
+
+
+@pytest.mark.parametrize("name", sorted(CELLS))
+def test_cell_init_rejects_sizes_that_are_not_positive_ints(key, name):
+    for input_size, hidden_size, bad in [(I, 0, "hidden_size"), (0, H, "input_size"), (I, -1, "hidden_size"),
+                                         (I, 2.5, "hidden_size"), (True, H, "input_size")]:
+        with pytest.raises(ValueError, match=f"{bad} must be a positive int"):
+            CELLS[name].init(key, input_size, hidden_size)
+    with pytest.raises(ValueError, match="num_layers must be a positive int, got 0"):
+        jaxseq.scan.init_stacked(CELLS[name], key, I, H, 0)
+
+
+def test_bidirectional_and_stacked_params_structure_is_checked(key):
+    xs = jnp.zeros((2, T, I))
+    lstm_params, gru_params = cells.lstm.init(key, I, H), cells.gru.init(key, I, H)
+    bi_params = jaxseq.scan.init_bidirectional(cells.lstm, key, I, H)
+    structure = r'must be \{"forward": cell_params, "backward": cell_params\}'
+    with pytest.raises(ValueError, match=r"^params " + structure + r".*got keys \['U', 'W', 'b'\]"):
+        jaxseq.bidirectional(cells.lstm, lstm_params, xs)
+    with pytest.raises(ValueError, match=r"^layer_params\[1\] " + structure):
+        jaxseq.stacked(cells.lstm, [bi_params, lstm_params], xs, bidirectional=True)
+    with pytest.raises(ValueError, match=r"layer_params\[0\] is missing \['U', 'W', 'b'\].*per-direction params"):
+        jaxseq.stacked(cells.lstm, [bi_params], xs)
+    with pytest.raises(ValueError, match=r'params\["backward"\] is missing \[\'b_h\'\]: a GRU expects .*LSTM params'):
+        jaxseq.bidirectional(cells.gru, {"forward": gru_params, "backward": lstm_params}, xs)
+    with pytest.raises(ValueError, match=r'layer_params\[0\]\["forward"\]\["U"\] has shape \(3, 12\).*U should have '
+                                         r"shape \(3, 16\) \(these look like GRU params\)"):
+        jaxseq.stacked(cells.lstm, [{"forward": gru_params, "backward": gru_params}], xs, bidirectional=True)
+    with pytest.raises(ValueError, match=r"carry of a bidirectional layer must be a pair .* single LSTMState"):
+        jaxseq.bidirectional(cells.lstm, bi_params, xs, carry=cells.lstm.init_carry((2,), H))
+    with pytest.raises(ValueError, match="carry must be an LSTMState"):
+        jaxseq.scan.layer(cells.lstm, lstm_params, jnp.zeros((2, H)), xs, impl="scan")
+
+
+def test_stacked_needs_at_least_one_layer(key):
+    xs = jnp.zeros((2, T, I))
+    with pytest.raises(ValueError, match="at least one layer"):
+        jaxseq.stacked(cells.lstm, [], xs)
+    with pytest.raises(ValueError, match="layer_params must be a list"):
+        jaxseq.stacked(cells.lstm, cells.lstm.init(key, I, H), xs)
+
+
+def test_lengths_given_as_a_list_or_numpy_array(key):
+    params = cells.gru.init(key, I, H)
+    xs = jax.random.normal(key, (3, T, I))
+    carry = cells.gru.init_carry((3,), H)
+    expected = jaxseq.unroll(cells.gru.apply, params, carry, xs, lengths=jnp.array([T, 2, 0]), reverse=True)
+    for lengths in ([T, 2, 0], (T, 2, 0), np.array([T, 2, 0])):
+        assert_trees_close(jaxseq.unroll(cells.gru.apply, params, carry, xs, lengths=lengths, reverse=True), expected)
+    bi_params = jaxseq.scan.init_bidirectional(cells.gru, key, I, H)
+    assert_trees_close(jaxseq.bidirectional(cells.gru, bi_params, xs, lengths=[T, 2, 0]),
+                       jaxseq.bidirectional(cells.gru, bi_params, xs, lengths=jnp.array([T, 2, 0])))
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, 6\]"):
+        jaxseq.unroll(cells.gru.apply, params, carry, xs, lengths=[T + 1, 2, 0])
+    with pytest.raises(ValueError, match="lengths must be an int array"):
+        jaxseq.unroll(cells.gru.apply, params, carry, xs, lengths=[[1], 2, 0])
