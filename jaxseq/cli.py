@@ -22,14 +22,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _describe(error: Exception) -> str:
+    """The message, with the path first for operating-system errors (``[Errno 17] File exists: 'x'``)."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        where = f"{error.filename} -> {error.filename2}" if error.filename2 is not None else str(error.filename)
+        return f"{where}: {error.strerror.lower()}"
+    return str(error)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.run(args) or 0)
-    except (ValueError, FileNotFoundError) as error:
+    except KeyboardInterrupt:
+        # Ctrl-C: training has already said where its checkpoint is; a traceback would only bury that.
+        print(f"jaxseq {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as error:
         # Bad input gets one line naming what was wrong, not a traceback.
-        print(f"jaxseq {args.command}: error: {error}", file=sys.stderr)
+        print(f"jaxseq {args.command}: error: {_describe(error)}", file=sys.stderr)
         return 2
     except FloatingPointError as error:
         # training.NonFiniteError: the message names the bad steps; the last good checkpoint is kept.

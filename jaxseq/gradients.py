@@ -28,6 +28,7 @@ References:
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable, NamedTuple
 
 import jax
@@ -428,8 +429,10 @@ def profile(name: str, *, steps: int, hidden: int, sigma: float, seed: int = 0, 
         raise ValueError(f"steps must be a positive number of time steps, got {steps}")
     if hidden < 1:
         raise ValueError(f"hidden must be a positive size, got {hidden}")
-    if not sigma > 0:
-        raise ValueError(f"sigma_max must be > 0, got {sigma}")
+    if not (sigma > 0 and math.isfinite(sigma)):
+        raise ValueError(f"sigma_max must be > 0 and finite, got {sigma}")
+    if not math.isfinite(forget_bias):
+        raise ValueError(f"forget_bias must be a finite number, got {forget_bias}")
     if name == "rnn" and activation not in ("tanh", "relu"):
         raise ValueError(f"activation must be tanh or relu for the rnn cell, got {activation!r}")
     k_params, k_x, k_power = jax.random.split(jax.random.PRNGKey(seed), 3)

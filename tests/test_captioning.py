@@ -73,7 +73,7 @@ def test_loader_reports_malformed_lines_and_missing_images(tmp_path):
                      "d_4.jpg#0\tA bird .\n")
     (tmp_path / "Flickr_8k.trainImages.txt").write_text("a_1.jpg\nb_2.jpg\nz_9.jpg\n")
     (tmp_path / "Flickr_8k.devImages.txt").write_text("d_4.jpg\nnot an image name\n")
-    (tmp_path / "Flickr_8k.testImages.txt").write_text("")
+    (tmp_path / "Flickr_8k.testImages.txt").write_text("e_5.jpg\n")  # an empty list raises (tested below)
     (tmp_path / "images").mkdir()
     for name in ("a_1.jpg", "b_2.jpg"):
         (tmp_path / "images" / name).write_bytes(b"")
@@ -104,6 +104,39 @@ def test_glove_matrix_unknown_words_are_zero(shared_data, tmp_path):
     bad.write_text("a 1 2\nb 1\nc 1 2\n")
     with pytest.raises(ValueError, match="line 2"):
         glove.load_vectors(bad)
+
+
+def test_vocab_lookups_name_the_word_or_index_and_the_range():
+    vocab = Vocab.build(["startseq dog runs endseq"])
+    assert vocab.decode([vocab.start_index, vocab.index("dog"), vocab.end_index]) == "dog"
+    for bad in (99999, -1):
+        with pytest.raises(ValueError, match=rf"index {bad} is not in the vocabulary: valid indices are 0\.\.4"):
+            vocab.decode([bad])
+    with pytest.raises(KeyError, match="word 'zzzz' is not in the vocabulary of 5 entries"):
+        vocab.index("zzzz")
+    with pytest.raises(ValueError, match="word 'zzzz'"):  # a ValueError too: the CLI reports it in one line
+        vocab.index("zzzz")
+    with pytest.raises(KeyError, match="the vocabulary has no 'startseq'"):
+        Vocab.build(["a b"]).start_index
+
+
+def test_empty_flickr8k_files_are_named(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(ValueError, match=f"token file '{empty}' is empty"):
+        flickr8k.load_captions(empty)
+    with pytest.raises(ValueError, match=f"split list '{empty}' is empty"):
+        flickr8k.load_split(empty)
+
+
+def test_glove_non_finite_vector_names_file_line_and_word(tmp_path):
+    path = tmp_path / "glove_nan.txt"
+    path.write_text("the 1 2\ndog nan 2\ncat 3 4\n")
+    with pytest.raises(ValueError, match=rf"{path} line 2: the vector of 'dog' holds a non-finite value"):
+        glove.embedding_matrix(path, Vocab.build(["startseq the dog endseq"]))
+    path.write_text("the 1 2\ndog 1 x\n")
+    with pytest.raises(ValueError, match=rf"{path} line 2: the vector of 'dog' holds a field that is not a number"):
+        glove.load_vectors(path)
 
 
 # --- model ------------------------------------------------------------------------------------------------------

@@ -105,9 +105,15 @@ def test_sort_dates_is_opt_in_and_duplicates_still_fail(tmp_path):
         ts.read_csv(dup, sort_dates=True)
 
 
-def test_log_targets_need_positive_values():
-    with pytest.raises(ValueError, match=r"'Close' has value -1.0 at row 1"):
+def test_log_targets_need_positive_values(tmp_path):
+    with pytest.raises(ValueError, match=r"row 1, column 'Close': value -1 is not positive"):
         ts.transform(np.array([[1.0], [-1.0]]), "log_return", ("Close",))
+    # Read from a file, the message names the file line like every other CSV error (a blank line included).
+    rows = daily_rows(np.linspace(1, 2, 40))
+    rows[7] = rows[7].split(",")[0] + ",1,-5,8"  # Date,Open,Close,Volume
+    path = write_csv(tmp_path / "neg.csv", rows[:3] + [""] + rows[3:])
+    with pytest.raises(ValueError, match=rf"{path}: line 10, column 'Close': value -5 is not positive"):
+        ts.prepare(ts.read_csv(path), target="log_return", lookback=3)
 
 
 # --- windows, splits, leakage -----------------------------------------------------------------------------

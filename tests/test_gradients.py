@@ -160,6 +160,10 @@ def test_field_errors(key):
         gradients.jacobian_norms(cells.rnn.apply, params, jnp.zeros((1, 3)), jnp.zeros((1, 4, 2)))
     with pytest.raises(ValueError, match="sigma_max must be > 0"):
         gradients.profile("rnn", steps=3, hidden=2, sigma=0.0)
+    with pytest.raises(ValueError, match="sigma_max must be > 0 and finite, got inf"):
+        gradients.profile("rnn", steps=3, hidden=2, sigma=float("inf"))
+    with pytest.raises(ValueError, match="forget_bias must be a finite number, got nan"):
+        gradients.profile("lstm", steps=3, hidden=2, sigma=0.9, forget_bias=float("nan"))
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -167,6 +171,10 @@ def test_field_errors(key):
     (["--cell", "elman"], "invalid choice"),
     (["--sigma-max", "0"], "--sigma-max must be > 0"),
     (["--sigma-max", "-1.5"], "--sigma-max must be > 0"),
+    (["--sigma-max", "inf"], "--sigma-max must be > 0 and finite, got inf"),
+    (["--sigma-max", "nan"], "--sigma-max must be > 0 and finite, got nan"),
+    (["--cell", "lstm", "--forget-bias", "nan"], "--forget-bias must be a finite number, got nan"),
+    (["--cell", "lstm", "--forget-bias=-inf"], "--forget-bias must be a finite number, got -inf"),
 ])
 def test_cli_bad_arguments_exit_2(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -174,6 +182,16 @@ def test_cli_bad_arguments_exit_2(argv, message, tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_cli_out_that_is_a_file_is_one_line(tmp_path, capsys):
+    existing = tmp_path / "afile"
+    existing.write_text("x")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["gradnorms", "--steps", "3", "--hidden", "2", "--out", str(existing)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--out {existing} exists and is not a folder" in err and len(err.splitlines()) == 1
 
 
 @pytest.mark.parametrize("cell, kind", [("linear", "exact"), ("lstm", "direct_path")])

@@ -103,6 +103,41 @@ def test_split_by_source_never_shares_a_sentence():
     assert len(sources[1]) == 5 and len(dev) == 15
 
 
+def test_split_sizes_must_not_be_negative(tmp_path):
+    pairs = [tr.Pair(f"s{i}", f"t{i}", i) for i in range(10)]
+    with pytest.raises(ValueError, match="dev must be a number of source sentences >= 0, got -1"):
+        tr.split_by_source(pairs, dev=-1, test=1)
+    path = tmp_path / "pairs.txt"
+    path.write_text("".join(f"s{i}\tt{i}\n" for i in range(10)))
+    with pytest.raises(ValueError, match=f"{path}: dev must be a number"):
+        tr.load_tatoeba(path, max_len=10, dev=-1, test=1)
+
+
+def test_empty_files_are_named(tmp_path):
+    empty, other = tmp_path / "empty.tsv", tmp_path / "one.vi"
+    empty.write_text("")
+    other.write_text("xin chào\n")
+    with pytest.raises(ValueError, match=f"{empty} is empty"):
+        tr.read_tatoeba(empty)
+    with pytest.raises(ValueError, match=f"{empty} is empty"):
+        tr.load_tatoeba(empty, max_len=10)
+    with pytest.raises(ValueError, match=f"{empty} is empty"):
+        tr.read_parallel(empty, empty)
+
+
+def test_vocab_decode_and_batch_index_name_the_range():
+    vocab = tr.Vocab(["hello"])
+    assert vocab.decode([4, tr.EOS_ID, 999]) == ["hello"]  # stops at </s>
+    for bad in (999, -1):
+        with pytest.raises(ValueError, match=rf"token id {bad} is not in the vocabulary: valid ids are 0\.\.4"):
+            vocab.decode([bad])
+    source = tr.BucketedBatches(_toy_data(), 8, seed=0)
+    with pytest.raises(IndexError, match=rf"batch index 99 out of range: epoch 0 has {source.num_batches(0)} "):
+        source.batch(0, 99)
+    with pytest.raises(IndexError, match="batch index -1 out of range"):
+        source.batch(0, -1)
+
+
 # --- vocabulary and batches ------------------------------------------------------------------------------------
 
 def test_vocab_min_count_max_size_and_specials(tmp_path):

@@ -22,6 +22,8 @@ import json
 import pathlib
 import sys
 
+from jaxseq.commands import finite_float, positive_int, reword
+
 VOCAB_FILE = "vocab.json"
 SYNTHETIC_SIZES = {"train": 2000, "dev": 200, "test": 300}
 
@@ -36,20 +38,20 @@ def register(subparsers) -> None:
                    "Flickr8k folder (Flickr8k.token.txt and the split lists, directly or in Flickr8k_text/)")
     t.add_argument("--features", default=None, help="features.npz from 'jaxseq caption features' (Flickr8k)")
     t.add_argument("--glove", default=None, help="GloVe text file: frozen word embeddings (sets --embed-dim)")
-    t.add_argument("--epochs", type=int, default=10)
+    t.add_argument("--epochs", type=positive_int, default=10)
     t.add_argument("--out", required=True, help="run folder (re-running it resumes)")
     t.add_argument("--variant", default="merge", choices=["merge", "inject", "attention"])
-    t.add_argument("--embed-dim", type=int, default=200)
-    t.add_argument("--hidden", type=int, default=256)
-    t.add_argument("--dropout", type=float, default=0.5)
-    t.add_argument("--min-count", type=int, default=None,
+    t.add_argument("--embed-dim", type=positive_int, default=200)
+    t.add_argument("--hidden", type=positive_int, default=256)
+    t.add_argument("--dropout", type=finite_float, default=0.5)
+    t.add_argument("--min-count", type=positive_int, default=None,
                    help="vocabulary threshold (default 10 for Flickr8k as in the chapter, 1 for synthetic)")
-    t.add_argument("--batch-size", type=int, default=64, help="captions per step")
-    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--batch-size", type=positive_int, default=64, help="captions per step")
+    t.add_argument("--lr", type=finite_float, default=1e-3)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--synthetic-images", type=int, default=SYNTHETIC_SIZES["train"],
+    t.add_argument("--synthetic-images", type=positive_int, default=SYNTHETIC_SIZES["train"],
                    help="synthetic training images (dev and test keep their sizes unless this is smaller)")
-    t.add_argument("--beam", type=int, default=3, help="beam width for the final test report (besides greedy)")
+    t.add_argument("--beam", type=positive_int, default=3, help="beam width for the final test report (besides greedy)")
     t.add_argument("--restart", action="store_true", help="discard an existing run in --out")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(run=run_train)
@@ -57,15 +59,15 @@ def register(subparsers) -> None:
     e = sub.add_parser("eval", help="BLEU of a trained run on its test (or dev) images")
     e.add_argument("--run", dest="run_dir", required=True, help="a caption train run folder")
     e.add_argument("--split", default="test", choices=["dev", "test"])
-    e.add_argument("--beam", type=int, default=1, help="beam width (1 = greedy)")
-    e.add_argument("--length-penalty", type=float, default=0.6)
+    e.add_argument("--beam", type=positive_int, default=1, help="beam width (1 = greedy)")
+    e.add_argument("--length-penalty", type=finite_float, default=0.6)
     e.set_defaults(run=run_eval)
 
     r = sub.add_parser("predict", help="print a caption for each image")
     r.add_argument("--run", dest="run_dir", required=True, help="a caption train run folder")
     r.add_argument("images", nargs="+", metavar="IMAGE")
-    r.add_argument("--beam", type=int, default=1, help="beam width (1 = greedy)")
-    r.add_argument("--length-penalty", type=float, default=0.6)
+    r.add_argument("--beam", type=positive_int, default=1, help="beam width (1 = greedy)")
+    r.add_argument("--length-penalty", type=finite_float, default=0.6)
     r.add_argument("--weights", default=None, help="image encoder weights (Flickr8k runs made with InceptionV3)")
     r.set_defaults(run=run_predict)
 
@@ -74,7 +76,7 @@ def register(subparsers) -> None:
     f.add_argument("--encoder", required=True, choices=["efficientnet_lite0", "inception_v3"])
     f.add_argument("--weights", default=None, help="weights file (InceptionV3: the Keras .h5 you downloaded)")
     f.add_argument("--out", required=True, help="output .npz")
-    f.add_argument("--batch-size", type=int, default=32)
+    f.add_argument("--batch-size", type=positive_int, default=32)
     f.add_argument("--grid", action="store_true",
                    help="keep the last feature map [h, w, D] (for --variant attention) instead of pooling")
     f.set_defaults(run=run_features)
@@ -94,6 +96,8 @@ class Split:
 
 def load_npz_features(path) -> tuple[dict, dict]:
     """``({image_id: features}, metadata)`` from a ``caption features`` file (``ids`` + ``features``)."""
+    import zipfile
+
     import numpy as np
 
     from jaxseq.data.flickr8k import image_id
@@ -101,14 +105,29 @@ def load_npz_features(path) -> tuple[dict, dict]:
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--features {str(path)!r} does not exist")
-    with np.load(path, allow_pickle=False) as data:
-        if "ids" not in data or "features" not in data:
-            raise ValueError(f"--features {str(path)!r} must hold arrays 'ids' and 'features', has {data.files}")
-        ids, feats = [str(i) for i in data["ids"]], np.asarray(data["features"], np.float32)
-        meta = {k: data[k].item() if data[k].ndim == 0 else None for k in data.files
-                if k not in ("ids", "features")}
+    try:
+        data = np.load(path, allow_pickle=False)
+        if not hasattr(data, "files"):  # a bare .npy array, not an archive
+            raise ValueError("it holds a single array, not an .npz archive")
+        with data:
+            if "ids" not in data or "features" not in data:
+                raise ValueError(f"--features {str(path)!r} must hold arrays 'ids' and 'features', has "
+                                 f"{data.files}")
+            ids, feats = [str(i) for i in data["ids"]], np.asarray(data["features"], np.float32)
+            meta = {k: data[k].item() if data[k].ndim == 0 else None for k in data.files
+                    if k not in ("ids", "features")}
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as error:
+        if str(error).startswith("--features"):
+            raise
+        raise ValueError(f"--features {str(path)!r} is not a readable .npz made by 'jaxseq caption features' "
+                         f"({error})") from None
     if len(ids) != len(feats):
         raise ValueError(f"--features {str(path)!r}: {len(ids)} ids but {len(feats)} feature rows")
+    bad = [i for i, row in zip(ids, feats) if not np.isfinite(row).all()]
+    if bad:
+        raise ValueError(f"--features {str(path)!r}: non-finite (NaN or inf) features for {len(bad)} image(s): "
+                         f"{', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''}; re-make them with 'jaxseq "
+                         "caption features'")
     return {image_id(i): f for i, f in zip(ids, feats)}, {k: v for k, v in meta.items() if v is not None}
 
 
@@ -215,7 +234,7 @@ def run_train(args) -> int:
     import numpy as np
 
     from jaxseq.data import glove as glove_lib
-    from jaxseq.data.text import Vocab, clean_caption, wrap
+    from jaxseq.data.text import END, START, Vocab, clean_caption, wrap
     from jaxseq.models import captioning as cap
     from jaxseq.training import TrainConfig, fit
 
@@ -246,7 +265,15 @@ def run_train(args) -> int:
     texts = [[wrap(clean_caption(c)) for c in caps] for caps in train.captions]
     vocab = Vocab.build((t for caps in texts for t in caps), min_count=min_count)
     image_index = np.repeat(np.arange(len(texts)), [len(caps) for caps in texts])
+    if any(w not in vocab for w in (START, END)) or len(vocab) <= 3:
+        captions = sum(len(caps) for caps in texts)
+        raise ValueError(f"--min-count {min_count} leaves no caption word in the vocabulary: no word occurs "
+                         f"{min_count} times in the {captions} training captions, so every caption became "
+                         "empty; lower --min-count")
     tokens = vocab.encode_batch([t for caps in texts for t in caps])
+    if args.batch_size > len(tokens):
+        raise ValueError(f"--batch-size {args.batch_size} is larger than the {len(tokens)} training captions; "
+                         f"use at most {len(tokens)}")
     max_len = tokens.shape[1] - 1  # words after startseq, endseq included (34 on Flickr8k, as the chapter)
 
     embedding = None
@@ -291,8 +318,11 @@ def run_train(args) -> int:
                                learning_rate=args.lr, best_metric="dev_bleu4", best_mode="max",
                                restart=args.restart, progress=not args.no_progress)
     batches = cap.CaptionBatches(train_features, image_index, tokens, args.batch_size, seed=args.seed)
-    result = fit(train_config, init_params=init, loss_fn=loss_fn, train=batches, evaluate=evaluate,
-                 run_config=run_config)
+    try:
+        result = fit(train_config, init_params=init, loss_fn=loss_fn, train=batches, evaluate=evaluate,
+                     run_config=run_config)
+    except ValueError as error:
+        raise reword(error) from None
     if result.already_finished:
         print(f"{out} already finished {args.epochs} epoch(s); reporting its test scores", file=sys.stderr)
     captioner = Captioner(out)  # the best checkpoint (by dev BLEU-4), not the last params
@@ -319,6 +349,19 @@ def run_eval(args) -> int:
     return 0
 
 
+def _open_image(path):
+    """The image at ``path`` (fully read), or a ValueError naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(path)
+        image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:  # PIL raises SyntaxError on some bad headers
+        raise ValueError(f"image {str(path)!r} cannot be read as an image ({type(error).__name__}: {error}); "
+                         "expected a PNG or JPEG file") from None
+    return image
+
+
 def _image_features(paths, run_config, weights=None) -> "object":
     """Features of image files the way the run's training features were made."""
     import numpy as np
@@ -328,7 +371,7 @@ def _image_features(paths, run_config, weights=None) -> "object":
     if source["kind"] == "synthetic":
         from jaxseq.data import synthetic_captions as sc
 
-        return np.stack([sc.features(Image.open(p)) for p in paths])
+        return np.stack([sc.features(_open_image(p)) for p in paths])
     _, meta = load_npz_features(source["features"])
     encoder = meta.get("encoder")
     if encoder is None:

@@ -8,7 +8,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
+
+from jaxseq.commands import finite_float, positive_int, reword
 
 
 def register(subparsers) -> None:
@@ -27,22 +30,22 @@ def register(subparsers) -> None:
     data.add_argument("--sort-dates", action="store_true", help="sort rows by date instead of raising")
     data.add_argument("--target", default="log_return", choices=("price", "log_price", "log_return"),
                       help="what the model predicts (default log_return); metrics are always on price")
-    data.add_argument("--lookback", type=int, default=60, help="days of history per window (default 60)")
-    data.add_argument("--horizon", type=int, default=1, help="days ahead (default 1)")
-    data.add_argument("--val-fraction", type=float, default=0.15)
-    data.add_argument("--test-fraction", type=float, default=0.15)
+    data.add_argument("--lookback", type=positive_int, default=60, help="days of history per window (default 60)")
+    data.add_argument("--horizon", type=positive_int, default=1, help="days ahead (default 1)")
+    data.add_argument("--val-fraction", type=finite_float, default=0.15)
+    data.add_argument("--test-fraction", type=finite_float, default=0.15)
     model = train.add_argument_group("model")
     model.add_argument("--model", default="lstm", choices=("rnn", "lstm", "gru", "bilstm"))
-    model.add_argument("--hidden", type=int, default=32, help="units per layer and direction (default 32)")
-    model.add_argument("--layers", type=int, default=1, help="stacked recurrent layers (default 1)")
-    model.add_argument("--dropout", type=float, default=0.0, help="dropout between stacked layers")
+    model.add_argument("--hidden", type=positive_int, default=32, help="units per layer and direction (default 32)")
+    model.add_argument("--layers", type=positive_int, default=1, help="stacked recurrent layers (default 1)")
+    model.add_argument("--dropout", type=finite_float, default=0.0, help="dropout between stacked layers")
     model.add_argument("--multi-step", default="direct", choices=("direct", "recursive"),
                        help="direct: one head of HORIZON outputs; recursive: a 1-day model fed its own forecasts")
     model.add_argument("--residual", action="store_true", help="forecast the change from the last value")
     loop = train.add_argument_group("training")
-    loop.add_argument("--epochs", type=int, default=20)
-    loop.add_argument("--batch-size", type=int, default=32)
-    loop.add_argument("--lr", type=float, default=1e-3)
+    loop.add_argument("--epochs", type=positive_int, default=20)
+    loop.add_argument("--batch-size", type=positive_int, default=32)
+    loop.add_argument("--lr", type=finite_float, default=1e-3)
     loop.add_argument("--seed", type=int, default=0)
     loop.add_argument("--out", help="run folder (default runs/forecast-<data>-<model>-<target>-h<H>-seed<S>); "
                                     "an existing run there is resumed")
@@ -55,7 +58,7 @@ def register(subparsers) -> None:
     predict.add_argument("--run", dest="run_dir", metavar="DIR", required=True,
                          help="a folder written by `jaxseq forecast train`")
     predict.add_argument("--csv", help="read this CSV instead of the one the run was trained on")
-    predict.add_argument("--steps", type=int, default=1, help="days ahead to forecast (default 1)")
+    predict.add_argument("--steps", type=positive_int, default=1, help="days ahead to forecast (default 1)")
     predict.set_defaults(run=run_predict)
 
 
@@ -75,10 +78,35 @@ def run_train(args) -> int:
     # Absolute: Orbax refuses relative checkpoint paths.
     train_config = TrainConfig(out_dir=str(pathlib.Path(out).resolve()), seed=args.seed, epochs=args.epochs, batch_size=args.batch_size,
                                learning_rate=args.lr, restart=args.restart, progress=not args.no_progress)
-    results = train_and_evaluate(config, train_config)
+    if not args.restart:
+        _check_same_run(out, config)
+    try:
+        results = train_and_evaluate(config, train_config)
+    except ValueError as error:
+        raise reword(error) from None
     print(format_table(results))
     print(f"wrote {out}/metrics.json and {out}/forecast.png")
     return 0
+
+
+def _check_same_run(out: str, config) -> None:
+    """An existing run in --out must have been trained with these settings: name the ones that differ."""
+    from jaxseq.commands import dict_diff
+    from jaxseq.training import load_run_config
+
+    if not (pathlib.Path(out) / "checkpoints").is_dir():
+        return
+    try:
+        stored = load_run_config(str(pathlib.Path(out).resolve())).get("forecast")
+    except (FileNotFoundError, KeyError):
+        return  # nothing to resume, or not our run: fit() says what it finds there
+    if stored is None:
+        return
+    current = {**dataclasses.asdict(config), "features": list(config.features)}
+    problems = dict_diff(stored, current)
+    if problems:
+        raise ValueError(f"--out {out} holds a run trained with other settings ({'; '.join(problems)}); use a "
+                         "new --out folder, the same settings to resume it, or --restart to overwrite it")
 
 
 def format_table(results: dict) -> str:

@@ -9,6 +9,8 @@ prints a short table (t, measured, theory) and writes ``runs/g/gradnorms.json`` 
 from __future__ import annotations
 
 import argparse
+import math
+import pathlib
 
 CELLS = ("linear", "rnn", "lstm", "gru")
 INITS = ("gaussian", "orthogonal", "symmetric")
@@ -53,14 +55,19 @@ def _check(args) -> None:
         parser.error(f"--hidden must be positive, got {args.hidden}")
     if args.input_size < 1:
         parser.error(f"--input-size must be positive, got {args.input_size}")
-    if not args.sigma_max > 0:
-        parser.error(f"--sigma-max must be > 0, got {args.sigma_max}")
+    if not (args.sigma_max > 0 and math.isfinite(args.sigma_max)):
+        parser.error(f"--sigma-max must be > 0 and finite, got {args.sigma_max}")
+    if not math.isfinite(args.forget_bias):
+        parser.error(f"--forget-bias must be a finite number, got {args.forget_bias}")
+    out = pathlib.Path(args.out)
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {args.out} exists and is not a folder; expected a folder for gradnorms.json and "
+                     "gradnorms.png")
 
 
 def run(args) -> int:
     _check(args)
     import json
-    import pathlib
 
     import jax
 

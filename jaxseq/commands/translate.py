@@ -1,4 +1,5 @@
-"""``jaxseq translate {train,eval,predict}``: chapter 19's English->Vietnamese seq2seq, with or without attention.
+"""``jaxseq translate {train,eval,predict,compare}``: chapter 19's English->Vietnamese seq2seq, with or
+without attention.
 
 Examples::
 
@@ -19,6 +20,8 @@ import dataclasses
 import json
 import pathlib
 import sys
+
+from jaxseq.commands import positive_int, reword
 
 MODEL_FILE = "model.json"
 LENGTH_EDGES = (1, 5, 7, 9, 11, 13)  # BLEU-by-length bins: 1-4, 5-6, 7-8, 9-10, 11-12, 13+ source tokens
@@ -44,7 +47,7 @@ def register(subparsers) -> None:
     t.add_argument("--hidden", type=int, default=64, help="encoder width per direction")
     t.add_argument("--dropout", type=float, default=0.2)
     t.add_argument("--max-len", type=int, default=10, help="drop training pairs longer than this (tokens)")
-    t.add_argument("--min-count", type=int, default=2, help="vocabulary: minimum training count")
+    t.add_argument("--min-count", type=positive_int, default=2, help="vocabulary: minimum training count")
     t.add_argument("--max-vocab", type=int, default=None, help="vocabulary: maximum size (specials included)")
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--lr", type=float, default=2e-3)
@@ -61,13 +64,13 @@ def register(subparsers) -> None:
     e.add_argument("--src", required=True)
     e.add_argument("--ref", required=True)
     e.add_argument("--hyp-out", default=None, help="write the detokenised translations here, one per line")
-    e.add_argument("--beam", type=int, default=5)
+    e.add_argument("--beam", type=positive_int, default=5)
     e.set_defaults(run=run_eval)
 
     r = sub.add_parser("predict", help="translate one sentence")
     r.add_argument("--run", dest="run_dir", required=True, help="a translate train run folder")
     r.add_argument("text")
-    r.add_argument("--beam", type=int, default=5)
+    r.add_argument("--beam", type=positive_int, default=5)
     r.add_argument("--plot", default=None, help="write the attention map PNG here")
     r.set_defaults(run=run_predict)
 
@@ -75,6 +78,13 @@ def register(subparsers) -> None:
     c.add_argument("runs", nargs="+", help="run folders (each with the metrics.json that train writes)")
     c.add_argument("--plot", default=None, help="write the BLEU against source length PNG here")
     c.set_defaults(run=run_compare)
+
+
+def _read_json(path: pathlib.Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error})") from None
 
 
 # --- shared pieces ---------------------------------------------------------------------------------------------
@@ -101,11 +111,16 @@ class Translator:
         if not (run_dir / MODEL_FILE).is_file():
             raise FileNotFoundError(f"{run_dir / MODEL_FILE} not found: is {run_dir} a 'jaxseq translate "
                                     "train' run folder?")
-        meta = json.loads((run_dir / MODEL_FILE).read_text())
-        config = seq2seq.Seq2SeqConfig(**meta["model"])
+        meta = _read_json(run_dir / MODEL_FILE)
+        try:
+            config = seq2seq.Seq2SeqConfig(**meta["model"])
+            tokenizer = meta["tokenizer"]
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"{run_dir / MODEL_FILE} is not a 'jaxseq translate train' model file (bad or missing "
+                             f"entry {error})") from None
         src_vocab, tgt_vocab = tr.load_vocabs(run_dir)
         params = training.restore_params(str(run_dir), lambda k: seq2seq.init_params(config, k))
-        return cls(config, params, src_vocab, tgt_vocab, meta["tokenizer"])
+        return cls(config, params, src_vocab, tgt_vocab, tokenizer)
 
     def prepare(self, text: str, moses_escaped: bool = False) -> list[str]:
         from jaxseq.data import translation as tr
@@ -260,8 +275,11 @@ def run_train(args) -> int:
                                   batch_size=args.batch_size, learning_rate=args.lr, best_metric="dev_loss",
                                   restart=args.restart, progress=not args.no_progress, log_every=20)
     print(f"model: {model}\nbuckets (source, target widths): {train.shapes()}")
-    result = training.fit(config, init_params=lambda k: seq2seq.init_params(model, k), loss_fn=loss,
-                          train=train, evaluate=evaluate, run_config=meta)
+    try:
+        result = training.fit(config, init_params=lambda k: seq2seq.init_params(model, k), loss_fn=loss,
+                              train=train, evaluate=evaluate, run_config=meta)
+    except ValueError as error:
+        raise reword(error) from None
     if result.already_finished:
         print(f"{out}: already finished at step {result.step}; translating the dev set with its best checkpoint")
 
@@ -281,19 +299,29 @@ def run_train(args) -> int:
 
 # --- eval / predict --------------------------------------------------------------------------------------------
 
-def _read_text_lines(path) -> list[str]:
+def _read_text_lines(path, flag: str) -> list[str]:
     path = pathlib.Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    lines = path.read_text(encoding="utf-8-sig").split("\n")
-    return lines[:-1] if lines and lines[-1] == "" else lines
+        raise FileNotFoundError(f"{flag} {path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = path.read_bytes()[:error.start].count(b"\n") + 1
+        raise ValueError(f"{flag} {path}: line {line} is not valid UTF-8 ({error.reason})") from None
+    lines = text.split("\n")
+    lines = lines[:-1] if lines and lines[-1] == "" else lines
+    if not lines:
+        raise ValueError(f"{flag} {path} is empty: expected one sentence per line")
+    return lines
 
 
 def run_eval(args) -> int:
     from jaxseq.data import translation as tr
 
+    if args.hyp_out and pathlib.Path(args.hyp_out).is_dir():
+        raise ValueError(f"--hyp-out {args.hyp_out} is a folder; expected a file to write the translations to")
+    sources, references = _read_text_lines(args.src, "--src"), _read_text_lines(args.ref, "--ref")
     translator = Translator.load(args.run_dir)
-    sources, references = _read_text_lines(args.src), _read_text_lines(args.ref)
     if len(sources) != len(references):
         raise ValueError(f"misaligned files: --src {args.src} has {len(sources)} lines, --ref {args.ref} has "
                          f"{len(references)}")
@@ -345,7 +373,16 @@ def run_compare(args) -> int:
         path = pathlib.Path(run_dir) / "metrics.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: has 'jaxseq translate train --out {run_dir}' finished?")
-        results = json.loads(path.read_text())
+        results = _read_json(path)
+        missing = [key for key in ("attention", "epochs", "dev", "dev_loss") if key not in results] if isinstance(
+            results, dict) else ["attention"]
+        if not missing:
+            dev = results["dev"] if isinstance(results["dev"], dict) else {}
+            missing = [f"dev.{key}" for key in ("sacrebleu", "tokenized_bleu", "sacrebleu_signature",
+                                                 "bleu_by_source_length") if key not in dev]
+        if missing:
+            raise ValueError(f"{run_dir} is not a translation run (its metrics.json {path} has no "
+                             f"{missing[0]!r}); compare takes folders written by 'jaxseq translate train'")
         rows.append(results)
         label = f"{results['attention']}, {results['epochs']} ep ({results['dev']['sacrebleu']:.1f})"
         curves[label] = results["dev"]["bleu_by_source_length"]

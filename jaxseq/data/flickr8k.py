@@ -9,9 +9,10 @@ Image ids are file names without the extension, as in the chapter (``1000268201_
 one odd id, ``2258277193_586949ec62.jpg.1``, whose image is ``2258277193_586949ec62.jpg``; it maps to the same
 stem (as the chapter's ``split('.')[0]`` does) and is listed in ``Report.odd_ids``.
 
-Problems never crash the loaders: malformed lines are skipped and reported with their line numbers
+Malformed lines never crash the loaders: they are skipped and reported with their line numbers
 (``warnings.warn``, or ``ValueError`` with ``strict=True``); split ids without captions and captions whose
-image is missing are listed in the ``Report``.
+image is missing are listed in the ``Report``. A file with nothing usable in it (empty, or every line
+malformed) raises a ``ValueError`` naming it.
 """
 from __future__ import annotations
 
@@ -118,6 +119,9 @@ def load_captions(token_file, *, strict: bool = False, report: Report | None = N
                 captions.setdefault(image_id(file_name), []).append(caption)
     report.malformed.extend(problems)
     _complain(problems, strict)
+    if not captions:
+        what = "is empty" if not problems else f"has no valid caption line ({len(problems)} malformed)"
+        raise ValueError(f"token file {str(path)!r} {what}: expected lines '<image>.jpg#<n><TAB><caption>'")
     return captions
 
 
@@ -139,6 +143,10 @@ def load_split(list_file, *, strict: bool = False, report: Report | None = None)
     if report is not None:
         report.malformed.extend(problems)
     _complain(problems, strict)
+    if not ids:
+        what = "is empty" if not problems else f"has no valid image name ({len(problems)} malformed line(s))"
+        raise ValueError(f"split list {str(path)!r} {what}: expected one image file name a line, e.g. "
+                         "'1000268201_693b08cb0e.jpg'")
     return ids
 
 

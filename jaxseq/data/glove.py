@@ -14,7 +14,8 @@ def load_vectors(path, *, words=None) -> dict[str, np.ndarray]:
     """Read a GloVe text file into ``{word: float32[d]}``, keeping only ``words`` when given.
 
     Lines whose field count differs from the first line's (e.g. a truncated last line) raise a ValueError
-    naming the line, except a final line with no newline, which is skipped as cut off.
+    naming the line, except a final line with no newline, which is skipped as cut off. So do kept vectors
+    with a field that is not a finite number (``nan``, ``inf``, text).
     """
     path = pathlib.Path(path)
     if not path.is_file():
@@ -36,7 +37,15 @@ def load_vectors(path, *, words=None) -> dict[str, np.ndarray]:
                     break  # a truncated copy without a final newline: the last line may be cut off
                 raise ValueError(f"{path.name} line {number}: {len(fields) - 1} numbers, expected {dim}")
             if wanted is None or fields[0] in wanted:
-                vectors[fields[0]] = np.asarray(fields[1:], np.float32)
+                try:
+                    vector = np.asarray(fields[1:], np.float32)
+                except ValueError:
+                    raise ValueError(f"{path} line {number}: the vector of {fields[0]!r} holds a field that is "
+                                     "not a number") from None
+                if not np.isfinite(vector).all():
+                    raise ValueError(f"{path} line {number}: the vector of {fields[0]!r} holds a non-finite value "
+                                     "(nan or inf); expected finite numbers")
+                vectors[fields[0]] = vector
     if dim is None:
         raise ValueError(f"GloVe file {str(path)!r} has no vectors")
     return vectors

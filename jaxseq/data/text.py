@@ -37,6 +37,14 @@ def wrap(caption: str) -> str:
     return f"{START} {caption} {END}" if caption else f"{START} {END}"
 
 
+class UnknownWordError(KeyError, ValueError):
+    """A word or index the vocabulary does not have. A KeyError for lookups, a ValueError for bad input (so the
+    command line reports it in one line); its message is shown as written, not quoted."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 @dataclasses.dataclass(frozen=True)
 class Vocab:
     """Word <-> index map with padding at index 0 and an optional unknown-word index.
@@ -85,16 +93,25 @@ class Vocab:
         return word in self._index and word != ""
 
     def index(self, word: str) -> int:
-        """Index of ``word``; KeyError if absent."""
-        return self._index[word]
+        """Index of ``word``; ``UnknownWordError`` (a KeyError) if absent."""
+        try:
+            return self._index[word]
+        except KeyError:
+            raise UnknownWordError(f"word {word!r} is not in the vocabulary of {len(self)} entries") from None
 
     @property
     def start_index(self) -> int:
-        return self._index[START]
+        return self._special(START)
 
     @property
     def end_index(self) -> int:
-        return self._index[END]
+        return self._special(END)
+
+    def _special(self, word: str) -> int:
+        if word not in self._index:
+            raise UnknownWordError(f"the vocabulary has no {word!r}: build it from captions wrapped by wrap() "
+                                   f"('{START} ... {END}'), with min_count at most the number of captions")
+        return self._index[word]
 
     def encode(self, text: str) -> list[int]:
         """Word indices of ``text``; unknown words are dropped (``unknown=None``) or mapped to ``unknown``."""
@@ -108,8 +125,13 @@ class Vocab:
 
     def decode(self, indices: Sequence[int], *, strip: bool = True) -> str:
         """Words of ``indices``, stopping at the first ``endseq``; ``strip`` drops padding/start/end words."""
+        indices = np.asarray(indices)
+        if indices.ndim != 1:
+            raise ValueError(f"decode takes one sequence of indices [time], got shape {indices.shape}")
         words = []
-        for i in np.asarray(indices).tolist():
+        for i in indices.tolist():
+            if not isinstance(i, int) or not 0 <= i < len(self.words):
+                raise UnknownWordError(f"index {i!r} is not in the vocabulary: valid indices are 0..{len(self) - 1}")
             word = self.words[i]
             if word == END:
                 if not strip:

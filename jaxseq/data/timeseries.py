@@ -42,12 +42,14 @@ class Series:
       values: float64 ``[time, columns]``; column 0 is the target column, the rest are features.
       columns: the column names, target first.
       source: where the data came from (a path), for run records.
+      lines: the file line of each row ``[time]`` (for messages), or None when the series was not read from a file.
     """
 
     dates: np.ndarray
     values: np.ndarray
     columns: tuple[str, ...]
     source: str
+    lines: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.dates)
@@ -154,8 +156,8 @@ def read_csv(path, *, column: str = "Close", date_column: str = "Date", features
                          f"{dates[i]} on line {lines[i]}; dates must increase (or pass sort_dates / --sort-dates)")
 
     if missing:
-        dates, values = _fill(dates, values, lines, wanted, fill, path)
-    return Series(dates=dates, values=values, columns=tuple(wanted), source=str(path))
+        dates, values, lines = _fill(dates, values, lines, wanted, fill, path)
+    return Series(dates=dates, values=values, columns=tuple(wanted), source=str(path), lines=lines)
 
 
 def _fill(dates, values, lines, names, fill, path):
@@ -165,7 +167,7 @@ def _fill(dates, values, lines, names, fill, path):
         keep = ~bad.any(axis=1)
         if keep.sum() == 0:
             raise ValueError(f"{path}: every row has a missing value; nothing left after fill='drop'")
-        return dates[keep], values[keep]
+        return dates[keep], values[keep], lines[keep]
     values = values.copy()
     days = dates.astype(np.int64).astype(np.float64)
     for j, name in enumerate(names):
@@ -184,7 +186,7 @@ def _fill(dates, values, lines, names, fill, path):
                 raise ValueError(f"{path}: line {lines[-1]}, column {name!r}: the last value is missing and "
                                  f"fill='interpolate' has nothing after it; use ffill or drop")
             values[holes, j] = np.interp(days[holes], days[known], values[known, j])
-    return dates, values
+    return dates, values, lines
 
 
 def load_bitcoin(**kwargs) -> Series:
@@ -195,11 +197,14 @@ def load_bitcoin(**kwargs) -> Series:
 # --- transforms and scaling ---------------------------------------------------------------------------
 
 
-def transform(values: np.ndarray, target: str, names: Sequence[str] = ()) -> np.ndarray:
+def transform(values: np.ndarray, target: str, names: Sequence[str] = (), *, lines: np.ndarray | None = None,
+              source: str | None = None) -> np.ndarray:
     """Map raw values ``[time, columns]`` to the model's space: price (as is), log price, or log return.
 
     Features get the same transform as the target, so a price feature (Open, High) stays on the target's
     scale. Log returns are ``log v_t - log v_{t-1}``; row 0 has no return and is NaN.
+
+    ``lines`` (each row's file line) and ``source`` (the file) only make error messages point into the file.
     """
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
@@ -209,8 +214,11 @@ def transform(values: np.ndarray, target: str, names: Sequence[str] = ()) -> np.
     if nonpositive.any():
         row, col = (int(i) for i in np.argwhere(nonpositive)[0])
         name = names[col] if col < len(names) else f"column {col}"
-        raise ValueError(f"target {target!r} takes logs, but {name!r} has value {values[row, col]} at row {row}; "
-                         f"use target='price' for series that are not positive")
+        where = f"line {int(lines[row])}" if lines is not None else f"row {row}"
+        prefix = f"{source}: " if source else ""
+        raise ValueError(f"{prefix}{where}, column {name!r}: value {values[row, col]:g} is not positive, but target "
+                         f"{target!r} takes logs; use target='price' (--target price) for series that are not "
+                         "positive")
     logs = np.log(values)
     if target == "log_price":
         return logs
@@ -375,7 +383,7 @@ def prepare(series: Series, *, target: str = "log_return", lookback: int = 60, h
     """
     if lookback < 1 or horizon < 1:
         raise ValueError(f"lookback ({lookback}) and horizon ({horizon}) must be at least 1")
-    z = transform(series.values, target, series.columns)
+    z = transform(series.values, target, series.columns, lines=series.lines, source=series.source)
     first_valid = 1 if target == "log_return" else 0
     split = chronological_split(len(series), val_fraction, test_fraction)
     train = z[first_valid:split.train_end]

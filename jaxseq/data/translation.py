@@ -150,8 +150,11 @@ def read_tatoeba(path, *, empty: str = "drop", stats: ReadStats | None = None) -
     _check_policy("empty", empty)
     path = pathlib.Path(path)
     stats = stats if stats is not None else ReadStats()
+    lines = _read_lines(path)
+    if not any(line.strip() for line in lines):
+        raise ValueError(f"{path} is empty: expected lines 'English<TAB>translation<TAB>attribution'")
     pairs = []
-    for number, raw in enumerate(_read_lines(path), start=1):
+    for number, raw in enumerate(lines, start=1):
         fields = raw.rstrip("\r").split("\t")
         if len(fields) not in (2, 3):
             raise ValueError(f"{path}: line {number} has {len(fields)} tab-separated fields, expected "
@@ -178,6 +181,9 @@ def read_parallel(source_path, target_path, *, empty: str = "drop", stats: ReadS
     _check_policy("empty", empty)
     source_path, target_path = pathlib.Path(source_path), pathlib.Path(target_path)
     src, tgt = _read_lines(source_path), _read_lines(target_path)
+    for path, lines in ((source_path, src), (target_path, tgt)):
+        if not any(line.strip() for line in lines):
+            raise ValueError(f"{path} is empty: expected one sentence per line")
     if len(src) != len(tgt):
         raise ValueError(f"misaligned parallel files: {source_path} has {len(src)} lines but {target_path} "
                          f"has {len(tgt)}; line {min(len(src), len(tgt)) + 1} has no partner")
@@ -230,6 +236,9 @@ def split_by_source(pairs: Sequence[Pair], *, dev: int, test: int, seed: int = 0
     being memorised in training. ``dev`` and ``test`` are numbers of source sentences; groups are shuffled with
     ``seed``.
     """
+    for name, size in (("dev", dev), ("test", test)):
+        if not isinstance(size, (int, np.integer)) or size < 0:
+            raise ValueError(f"{name} must be a number of source sentences >= 0, got {size!r}")
     groups: dict[str, list[Pair]] = collections.defaultdict(list)
     for pair in pairs:
         groups[pair.source].append(pair)
@@ -289,6 +298,8 @@ class Vocab:
         out = []
         for i in ids:
             i = int(i)
+            if not 0 <= i < len(self.itos):
+                raise ValueError(f"token id {i} is not in the vocabulary: valid ids are 0..{len(self.itos) - 1}")
             if i == EOS_ID:
                 break
             if i not in (PAD_ID, BOS_ID):
@@ -395,7 +406,11 @@ class BucketedBatches:
         return len(self._plan_for(epoch))
 
     def batch(self, epoch: int, index: int) -> dict[str, np.ndarray]:
-        (src_width, tgt_width), idx = self._plan_for(epoch)[index]
+        plan = self._plan_for(epoch)
+        if not 0 <= index < len(plan):
+            raise IndexError(f"batch index {index} out of range: epoch {epoch} has {len(plan)} batches "
+                             f"(valid indices 0..{len(plan) - 1})")
+        (src_width, tgt_width), idx = plan[index]
         return make_batch([self.data.source[i] for i in idx], [self.data.target[i] for i in idx],
                           batch_size=self.batch_size, src_width=src_width, tgt_width=tgt_width)
 
@@ -432,7 +447,10 @@ def load_tatoeba(path=TATOEBA_FILE, *, max_len: int, dev: int = 500, test: int =
     """
     stats = ReadStats()
     pairs = read_tatoeba(path, stats=stats)
-    train, dev_pairs, test_pairs = split_by_source(pairs, dev=dev, test=test, seed=seed)
+    try:
+        train, dev_pairs, test_pairs = split_by_source(pairs, dev=dev, test=test, seed=seed)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
     train = filter_length(train, max_len, stats=stats)
     return Corpus(train, dev_pairs, test_pairs, stats, f"tatoeba:{pathlib.Path(path).name}", "regex")
 

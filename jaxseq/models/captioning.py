@@ -56,6 +56,14 @@ class CaptionConfig:
     freeze_embedding: bool = False  # True with GloVe: the embedding gets no gradient (chapter: trainable=False)
     attention_dim: int = 256       # width of the additive attention score (attention variant only)
 
+    def __post_init__(self):
+        for name in ("vocab_size", "embed_dim", "hidden", "attention_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"CaptionConfig.{name} must be a positive integer, got {value!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"CaptionConfig.dropout must be in [0, 1), got {self.dropout}")
+
 
 class CaptionModel(nn.Module):
     """See the module docstring. Inputs: ``features`` ``[B, D]`` (or ``[B, P, D]`` grids, pooled by mean for

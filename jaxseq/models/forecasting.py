@@ -70,6 +70,7 @@ class Forecaster(nn.Module):
             raise ValueError(f"cell must be one of {sorted(CELLS)}, got {self.cell!r}")
         if x.ndim != 3:
             raise ValueError(f"x must be [batch, lookback, features], got shape {x.shape}")
+        _check_sizes(hidden_size=self.hidden_size, num_layers=self.num_layers, horizon=self.horizon)
         cell = CELLS[self.cell]
         input_size = x.shape[-1]
 
@@ -92,11 +93,18 @@ class Forecaster(nn.Module):
         return y + x[:, -1:, 0] if self.residual else y
 
 
+def _check_sizes(**sizes: int) -> None:
+    for name, value in sizes.items():
+        if not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
 def make_model(name: str, *, hidden_size: int = 32, num_layers: int = 1, horizon: int = 1,
                dropout_rate: float = 0.0, residual: bool = False) -> Forecaster:
     """A ``Forecaster`` by command-line name: ``rnn``, ``lstm``, ``gru`` or ``bilstm``."""
     if name not in MODELS:
         raise ValueError(f"model must be one of {sorted(MODELS)}, got {name!r}")
+    _check_sizes(hidden_size=hidden_size, num_layers=num_layers, horizon=horizon)
     cell, bidirectional = MODELS[name]
     return Forecaster(cell=cell, hidden_size=hidden_size, num_layers=num_layers, bidirectional=bidirectional,
                       horizon=horizon, dropout_rate=dropout_rate, residual=residual)
@@ -215,6 +223,10 @@ class ForecastConfig:
                              f"features {list(self.features)} (their future values are unknown)")
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {sorted(MODELS)}, got {self.model!r}")
+        _check_sizes(lookback=self.lookback, horizon=self.horizon, hidden_size=self.hidden_size,
+                     num_layers=self.num_layers)
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
     @property
     def model_horizon(self) -> int:
@@ -314,6 +326,9 @@ def train_and_evaluate(config: ForecastConfig, train_config) -> dict:
 
         if train_config.best_metric is None:
             train_config = dataclasses.replace(train_config, best_metric="val_mse", best_mode="min")
+    if train_config.batch_size > len(x_train):
+        raise ValueError(f"batch_size={train_config.batch_size} is larger than the {len(x_train)} training windows "
+                         f"({len(series)} rows, lookback {config.lookback}); use a smaller batch_size")
     training.fit(train_config, init_params=init_params, loss_fn=loss_fn,
                  train=training.ArrayBatches({"x": x_train, "y": y_train}, train_config.batch_size,
                                              seed=train_config.seed),
@@ -360,7 +375,8 @@ def forecast_ahead(run_dir: str, steps: int, csv: str | None = None) -> tuple[np
     config = ForecastConfig(**fields)
     scaler = timeseries.Scaler.from_dict(stored["scaler"])
     series = load_series(config, csv)
-    z = scaler.apply(timeseries.transform(series.values, config.target, series.columns))
+    z = scaler.apply(timeseries.transform(series.values, config.target, series.columns, lines=series.lines,
+                                          source=series.source))
     if len(z) - (1 if config.target == "log_return" else 0) < config.lookback:
         raise ValueError(f"the series has {len(series)} rows; the model needs a window of {config.lookback} days"
                          f"{' (plus one for the first return)' if config.target == 'log_return' else ''}")
