@@ -308,7 +308,8 @@ def profile_ops(fn, top, calls=3):
 
 
 def print_profile(config, mode, impl, rows, wall):
-    print(f"\nprofile of {impl} {mode} at {config} (wall {wall * 1e3:.2f} ms per call):")
+    print(f"\nprofile of {impl} {mode} at {config} (timed wall {wall * 1e3:.2f} ms per call; under the profiler "
+          "ops run slower, so compare ops with each other):")
     print(f"  {'op':<48} {'ms/call':>9} {'% wall':>7} {'runs/call':>10} {'us/run':>9}")
     for name, seconds, runs in rows:
         print(f"  {name[:48]:<48} {seconds * 1e3:9.2f} {100 * seconds / wall:7.1f} {runs:10.0f} "
