@@ -300,16 +300,15 @@ def run_train(args) -> int:
 # --- eval / predict --------------------------------------------------------------------------------------------
 
 def _read_text_lines(path, flag: str) -> list[str]:
+    from jaxseq.data import translation as tr
+
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{flag} {path}: no such file")
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as error:
-        line = path.read_bytes()[:error.start].count(b"\n") + 1
-        raise ValueError(f"{flag} {path}: line {line} is not valid UTF-8 ({error.reason})") from None
-    lines = text.split("\n")
-    lines = lines[:-1] if lines and lines[-1] == "" else lines
+        lines = tr.read_lines(path)
+    except ValueError as error:
+        raise ValueError(f"{flag} {error}") from None
     if not lines:
         raise ValueError(f"{flag} {path} is empty: expected one sentence per line")
     return lines

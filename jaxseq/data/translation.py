@@ -122,7 +122,8 @@ def _check_policy(name: str, policy: str) -> None:
         raise ValueError(f"{name} must be one of {POLICIES}, got {policy!r}")
 
 
-def _read_lines(path: pathlib.Path) -> list[str]:
+def read_lines(path: pathlib.Path) -> list[str]:
+    """The lines of a UTF-8 text file split on "\\n" (a leading BOM dropped; callers' cleaning removes CRs)."""
     # utf-8-sig strips a leading BOM; splitting on "\n" and cleaning removes CRs, so CRLF files read the same.
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -150,7 +151,7 @@ def read_tatoeba(path, *, empty: str = "drop", stats: ReadStats | None = None) -
     _check_policy("empty", empty)
     path = pathlib.Path(path)
     stats = stats if stats is not None else ReadStats()
-    lines = _read_lines(path)
+    lines = read_lines(path)
     if not any(line.strip() for line in lines):
         raise ValueError(f"{path} is empty: expected lines 'English<TAB>translation<TAB>attribution'")
     pairs = []
@@ -180,7 +181,7 @@ def read_parallel(source_path, target_path, *, empty: str = "drop", stats: ReadS
     """
     _check_policy("empty", empty)
     source_path, target_path = pathlib.Path(source_path), pathlib.Path(target_path)
-    src, tgt = _read_lines(source_path), _read_lines(target_path)
+    src, tgt = read_lines(source_path), read_lines(target_path)
     for path, lines in ((source_path, src), (target_path, tgt)):
         if not any(line.strip() for line in lines):
             raise ValueError(f"{path} is empty: expected one sentence per line")
@@ -281,7 +282,7 @@ class Vocab:
     @classmethod
     def load(cls, path) -> "Vocab":
         """One token per line (Stanford ``vocab.vi`` files start ``<unk> <s> </s>``; ``<pad>`` is added)."""
-        return cls([clean(t) for t in _read_lines(pathlib.Path(path)) if clean(t)])
+        return cls([clean(t) for t in read_lines(pathlib.Path(path)) if clean(t)])
 
     def save(self, path) -> None:
         pathlib.Path(path).write_text("\n".join(self.itos) + "\n", encoding="utf-8")
