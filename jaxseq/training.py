@@ -444,9 +444,19 @@ def _shapes(tree) -> list[tuple[str, tuple]]:
     return [(_path_str(p), tuple(x.shape)) for p, x in leaves if hasattr(x, "shape")]
 
 
-def _diff_dicts(stored: dict, current: dict) -> list[str]:
-    return [f"{key}: {stored.get(key, '<absent>')!r} in the checkpoint vs {current.get(key, '<absent>')!r} now"
-            for key in sorted(set(stored) | set(current), key=str) if stored.get(key) != current.get(key)]
+def _diff_dicts(stored, current, prefix: str = "") -> list[str]:
+    """``["key.sub: <stored> in the checkpoint vs <current> now", ...]``: the leaves where nested dicts differ."""
+    if isinstance(stored, dict) and isinstance(current, dict):
+        problems = []
+        for key in sorted(set(stored) | set(current), key=str):
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if key not in stored or key not in current:
+                problems.append(f"{name}: {stored.get(key, '<absent>')!r} in the checkpoint vs "
+                                f"{current.get(key, '<absent>')!r} now")
+            else:
+                problems += _diff_dicts(stored[key], current[key], name)
+        return problems
+    return [] if stored == current else [f"{prefix}: {stored!r} in the checkpoint vs {current!r} now"]
 
 
 def _diff_shapes(stored: list, current: list) -> list[str]:

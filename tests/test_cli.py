@@ -94,29 +94,6 @@ def test_library_words_become_flags():
     assert message == "7 examples make no full batch of --batch-size 8; lower --batch-size"
 
 
-def test_dict_diff_names_only_the_differing_keys():
-    stored = {"forecast": {"hidden_size": 32, "features": ["Volume"], "model": "lstm"}, "scaler": {"mean": [1.0]}}
-    current = {"forecast": {"hidden_size": 16, "features": ("Volume",), "model": "lstm", "new": 1},
-               "scaler": {"mean": [1.0]}}
-    assert commands.dict_diff(stored, current) == ["forecast.hidden_size: 32 in the run vs 16 now",
-                                                   "forecast.new: absent in the run vs 1 now"]
-
-
-def test_forecast_run_config_mismatch_names_the_key(tmp_path, monkeypatch, capsys):
-    import dataclasses
-
-    from jaxseq import training
-    from jaxseq.models.forecasting import ForecastConfig
-
-    (tmp_path / "checkpoints").mkdir()
-    stored = {**dataclasses.asdict(ForecastConfig(hidden_size=4)), "features": []}
-    monkeypatch.setattr(training, "load_run_config", lambda out: {"forecast": stored, "scaler": {}})
-    argv = ["forecast", "train", "--hidden", "8", "--epochs", "1", "--out", str(tmp_path), "--no-progress"]
-    assert cli.main(argv) == 2
-    line = _one_line(capsys)
-    assert "hidden_size: 4 in the run vs 8 now" in line and "--restart" in line and "{" not in line
-
-
 def test_forecast_batch_larger_than_the_data_names_the_flag(tmp_path, capsys):
     dates = np.datetime64("2020-01-01") + np.arange(40)
     csv = tmp_path / "s.csv"

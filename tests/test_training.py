@@ -198,6 +198,14 @@ def test_fit_resume_finish_restart_and_sigterm(tmp_path):
             train=ArrayBatches(arrays, 8, seed=0), run_config=run_config)
 
 
+def test_run_config_differences_name_nested_keys():
+    # The CLI commands nest their settings ({"forecast": {...}, "scaler": {...}}): name the differing leaves.
+    stored = {"forecast": {"hidden_size": 32, "features": ["Volume"], "model": "lstm"}, "scaler": {"mean": [1.0]}}
+    current = {"forecast": {"hidden_size": 16, "features": ["Volume"], "model": "lstm", "new": 1},
+               "scaler": {"mean": [1.0]}}
+    assert training._diff_dicts(stored, current) == ["forecast.hidden_size: 32 in the checkpoint vs 16 now",
+                                                     "forecast.new: '<absent>' in the checkpoint vs 1 now"]
+
 def test_best_checkpoint_is_kept_and_restored(tmp_path):
     scores = iter([3.0, 1.0, 2.0, 4.0, 5.0])  # best at the second eval (step 4)
     seen = {}

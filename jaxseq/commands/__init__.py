@@ -48,20 +48,3 @@ def reword(error: Exception) -> ValueError:
         message = pattern.sub(flag, message)
     return ValueError(message)
 
-
-def dict_diff(stored, current, prefix: str = "") -> list[str]:
-    """``["key.sub: <stored> in the run vs <current> now", ...]``: the leaves where two nested dicts differ."""
-    if isinstance(stored, dict) and isinstance(current, dict):
-        out = []
-        for key in sorted(set(stored) | set(current), key=str):
-            name = f"{prefix}.{key}" if prefix else str(key)
-            if key not in stored:
-                out.append(f"{name}: absent in the run vs {current[key]!r} now")
-            elif key not in current:
-                out.append(f"{name}: {stored[key]!r} in the run vs absent now")
-            else:
-                out += dict_diff(stored[key], current[key], name)
-        return out
-    # JSON stores tuples as lists: compare them as lists.
-    norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
-    return [] if norm(stored) == norm(current) else [f"{prefix}: {stored!r} in the run vs {current!r} now"]

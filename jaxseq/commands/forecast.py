@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import pathlib
 
 from jaxseq.commands import finite_float, positive_int, reword
@@ -78,8 +77,6 @@ def run_train(args) -> int:
     # Absolute: Orbax refuses relative checkpoint paths.
     train_config = TrainConfig(out_dir=str(pathlib.Path(out).resolve()), seed=args.seed, epochs=args.epochs, batch_size=args.batch_size,
                                learning_rate=args.lr, restart=args.restart, progress=not args.no_progress)
-    if not args.restart:
-        _check_same_run(out, config)
     try:
         results = train_and_evaluate(config, train_config)
     except ValueError as error:
@@ -87,26 +84,6 @@ def run_train(args) -> int:
     print(format_table(results))
     print(f"wrote {out}/metrics.json and {out}/forecast.png")
     return 0
-
-
-def _check_same_run(out: str, config) -> None:
-    """An existing run in --out must have been trained with these settings: name the ones that differ."""
-    from jaxseq.commands import dict_diff
-    from jaxseq.training import load_run_config
-
-    if not (pathlib.Path(out) / "checkpoints").is_dir():
-        return
-    try:
-        stored = load_run_config(str(pathlib.Path(out).resolve())).get("forecast")
-    except (FileNotFoundError, KeyError):
-        return  # nothing to resume, or not our run: fit() says what it finds there
-    if stored is None:
-        return
-    current = {**dataclasses.asdict(config), "features": list(config.features)}
-    problems = dict_diff(stored, current)
-    if problems:
-        raise ValueError(f"--out {out} holds a run trained with other settings ({'; '.join(problems)}); use a "
-                         "new --out folder, the same settings to resume it, or --restart to overwrite it")
 
 
 def format_table(results: dict) -> str:
