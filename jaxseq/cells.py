@@ -78,7 +78,7 @@ _NAMES = {"rnn": "an RNN", "lstm": "an LSTM", "gru": "a GRU"}
 def check_size(name: str, value) -> int:
     """``value`` as an int if it is a positive int (a size such as ``hidden_size``), else a ``ValueError``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
 
 

@@ -864,7 +864,7 @@ def _fit(config, ckpt, out, primary, init_params, train, evaluate, run_config, t
                 f"{config.max_bad_steps}), from step {s0} (epoch {e0}, batch {i0}) to step {s1} (epoch {e1}, "
                 f"batch {i1}); those updates were not applied. "
                 + (f"Last good checkpoint: step {last_good} in {ckpt.directory}" if last_good is not None else
-                   f"No step had a finite loss, so {ckpt.directory} holds no checkpoint: check the data and the "
+                   f"No checkpoint was saved before them, so {ckpt.directory} holds none: check the data and the "
                    "learning rate"))
 
     def run_eval(epoch, index):

@@ -235,7 +235,7 @@ def test_cell_init_rejects_sizes_that_are_not_positive_ints(key, name):
                                          (I, 2.5, "hidden_size"), (True, H, "input_size")]:
         with pytest.raises(ValueError, match=f"{bad} must be a positive int"):
             CELLS[name].init(key, input_size, hidden_size)
-    with pytest.raises(ValueError, match="num_layers must be a positive int, got 0"):
+    with pytest.raises(ValueError, match="num_layers must be a positive integer, got 0"):
         jaxseq.scan.init_stacked(CELLS[name], key, I, H, 0)
 
 

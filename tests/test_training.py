@@ -257,7 +257,7 @@ def test_non_finite_steps_at_the_end_are_not_reported_as_success(tmp_path):
     # Every step NaN, fewer steps (4) than max_bad_steps: no good step, so no checkpoint, and fit says so.
     all_bad = Scripted(ArrayBatches(arrays, 8, seed=0), nan_from=(0, 0))
     with pytest.raises(NonFiniteError, match=r"training ended after 4 consecutive .* from step 1 .* to step 4 .*"
-                                             r"No step had a finite loss, so .* holds no checkpoint"):
+                                             r"No checkpoint was saved before them, so .* holds none"):
         fit(config(tmp_path, "all-bad", epochs=1), init_params=init_params, loss_fn=loss_fn, train=all_bad)
     # Good steps, then the last two NaN: the error names them and the last good checkpoint (end of epoch 1).
     tail_bad = Scripted(ArrayBatches(arrays, 8, seed=0), nan_from=(1, 2))

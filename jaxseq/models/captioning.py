@@ -37,7 +37,7 @@ import numpy as np
 import optax
 
 from jaxseq import decoding, scan
-from jaxseq.cells import LSTMState, make_lstm
+from jaxseq.cells import LSTMState, check_size, make_lstm
 
 VARIANTS = ("merge", "inject", "attention")
 
@@ -58,9 +58,7 @@ class CaptionConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "embed_dim", "hidden", "attention_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"CaptionConfig.{name} must be a positive integer, got {value!r}")
+            check_size(f"CaptionConfig.{name}", getattr(self, name))
         if not 0 <= self.dropout < 1:
             raise ValueError(f"CaptionConfig.dropout must be in [0, 1), got {self.dropout}")
 

@@ -95,8 +95,7 @@ class Forecaster(nn.Module):
 
 def _check_sizes(**sizes: int) -> None:
     for name, value in sizes.items():
-        if not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        cells.check_size(name, value)
 
 
 def make_model(name: str, *, hidden_size: int = 32, num_layers: int = 1, horizon: int = 1,
