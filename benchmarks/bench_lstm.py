@@ -44,7 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--configs", default="0,1,2,3",
                    help="comma-separated indices into %s, or B:T:I:H shapes" % (CONFIGS,))
     p.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {IMPLS}; also "
-                   "jaxseq-<form> (hoist|step|concat), jaxseq-ckpt (checkpoint='sqrt') and jaxseq-dp (batch sharded "
+                   "jaxseq-<form> (hoist|step|concat), jaxseq-xla (XLA's loops, not the native CPU kernel), jaxseq-ckpt (checkpoint='sqrt') and jaxseq-dp (batch sharded "
                    "over --cpu-devices devices)")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
     p.add_argument("--repeats", type=int, default=9, help="timed samples per implementation (median, min)")
@@ -106,7 +106,9 @@ def build_jax_family(name, B, T, I, H, modes):
         params = cells.lstm.init(jax.random.PRNGKey(0), I, H)
         kwargs = {"impl": "scan"} if name == "scan" else {"impl": "auto"}
         variant = name.split("-", 1)[1] if "-" in name else None
-        if variant == "ckpt":
+        if variant == "xla":  # the fused layer with XLA's loops instead of the native CPU kernel
+            pass
+        elif variant == "ckpt":
             kwargs["checkpoint"] = "sqrt"
         elif variant == "dp":  # the batch split over every local device, as jaxseq.training splits it
             from jaxseq.training import make_mesh, put_batch
@@ -144,6 +146,12 @@ def build_jax_family(name, B, T, I, H, modes):
 
     train = jax.jit(jax.grad(loss))
     forward = jax.jit(apply)
+    if name == "jaxseq-xla":  # compiled now, while the kernel is switched off
+        from jaxseq import native
+
+        with native.disabled():
+            train = train.lower(params, x).compile()
+            forward = forward.lower(params, x).compile()
     fns = {}
     if "train" in modes:
         fns["train"] = lambda: jax.block_until_ready(train(params, x))

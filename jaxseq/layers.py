@@ -40,7 +40,7 @@ import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
-from jaxseq import bptt, cells
+from jaxseq import bptt, cells, native
 from jaxseq.cells import LSTMState
 from jaxseq.scan import (_batch_shape, as_lengths, check_carry_pair, check_directions, check_sequence_inputs,
                          merge_outputs, reverse_within_lengths, sum_like, unroll, vary_like)
@@ -167,11 +167,20 @@ def _forward_loop(form: str, U, W, b, h0, c0, xs_t, valid_t, save: bool, steps_p
     """Run the LSTM over time-major ``xs_t`` ``[T, B, I]``.
 
     ``valid_t`` is ``bool[T, B]`` or None (all steps valid). Returns ``(h, c, ys, saved)`` where ``ys`` is
-    ``[T, B, H]`` (zeros at invalid steps) and, if ``save``, ``saved = (gates, cs [T, B, H])``: the four
-    activated gates ``(i, f, g, o)``, each ``[T, B, H]``, and the cell states the backward pass needs. The gates
-    stay four arrays rather than one ``[T, B, 4H]`` block, and so do the hoisted input products: on XLA:CPU a
-    loop step that reads four arrays ran 0.64-0.74x the time of one that slices a block (benchmarks/RESULTS.md).
+    ``[T, B, H]`` (zeros at invalid steps) and, if ``save``, ``saved`` is what ``_backward_loop`` needs: the
+    four activated gates ``(i, f, g, o)`` and the cell states, each ``[T, B, H]``, or the native kernel's
+    ``native.Tape``. The gates stay four arrays rather than one ``[T, B, 4H]`` block, and so do the hoisted
+    input products: on XLA:CPU a loop step that reads four arrays ran 0.64-0.74x the time of one that slices a
+    block (benchmarks/RESULTS.md).
+
+    On the CPU, in float32, the loop runs in the native kernel (``jaxseq.native``) when it is available. The
+    kernel forms ``x_t U + h W + b`` itself, so the "step" and "concat" forms are the same there.
     """
+    if _use_native(xs_t, W):
+        lengths = None if valid_t is None else valid_t.sum(axis=0, dtype=jnp.int32)  # validity is a prefix
+        hoisted = form == "hoist"
+        inputs = xs_t @ U + b if hoisted else xs_t
+        return native.lstm_forward(inputs, U, W, b, h0, c0, lengths, hoisted=hoisted, save=save)
     hidden = W.shape[0]
     if form == "hoist":
         projected = xs_t @ U + b  # [T, B, 4H]; no reshape that merges (and so would gather) a sharded batch
@@ -211,12 +220,35 @@ def _forward_loop(form: str, U, W, b, h0, c0, xs_t, valid_t, save: bool, steps_p
     return h, c, out, None
 
 
-def _backward_loop(WT, gates, cs, c0, dys, valid_t, dh, dc, steps_per_iteration: int = 1):
+def _native_fits(batch: int, input_size: int, hidden: int) -> bool:
+    """Whether the native kernel beats XLA's loops at this shape (measured on a 2-core x86 CPU).
+
+    It won where each step's products are small, 0.66-0.92x the XLA loops' time at (32, 500, 64, 128),
+    (64, 100, 64, 128), (16, 200, 128, 256), (128, 100, 32, 64) and (8, 200, 64, 64) (B, T, I, H), up to
+    12.6 MFLOP per step. It lost where they are large, 1.8x at (64, 34, 200, 256), 60 MFLOP per step, and at
+    (128, 100, 256, 512), where XLA's multi-threaded GEMMs are better than its register-blocked loops; and at
+    batch 1, where a matrix-vector product per step leaves its threads waiting at the barrier
+    (benchmarks/RESULTS.md). The cut between 12.6 and 60 MFLOP is set at 24.
+    """
+    step_flops = 8 * batch * (input_size + hidden) * hidden
+    return batch >= 8 and step_flops <= 24e6
+
+
+def _use_native(xs_t, W) -> bool:
+    """Whether the loops run in the native CPU kernel: float32 on a one-device CPU backend, kernel built,
+    and a shape where it is faster (``_native_fits``)."""
+    steps, batch, input_size = xs_t.shape
+    return (xs_t.dtype == jnp.float32 and W.dtype == jnp.float32 and _native_fits(batch, input_size, W.shape[0])
+            and native.available())
+
+
+def _backward_loop(W, saved, c0, dys, valid_t, dh, dc, steps_per_iteration: int = 1):
     """The LSTM BPTT recursion over one stretch of time, newest step first.
 
     Args:
-      WT: ``W.T`` ``[4H, H]``.
-      gates, cs: the forward's saved gate activations ``(i, f, g, o)`` and cell states, each ``[T, B, H]``.
+      W: the recurrent kernel ``[H, 4H]``.
+      saved: what ``_forward_loop`` saved: the gate activations ``(i, f, g, o)`` and cell states, each
+        ``[T, B, H]``, or the native kernel's ``native.Tape`` (then the native kernel runs this loop too).
       c0: the cell state before the stretch ``[B, H]``.
       dys: output cotangents ``[T, B, H]``; valid_t: ``bool[T, B]`` or None.
       dh, dc: cotangents of the carry after the stretch.
@@ -224,6 +256,11 @@ def _backward_loop(WT, gates, cs, c0, dys, valid_t, dh, dc, steps_per_iteration:
     Returns:
       ``(dh, dc, dz)``: carry cotangents before the stretch and ``δz_t`` ``[T, B, 4H]`` (zero at invalid steps).
     """
+    if isinstance(saved, native.Tape):
+        lengths = None if valid_t is None else valid_t.sum(axis=0, dtype=jnp.int32)
+        return native.lstm_backward(W, saved, c0, dys, lengths, dh, dc)
+    gates, cs = saved
+    WT = W.T
     c_prev = jnp.concatenate([c0[None], cs[:-1]], axis=0)
 
     def step(carry, inp):
@@ -319,8 +356,8 @@ def _fused_lstm_fwd(form, segment, per_iter, U, W, b, h0, c0, xs, lengths):
     if segment is None:
         xs_t = jnp.moveaxis(xs, 1, 0)
         valid_t = _valid(lengths, num_steps)
-        h, c, ys, (gates, cs) = _forward_loop(form, U, W, b, h0, c0, xs_t, valid_t, True, per_iter)
-        return (h, c, jnp.moveaxis(ys, 0, 1)), (params_and_carry, (xs_t, lengths, ys, gates, cs, want_dxs))
+        h, c, ys, saved = _forward_loop(form, U, W, b, h0, c0, xs_t, valid_t, True, per_iter)
+        return (h, c, jnp.moveaxis(ys, 0, 1)), (params_and_carry, (xs_t, lengths, ys, saved, want_dxs))
     # Checkpointed: keep the carry at each segment start, nothing else per step.
     n = -(-num_steps // segment)
     if lengths is None and n * segment != num_steps:
@@ -350,7 +387,7 @@ def _fused_lstm_bwd(form, segment, per_iter, res, cotangents):
 def _fused_lstm_grads(form, segment, per_iter, params_and_carry, res, cotangents):
     U, W, b, h0, c0 = params_and_carry
     if segment is None:
-        xs_t, lengths, ys, gates, cs, want_dxs = res
+        xs_t, lengths, ys, saved, want_dxs = res
         num_steps, batch = xs_t.shape[:2]
     else:
         starts, xs, lengths, want_dxs = res
@@ -360,22 +397,22 @@ def _fused_lstm_grads(form, segment, per_iter, params_and_carry, res, cotangents
     if segment is None:
         dys = jnp.moveaxis(_instantiate(cotangents[2], (batch, num_steps, hidden), dtype), 1, 0)
         valid_t = _valid(lengths, num_steps)
-        dh0, dc0, dz = _backward_loop(W.T, gates, cs, c0, dys, valid_t, dh, dc, per_iter)
+        dh0, dc0, dz = _backward_loop(W, saved, c0, dys, valid_t, dh, dc, per_iter)
         dU, dW, db = _weight_grads(xs_t, _h_prev(h0, ys), dz)
         dxs = None if want_dxs is None else jnp.moveaxis(dz @ U.T, 0, 1)
         return dU, dW, db, dh0, dc0, dxs, None
     n = starts[0].shape[0]
     num_steps = cotangents[2].shape[1]
     dys = _pad_steps(_instantiate(cotangents[2], (batch, num_steps, hidden), dtype), n * segment)
-    WT, UT = W.T, U.T
+    UT = U.T
 
     def segment_bwd(carry, seg):
         dh, dc, dU, dW, db = carry
         h0, c0, k = seg
         valid = None if lengths is None else _valid(lengths - k * segment, segment)
         x_seg = _time_slice(xs, k, segment)
-        _, _, ys, (gates, cs) = _forward_loop(form, U, W, b, h0, c0, x_seg, valid, True, per_iter)
-        dh, dc, dz = _backward_loop(WT, gates, cs, c0, _time_slice(dys, k, segment), valid, dh, dc, per_iter)
+        _, _, ys, saved = _forward_loop(form, U, W, b, h0, c0, x_seg, valid, True, per_iter)
+        dh, dc, dz = _backward_loop(W, saved, c0, _time_slice(dys, k, segment), valid, dh, dc, per_iter)
         gU, gW, gb = _weight_grads(x_seg, _h_prev(h0, ys), dz)
         dx = None if want_dxs is None else dz @ UT
         return (dh, dc, dU + gU, dW + gW, db + gb), dx

@@ -1,0 +1,202 @@
+"""The fused LSTM's time loops as a native CPU kernel (``lstm_cpu.cc``, an XLA FFI custom call).
+
+XLA:CPU runs a while loop's body on one thread, so at thin shapes each step's product ran on one core while
+PyTorch's LSTM used all of them (benchmarks/RESULTS.md). The kernel runs the forward and the BPTT loops with a
+team of threads that split the hidden units and meet at a barrier once per step.
+
+It is built on first use with the system C++ compiler (``$CXX``, else ``c++``) against the FFI headers that
+ship with jaxlib, ``-march=native``, and cached under ``$JAXSEQ_CACHE_DIR`` (default ``~/.cache/jaxseq``),
+keyed by the source, the compiler command, jaxlib's version and the CPU's flags. Without a compiler, or with
+``JAXSEQ_NATIVE=0`` in the environment, ``available()`` is False and ``jaxseq.layers`` keeps its XLA loops;
+the results are the same to float32 rounding (tests/test_native.py).
+
+``JAXSEQ_NATIVE_THREADS=n`` caps the team (default: the CPUs this process may run on).
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxseq.scan import vary_like
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("lstm_cpu.cc")
+LANES = 16  # the kernel's vector width in floats: the hidden size is padded to a multiple of it
+_TARGETS = {"jaxseq_lstm_forward": "JaxseqLstmForward", "jaxseq_lstm_backward": "JaxseqLstmBackward"}
+_disabled_depth = 0
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compile_command(output: Path) -> list[str]:
+    compiler = os.environ.get("CXX") or "c++"
+    return [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-pthread",
+            "-w", f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(output)]
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("JAXSEQ_CACHE_DIR") or Path.home() / ".cache" / "jaxseq"
+    return Path(root) / "native"
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """Build (once per source, compiler and CPU) and load the kernel; None, with a warning, if that fails."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return None  # the kernel's vector code and thread pinning assume x86-64 Linux
+    placeholder = Path("lib.so")
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *_compile_command(placeholder), jax.lib.__version__,
+                                    _cpu_flags()]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"lstm_cpu-{key}.so"
+    if not target.exists():
+        command = _compile_command(placeholder)
+        if shutil.which(command[0]) is None:
+            log.warning("jaxseq: no C++ compiler (%s) found, so the LSTM layer uses XLA's loops on the CPU "
+                        "(slower at thin shapes); set CXX to a compiler to build the native kernel", command[0])
+            return None
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+                built = Path(scratch) / target.name
+                result = subprocess.run(_compile_command(built), capture_output=True, text=True)
+                if result.returncode != 0:
+                    log.warning("jaxseq: building the native LSTM kernel failed, so the LSTM layer uses XLA's "
+                                "loops:\n%s", result.stderr[-2000:])
+                    return None
+                os.replace(built, target)  # atomic: a concurrent process sees the old state or the whole file
+        except OSError as error:
+            log.warning("jaxseq: could not build the native LSTM kernel in %s (%s); using XLA's loops",
+                        target.parent, error)
+            return None
+    library = ctypes.cdll.LoadLibrary(str(target))
+    for name, symbol in _TARGETS.items():
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+    return library
+
+
+def available() -> bool:
+    """Whether the native kernel is on: CPU backend, one device, not disabled, and it built."""
+    if _disabled_depth or os.environ.get("JAXSEQ_NATIVE", "1") == "0":
+        return False
+    # Several devices: the batch may be sharded, and XLA cannot partition a custom call (it would gather the
+    # whole batch onto every device), so multi-device programs keep the XLA loops.
+    if jax.default_backend() != "cpu" or jax.device_count() != 1:
+        return False
+    return _library() is not None
+
+
+@contextlib.contextmanager
+def disabled():
+    """Trace with XLA's loops instead of the kernel inside this block (for comparisons and tests)."""
+    global _disabled_depth
+    _disabled_depth += 1
+    try:
+        yield
+    finally:
+        _disabled_depth -= 1
+
+
+def padded_hidden(hidden: int) -> int:
+    return -(-hidden // LANES) * LANES
+
+
+def pad_gate_columns(a, hidden: int):
+    """``[..., 4H]`` -> ``[..., 4Hp]`` with zeros after each gate's H columns (Hp = ``padded_hidden(H)``)."""
+    extra = padded_hidden(hidden) - hidden
+    if extra == 0:
+        return a
+    a = a.reshape(*a.shape[:-1], 4, hidden)
+    a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, extra)])
+    return a.reshape(*a.shape[:-2], -1)
+
+
+def _pad_last(a, hidden: int):
+    extra = padded_hidden(hidden) - hidden
+    return a if extra == 0 else jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, extra)])
+
+
+def _lengths_arg(lengths):
+    return jnp.zeros((0,), jnp.int32) if lengths is None else lengths.astype(jnp.int32)
+
+
+class Tape(NamedTuple):
+    """What the kernel's forward saves for its backward, in the kernel's layout (hidden padded to ``Hp``)."""
+
+    gates: jax.Array  # [4, T, B, Hp]: the activated gates i, f, g, o
+    cs: jax.Array     # [T, B, Hp]: the carried cell states
+
+
+def lstm_forward(xs_t, U, W, b, h0, c0, lengths, *, hoisted: bool, save: bool):
+    """The forward loop of ``jaxseq.layers._forward_loop`` in the kernel.
+
+    Args:
+      xs_t: ``[T, B, I]``, or with ``hoisted`` the precomputed ``x_t U + b`` ``[T, B, 4H]``.
+      U, W, b: ``[I, 4H]``, ``[H, 4H]``, ``[4H]`` (U and b unused when hoisted).
+      h0, c0: ``[B, H]``; lengths: ``int[B]`` valid steps per row, or None.
+
+    Returns:
+      ``(h, c, ys [T, B, H], tape)``: the ``Tape`` for ``lstm_backward`` when ``save``, else None.
+    """
+    steps, batch = xs_t.shape[:2]
+    hidden = W.shape[0]
+    hp = padded_hidden(hidden)
+    if hoisted:
+        xs_t = pad_gate_columns(xs_t, hidden)
+    W = pad_gate_columns(jnp.pad(W, ((0, hp - hidden), (0, 0))), hidden)
+    U, b = pad_gate_columns(U, hidden), pad_gate_columns(b, hidden)
+    f32 = jnp.float32
+    shapes = [(batch, hp), (batch, hp), (steps, batch, hp), (4, steps, batch, hp) if save else (0,),
+              (steps, batch, hp) if save else (0,), (2, batch, hp)]
+    call = jax.ffi.ffi_call("jaxseq_lstm_forward", [jax.ShapeDtypeStruct(s, f32) for s in shapes],
+                            vmap_method="sequential")
+    args = (xs_t, U, W, b, _pad_last(h0, hidden), _pad_last(c0, hidden), _lengths_arg(lengths))
+    # Inside shard_map a custom call's results are per-shard values: they vary like its inputs.
+    h, c, ys, gates, cs, _ = vary_like(call(*args, hoisted=np.int64(hoisted), has_lengths=np.int64(lengths is not None)),
+                                       *args)
+    if hp != hidden:
+        h, c, ys = h[:, :hidden], c[:, :hidden], ys[..., :hidden]
+    return h, c, ys, Tape(gates, cs) if save else None
+
+
+def lstm_backward(W, tape: Tape, c0, dys, lengths, dh, dc):
+    """The BPTT loop of ``jaxseq.layers._backward_loop`` in the kernel: ``(dh, dc, dz [T, B, 4H])``.
+
+    ``W`` is the recurrent kernel ``[H, 4H]``, ``tape`` what ``lstm_forward`` saved, ``dys`` ``[T, B, H]``.
+    """
+    steps, batch, hidden = dys.shape
+    hp = padded_hidden(hidden)
+    pad = functools.partial(_pad_last, hidden=hidden)
+    WT = pad_gate_columns(jnp.pad(W, ((0, hp - hidden), (0, 0))), hidden).T  # [4Hp, Hp]
+    f32 = jnp.float32
+    shapes = [(batch, hp), (batch, hp), (steps, batch, 4 * hp)]
+    call = jax.ffi.ffi_call("jaxseq_lstm_backward", [jax.ShapeDtypeStruct(s, f32) for s in shapes],
+                            vmap_method="sequential")
+    args = (WT, tape.gates, tape.cs, pad(c0), pad(dys), _lengths_arg(lengths), pad(dh), pad(dc))
+    dh, dc, dz = vary_like(call(*args, has_lengths=np.int64(lengths is not None)), *args)
+    if hp != hidden:
+        dh, dc = dh[:, :hidden], dc[:, :hidden]
+        dz = dz.reshape(steps, batch, 4, hp)[..., :hidden].reshape(steps, batch, 4 * hidden)
+    return dh, dc, dz

@@ -1,0 +1,516 @@
+// The fused LSTM's two time loops on the CPU, as XLA FFI custom calls (jaxseq/native/__init__.py builds and
+// registers them; jaxseq/layers.py calls them).
+//
+// Why a kernel: XLA:CPU runs a while loop's body on one thread, so at thin shapes (B·H small) each step's
+// [B, I+H]·[I+H, 4H] product ran single-threaded while PyTorch's oneDNN LSTM used every core
+// (benchmarks/RESULTS.md). Here a team of threads splits the hidden units: thread j owns hidden units
+// [lo_j, hi_j) of every gate, computes those columns of z_t, their activations and their part of h_t and c_t,
+// then meets the others at a spin barrier before step t+1 reads the whole h_t. The backward loop is split the
+// same way: each thread forms its columns of δz_t, and after a barrier its columns of δh_{t-1} = δz_t Wᵀ.
+//
+// Semantics are exactly those of layers._forward_loop / _backward_loop (tests compare them):
+//   forward:  z = [x_t U] + h W + b (or a precomputed x_t U + b), i f o = σ, g = tanh,
+//             c' = f c + i g, h' = o tanh c'; where t >= length: carry kept, y_t = 0.
+//             Saved: activated gates (unmasked) and the carried c.
+//   backward: dh += dy_t; dc' = dc + dh o (1 - tanh²c); δz as bptt.lstm_step_backward_parts;
+//             where t >= length: δz_t = 0 and the carry passes through.
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include <sched.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kLanes = 16;
+typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t))));
+typedef float vf_unaligned __attribute__((vector_size(kLanes * sizeof(float)), aligned(4)));
+
+inline vf load(const float* p) { return *reinterpret_cast<const vf_unaligned*>(p); }
+inline void store(float* p, vf v) { *reinterpret_cast<vf_unaligned*>(p) = v; }
+inline vf splat(float x) { return (vf){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+
+// exp with Cephes' single-precision polynomial (about 1 ulp on the clamped range).
+inline vf vexp(vf x) {
+  x = x < -87.3f ? splat(-87.3f) : x;
+  x = x > 88.7f ? splat(88.7f) : x;
+  vf fx = x * 1.44269504088896341f;
+  vf rounded = fx + (fx >= 0.0f ? splat(0.5f) : splat(-0.5f));
+  vi n = __builtin_convertvector(rounded, vi);  // truncation toward zero of fx ± 0.5: round to nearest
+  vf nf = __builtin_convertvector(n, vf);
+  vf r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+  vf r2 = r * r;
+  vf p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r2 + r + 1.0f;
+  vi bits = (n + 127) << 23;
+  vf scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+inline vf vsigmoid(vf x) { return 1.0f / (1.0f + vexp(-x)); }
+
+// tanh: Cephes' odd polynomial below |x| = 0.625 (where 1 - e^{-2|x|} would cancel), the exp form above.
+inline vf vtanh(vf x) {
+  vf ax = x < 0.0f ? -x : x;
+  vf e = vexp(-2.0f * ax);
+  vf big = (1.0f - e) / (1.0f + e);
+  big = x < 0.0f ? -big : big;
+  vf z = x * x;
+  vf p = splat(-5.70498872745e-3f);
+  p = p * z + 2.06390887954e-2f;
+  p = p * z - 5.37397155531e-2f;
+  p = p * z + 1.33314422036e-1f;
+  p = p * z - 3.33332819422e-1f;
+  vf small = p * z * x + x;
+  return ax < 0.625f ? small : big;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// A team of threads that run one job together and meet at a spin barrier between time steps.
+
+class Team {
+ public:
+  static Team& Get() {
+    static Team* team = new Team();  // never destroyed: its workers live as long as the process
+    return *team;
+  }
+
+  int max_threads() const { return static_cast<int>(workers_.size()) + 1; }
+
+  // Runs job(index, count) on `count` threads (the caller is index 0) and returns when all have finished.
+  // Returns false (and runs nothing) if another call is using the team, or in a forked child.
+  bool TryRun(int count, const std::function<void(int, int)>& job) {
+    if (getpid() != owner_) return false;  // a forked child: the workers stayed in the parent
+    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
+    if (!busy.owns_lock()) return false;
+    count = std::max(1, std::min(count, max_threads()));
+    if (count > 1) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      job_ = &job;
+      count_ = count;
+      barrier_count_.store(0, std::memory_order_relaxed);
+      finished_.store(0, std::memory_order_relaxed);
+      ++generation_;
+    }
+    if (count > 1) wake_.notify_all();
+    job(0, count);
+    if (count > 1) {
+      while (finished_.load(std::memory_order_acquire) != count - 1) Relax();
+    }
+    return true;
+  }
+
+  // All `count` threads of the running job call this between steps.
+  void Barrier(int count) {
+    if (count == 1) return;
+    int phase = barrier_phase_.load(std::memory_order_acquire);
+    if (barrier_count_.fetch_add(1, std::memory_order_acq_rel) == count - 1) {
+      barrier_count_.store(0, std::memory_order_relaxed);
+      barrier_phase_.store(phase + 1, std::memory_order_release);
+    } else {
+      int spins = 0;
+      while (barrier_phase_.load(std::memory_order_acquire) == phase) {
+        if (++spins > 4096) sched_yield();  // another process holds our core: let it run
+        else Relax();
+      }
+    }
+  }
+
+ private:
+  Team() : owner_(getpid()) {
+    cpu_set_t set;
+    int cores = sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set) : 1;
+    for (int index = 1; index < std::max(1, cores); ++index) workers_.emplace_back([this, index] { Work(index); });
+  }
+
+  static void Relax() {
+#if defined(__x86_64__)
+    __builtin_ia32_pause();
+#endif
+  }
+
+  void Work(int index) {
+    uint64_t seen = 0;
+    for (;;) {
+      const std::function<void(int, int)>* job;
+      int count;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return generation_ != seen; });
+        seen = generation_;
+        job = job_;
+        count = count_;
+      }
+      if (index < count) {
+        (*job)(index, count);
+        finished_.fetch_add(1, std::memory_order_acq_rel);
+      }
+    }
+  }
+
+  const pid_t owner_;
+  std::vector<std::thread> workers_;
+  std::mutex busy_;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  uint64_t generation_ = 0;
+  const std::function<void(int, int)>* job_ = nullptr;
+  int count_ = 1;
+  std::atomic<int> finished_{0};
+  std::atomic<int> barrier_count_{0};
+  std::atomic<int> barrier_phase_{0};
+};
+
+// XLA:CPU allocates a call's large buffers afresh (glibc maps them with mmap and unmaps them after the call),
+// so the kernel's first writes to its outputs page-fault, 4 KiB at a time, on every thread at once. Asking for
+// huge pages and populating the range in one call first cut the fused training step at (32, 500, 64, 128)
+// from about 150 to 100 ms here. Both are hints: where the kernel refuses them, the writes fault as before.
+void Prefault(float* data, int64_t count) {
+  constexpr uintptr_t kHuge = 2 << 20;
+  if (count * static_cast<int64_t>(sizeof(float)) < static_cast<int64_t>(2 * kHuge)) return;
+  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + page - 1) & ~(page - 1);
+  uintptr_t end = (reinterpret_cast<uintptr_t>(data + count)) & ~(page - 1);
+  if (end <= begin) return;
+  uintptr_t huge_begin = (begin + kHuge - 1) & ~(kHuge - 1), huge_end = end & ~(kHuge - 1);
+  if (huge_end > huge_begin) madvise(reinterpret_cast<void*>(huge_begin), huge_end - huge_begin, MADV_HUGEPAGE);
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+  madvise(reinterpret_cast<void*>(begin), end - begin, MADV_POPULATE_WRITE);
+}
+
+// Hidden units [lo, hi) of thread `index` of `count`, in whole vectors.
+inline void OwnUnits(int64_t hidden, int index, int count, int64_t* lo, int64_t* hi) {
+  int64_t chunks = hidden / kLanes;
+  *lo = chunks * index / count * kLanes;
+  *hi = chunks * (index + 1) / count * kLanes;
+}
+
+// Threads worth using: every thread needs at least one vector of hidden units, and enough work per step to
+// pay for a barrier (about a microsecond with two threads).
+int TeamSize(int64_t batch, int64_t depth, int64_t hidden) {
+  int64_t flops = 8 * batch * depth * hidden;
+  int by_work = static_cast<int>(std::max<int64_t>(1, flops / 200000));
+  int by_units = static_cast<int>(std::max<int64_t>(1, hidden / kLanes));
+  int size = std::min({Team::Get().max_threads(), by_work, by_units});
+  if (const char* env = std::getenv("JAXSEQ_NATIVE_THREADS")) size = std::max(1, std::min(size, std::atoi(env)));
+  return size;
+}
+
+// acc[r][q] += Σ_k a[r, k] · w[k, q·H + col .. +16] for R rows of a (row stride lda) and the 4 gate blocks.
+template <int R>
+inline void AccumulateGates(vf (&acc)[R][4], const float* a, int64_t lda, const float* w, int64_t depth,
+                            int64_t ldw, int64_t hidden, int64_t col) {
+  const float* w0 = w + col;
+  for (int64_t k = 0; k < depth; ++k) {
+    const float* wk = w0 + k * ldw;
+    vf wi = load(wk), wf = load(wk + hidden), wg = load(wk + 2 * hidden), wo = load(wk + 3 * hidden);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      vf x = splat(a[r * lda + k]);
+      acc[r][0] += x * wi;
+      acc[r][1] += x * wf;
+      acc[r][2] += x * wg;
+      acc[r][3] += x * wo;
+    }
+  }
+}
+
+struct ForwardArgs {
+  int64_t steps, batch, in_size, hidden;
+  const float* xs;  // [T, B, I], or the hoisted x_t U + b [T, B, 4H] when hoisted
+  const float* U;   // [I, 4H] (unused when hoisted)
+  const float* W;   // [H, 4H]
+  const float* b;   // [4H] (unused when hoisted)
+  const float* h0;
+  const float* c0;
+  const int32_t* lengths;  // [B] or nullptr
+  bool hoisted;
+  float* h;       // [B, H] final
+  float* c;       // [B, H] final
+  float* ys;      // [T, B, H]
+  float* gates;   // [4, T, B, H] (i, f, g, o) or nullptr
+  float* cs;      // [T, B, H] or nullptr
+  float* h_buffers;  // [2, B, H] scratch
+};
+
+// z[r][q] = the gate pre-activations of rows r0.. r0+R, gate q, hidden units col..col+16. Kept out of line so
+// that its 4R accumulators have the vector registers to themselves (inlined into the elementwise code, GCC
+// spilled some of them inside the k loop).
+template <int R>
+__attribute__((noinline)) void GatePreactivations(const ForwardArgs& a, int64_t t, int64_t r0, int64_t col,
+                                                  const float* h_prev, vf (&z)[R][4]) {
+  const int64_t B = a.batch, H = a.hidden, I = a.in_size, H4 = 4 * H;
+  vf acc[R][4];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+    for (int q = 0; q < 4; ++q) {
+      acc[r][q] = a.hoisted ? load(a.xs + (t * B + r0 + r) * H4 + q * H + col) : load(a.b + q * H + col);
+    }
+  }
+  if (!a.hoisted) AccumulateGates<R>(acc, a.xs + (t * B + r0) * I, I, a.U, I, H4, H, col);
+  AccumulateGates<R>(acc, h_prev + r0 * H, H, a.W, H, H4, H, col);
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+    for (int q = 0; q < 4; ++q) z[r][q] = acc[r][q];
+  }
+}
+
+template <int R>
+void ForwardRows(const ForwardArgs& a, int64_t t, int64_t r0, int64_t lo, int64_t hi) {
+  const int64_t B = a.batch, H = a.hidden;
+  const float* h_prev = a.h_buffers + (t & 1) * B * H;
+  float* h_next = a.h_buffers + ((t + 1) & 1) * B * H;
+  const int64_t tbh = t * B * H;
+  for (int64_t col = lo; col < hi; col += kLanes) {
+    vf acc[R][4];
+    GatePreactivations<R>(a, t, r0, col, h_prev, acc);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const int64_t row = r0 + r, at = row * H + col;
+      vf i = vsigmoid(acc[r][0]), f = vsigmoid(acc[r][1]), g = vtanh(acc[r][2]), o = vsigmoid(acc[r][3]);
+      vf c_old = load(a.c + at);
+      vf c_new = f * c_old + i * g;
+      vf h_new = o * vtanh(c_new);
+      vf y = h_new;
+      if (a.lengths != nullptr && t >= a.lengths[row]) {
+        c_new = c_old;
+        h_new = load(h_prev + at);
+        y = vf{};
+      }
+      store(a.c + at, c_new);
+      store(h_next + at, h_new);
+      store(a.ys + tbh + at, y);
+      if (a.gates != nullptr) {
+        const int64_t plane = a.steps * B * H;
+        store(a.gates + tbh + at, i);
+        store(a.gates + plane + tbh + at, f);
+        store(a.gates + 2 * plane + tbh + at, g);
+        store(a.gates + 3 * plane + tbh + at, o);
+        store(a.cs + tbh + at, c_new);
+      }
+    }
+  }
+}
+
+constexpr int kRows = 6;  // rows per register block: 6 rows x 4 gates = 24 of the 32 vector registers
+
+template <typename Rows>
+void ForEachRowBlock(int64_t batch, Rows rows) {
+  int64_t r0 = 0;
+  for (; r0 + kRows <= batch; r0 += kRows) rows(std::integral_constant<int, kRows>{}, r0);
+  switch (batch - r0) {
+    case 5: rows(std::integral_constant<int, 5>{}, r0); break;
+    case 4: rows(std::integral_constant<int, 4>{}, r0); break;
+    case 3: rows(std::integral_constant<int, 3>{}, r0); break;
+    case 2: rows(std::integral_constant<int, 2>{}, r0); break;
+    case 1: rows(std::integral_constant<int, 1>{}, r0); break;
+    default: break;
+  }
+}
+
+void RunForward(const ForwardArgs& a, int index, int count) {
+  int64_t lo, hi;
+  OwnUnits(a.hidden, index, count, &lo, &hi);
+  const int64_t B = a.batch, H = a.hidden;
+  for (int64_t row = 0; row < B; ++row) {
+    std::memcpy(a.h_buffers + row * H + lo, a.h0 + row * H + lo, (hi - lo) * sizeof(float));
+    std::memcpy(a.c + row * H + lo, a.c0 + row * H + lo, (hi - lo) * sizeof(float));
+  }
+  Team::Get().Barrier(count);
+  for (int64_t t = 0; t < a.steps; ++t) {
+    ForEachRowBlock(B, [&](auto rows, int64_t r0) { ForwardRows<decltype(rows)::value>(a, t, r0, lo, hi); });
+    Team::Get().Barrier(count);
+  }
+  const float* h_last = a.h_buffers + (a.steps & 1) * B * H;
+  for (int64_t row = 0; row < B; ++row) {
+    std::memcpy(a.h + row * H + lo, h_last + row * H + lo, (hi - lo) * sizeof(float));
+  }
+}
+
+struct BackwardArgs {
+  int64_t steps, batch, hidden;
+  const float* WT;     // [4H, H]
+  const float* gates;  // [4, T, B, H]
+  const float* cs;     // [T, B, H]
+  const float* c0;     // [B, H]
+  const float* dys;    // [T, B, H]
+  const int32_t* lengths;
+  float* dh;  // [B, H]: in, the carry's cotangent after the last step; out, before the first
+  float* dc;  // [B, H]: likewise
+  float* dz;  // [T, B, 4H]
+};
+
+void BackwardElementwise(const BackwardArgs& a, int64_t t, int64_t lo, int64_t hi) {
+  const int64_t B = a.batch, H = a.hidden, plane = a.steps * B * H;
+  for (int64_t row = 0; row < B; ++row) {
+    const bool valid = a.lengths == nullptr || t < a.lengths[row];
+    float* dz = a.dz + (t * B + row) * 4 * H;
+    for (int64_t col = lo; col < hi; col += kLanes) {
+      if (!valid) {
+        #pragma GCC unroll 8
+        for (int q = 0; q < 4; ++q) store(dz + q * H + col, vf{});
+        continue;
+      }
+      const int64_t at = t * B * H + row * H + col;
+      vf i = load(a.gates + at), f = load(a.gates + plane + at), g = load(a.gates + 2 * plane + at),
+         o = load(a.gates + 3 * plane + at);
+      vf c = load(a.cs + at);
+      vf c_prev = t > 0 ? load(a.cs + at - B * H) : load(a.c0 + row * H + col);
+      vf tanh_c = vtanh(c);
+      vf dh = load(a.dh + row * H + col) + load(a.dys + at);
+      vf dc = load(a.dc + row * H + col) + dh * o * (1.0f - tanh_c * tanh_c);
+      store(dz + col, dc * g * i * (1.0f - i));
+      store(dz + H + col, dc * c_prev * f * (1.0f - f));
+      store(dz + 2 * H + col, dc * i * (1.0f - g * g));
+      store(dz + 3 * H + col, dh * tanh_c * o * (1.0f - o));
+      store(a.dc + row * H + col, dc * f);
+    }
+  }
+}
+
+// dh[rows, col..+16] = δz_t[rows] Wᵀ[:, col..+16] for valid rows.
+template <int R>
+void BackwardProductRows(const BackwardArgs& a, int64_t t, int64_t r0, int64_t lo, int64_t hi) {
+  const int64_t B = a.batch, H = a.hidden, H4 = 4 * H;
+  const float* dz = a.dz + (t * B + r0) * H4;
+  for (int64_t col = lo; col < hi; col += kLanes) {
+    vf acc[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[r] = vf{};
+    const float* w = a.WT + col;
+    for (int64_t k = 0; k < H4; ++k) {
+      vf wk = load(w + k * H);
+      #pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) acc[r] += splat(dz[r * H4 + k]) * wk;
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const int64_t row = r0 + r;
+      if (a.lengths == nullptr || t < a.lengths[row]) store(a.dh + row * H + col, acc[r]);
+    }
+  }
+}
+
+void RunBackward(const BackwardArgs& a, int index, int count) {
+  int64_t lo, hi;
+  OwnUnits(a.hidden, index, count, &lo, &hi);
+  for (int64_t t = a.steps - 1; t >= 0; --t) {
+    BackwardElementwise(a, t, lo, hi);
+    Team::Get().Barrier(count);  // the product reads every thread's columns of δz_t
+    ForEachRowBlock(a.batch, [&](auto rows, int64_t r0) {
+      BackwardProductRows<decltype(rows)::value>(a, t, r0, lo, hi);
+    });
+  }
+}
+
+void RunOnTeam(int count, const std::function<void(int, int)>& job) {
+  if (count <= 1 || !Team::Get().TryRun(count, job)) job(0, 1);
+}
+
+ffi::Error LstmForward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> U, ffi::Buffer<ffi::F32> W,
+                       ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
+                       ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> h,
+                       ffi::ResultBuffer<ffi::F32> c, ffi::ResultBuffer<ffi::F32> ys,
+                       ffi::ResultBuffer<ffi::F32> gates, ffi::ResultBuffer<ffi::F32> cs,
+                       ffi::ResultBuffer<ffi::F32> h_buffers, int64_t hoisted, int64_t has_lengths) {
+  auto dims = xs.dimensions();
+  if (dims.size() != 3) return ffi::Error::InvalidArgument("lstm_forward: xs must be [T, B, F]");
+  const int64_t hidden = W.dimensions()[0];
+  if (hidden % kLanes != 0) return ffi::Error::InvalidArgument("lstm_forward: hidden size must be a multiple of 16");
+  ForwardArgs a{dims[0], dims[1], hoisted ? 0 : dims[2], hidden, xs.typed_data(), U.typed_data(),
+                W.typed_data(), b.typed_data(), h0.typed_data(), c0.typed_data(),
+                has_lengths ? lengths.typed_data() : nullptr, hoisted != 0, h->typed_data(), c->typed_data(),
+                ys->typed_data(), gates->element_count() ? gates->typed_data() : nullptr,
+                cs->element_count() ? cs->typed_data() : nullptr, h_buffers->typed_data()};
+  if (a.steps == 0 || a.batch == 0) {
+    std::memcpy(a.h, a.h0, a.batch * hidden * sizeof(float));
+    std::memcpy(a.c, a.c0, a.batch * hidden * sizeof(float));
+    return ffi::Error::Success();
+  }
+  Prefault(a.ys, ys->element_count());
+  if (a.gates != nullptr) {
+    Prefault(a.gates, gates->element_count());
+    Prefault(a.cs, cs->element_count());
+  }
+  RunOnTeam(TeamSize(a.batch, a.in_size + hidden, hidden), [&](int index, int count) { RunForward(a, index, count); });
+  return ffi::Error::Success();
+}
+
+ffi::Error LstmBackward(ffi::Buffer<ffi::F32> WT, ffi::Buffer<ffi::F32> gates, ffi::Buffer<ffi::F32> cs,
+                        ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> dys, ffi::Buffer<ffi::S32> lengths,
+                        ffi::Buffer<ffi::F32> dh_in, ffi::Buffer<ffi::F32> dc_in,
+                        ffi::ResultBuffer<ffi::F32> dh, ffi::ResultBuffer<ffi::F32> dc,
+                        ffi::ResultBuffer<ffi::F32> dz, int64_t has_lengths) {
+  auto dims = dys.dimensions();
+  if (dims.size() != 3) return ffi::Error::InvalidArgument("lstm_backward: dys must be [T, B, H]");
+  const int64_t hidden = dims[2];
+  if (hidden % kLanes != 0) return ffi::Error::InvalidArgument("lstm_backward: hidden size must be a multiple of 16");
+  BackwardArgs a{dims[0], dims[1], hidden, WT.typed_data(), gates.typed_data(), cs.typed_data(), c0.typed_data(),
+                 dys.typed_data(), has_lengths ? lengths.typed_data() : nullptr, dh->typed_data(),
+                 dc->typed_data(), dz->typed_data()};
+  std::memcpy(a.dh, dh_in.typed_data(), a.batch * hidden * sizeof(float));
+  std::memcpy(a.dc, dc_in.typed_data(), a.batch * hidden * sizeof(float));
+  if (a.steps == 0 || a.batch == 0) return ffi::Error::Success();
+  Prefault(a.dz, dz->element_count());
+  RunOnTeam(TeamSize(a.batch, hidden, hidden), [&](int index, int count) { RunBackward(a, index, count); });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxseqLstmForward, LstmForward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("hoisted")
+                                  .Attr<int64_t>("has_lengths"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxseqLstmBackward, LstmBackward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("has_lengths"));

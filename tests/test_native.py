@@ -1,0 +1,153 @@
+"""The native CPU kernel for the fused LSTM's loops (jaxseq.native): same values and gradients as XLA's loops."""
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import assert_trees_close
+from jax.sharding import Mesh, PartitionSpec
+
+from jaxseq import cells, layers, native, unroll
+from jaxseq.cells import LSTMState
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="the native kernel needs x86-64 Linux and a C++ "
+                                "compiler, a one-device CPU backend, and JAXSEQ_NATIVE unset")
+
+
+@pytest.fixture
+def always_native(monkeypatch):
+    """Use the kernel at every shape (the layer otherwise picks it only where it is faster)."""
+    monkeypatch.setattr(layers, "_native_fits", lambda *shape: True)
+
+
+def _lowered_text(fn, *args):
+    return jax.jit(fn).lower(*args).as_text()
+
+
+def _problem(key, batch, steps, in_size, hidden):
+    k = jax.random.split(key, 6)
+    params = cells.lstm.init(k[0], in_size, hidden)
+    xs_t = jax.random.normal(k[1], (steps, batch, in_size))
+    h0, c0 = (0.5 * jax.random.normal(k[i], (batch, hidden)) for i in (2, 3))
+    lengths = jax.random.randint(k[4], (batch,), 0, steps + 1).at[0].set(steps)
+    dys = jax.random.normal(k[5], (steps, batch, hidden))
+    return params, xs_t, h0, c0, lengths, dys
+
+
+# Hidden sizes on and off the kernel's 16-float vectors (5 and 40 are padded), batches on and off its 6-row
+# register blocks, with and without lengths, the input product inside the loop and hoisted.
+@pytest.mark.parametrize("batch,steps,in_size,hidden", [(13, 9, 7, 32), (3, 5, 4, 5), (8, 6, 16, 40)])
+@pytest.mark.parametrize("with_lengths", [False, True])
+@pytest.mark.parametrize("hoisted", [False, True])
+def test_kernel_loops_match_xla_loops(key, batch, steps, in_size, hidden, with_lengths, hoisted):
+    params, xs_t, h0, c0, lengths, dys = _problem(key, batch, steps, in_size, hidden)
+    U, W, b = params["U"], params["W"], params["b"]
+    valid = layers._valid(lengths, steps) if with_lengths else None
+    form = "hoist" if hoisted else "concat"
+    with native.disabled():
+        h, c, ys, (gates, cs) = layers._forward_loop(form, U, W, b, h0, c0, xs_t, valid, True)
+        expected_backward = layers._backward_loop(W, (gates, cs), c0, dys, valid, 0.3 * h0, 0.2 * c0)
+    inputs = xs_t @ U + b if hoisted else xs_t
+    got = native.lstm_forward(inputs, U, W, b, h0, c0, lengths if with_lengths else None, hoisted=hoisted,
+                              save=True)
+    assert_trees_close(got[:3], (h, c, ys), atol=1e-6)
+    hp = native.padded_hidden(hidden)
+    assert got[3].gates.shape == (4, steps, batch, hp)
+    assert_trees_close(got[3].gates[..., :hidden], jnp.stack(gates), atol=1e-6)
+    assert_trees_close(got[3].cs[..., :hidden], cs, atol=1e-6)
+    backward = native.lstm_backward(W, got[3], c0, dys, lengths if with_lengths else None, 0.3 * h0, 0.2 * c0)
+    assert_trees_close(backward, expected_backward, atol=1e-5)
+    no_tape = native.lstm_forward(inputs, U, W, b, h0, c0, None, hoisted=hoisted, save=False)
+    assert no_tape[3] is None
+
+
+def _grads(run, params, xs, carry, r):
+    def loss(params, xs, carry):
+        final, ys = run(params, xs, carry)
+        return jnp.sum(ys * r) + jnp.sum(jnp.sin(final.h)) + 2 * jnp.sum(jnp.sin(final.c))
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(params, xs, carry)
+
+
+@pytest.mark.parametrize("checkpoint,reverse", [(None, False), (None, True), ("sqrt", True), (3, False)])
+def test_layer_gradients_through_kernel_match_autodiff(key, always_native, checkpoint, reverse):
+    batch, steps, in_size, hidden = 5, 11, 6, 20
+    k = jax.random.split(key, 5)
+    params = cells.lstm.init(k[0], in_size, hidden)
+    xs = jax.random.normal(k[1], (batch, steps, in_size))
+    carry = LSTMState(jax.random.normal(k[2], (batch, hidden)), jax.random.normal(k[3], (batch, hidden)))
+    r = jax.random.normal(k[4], (batch, steps, hidden))
+    lengths = jnp.array([11, 4, 0, 1, 9])
+
+    def fused(p, x, c):
+        return layers.lstm(p, x, carry=c, lengths=lengths, reverse=reverse, impl="fused", checkpoint=checkpoint)
+
+    assert "jaxseq_lstm_forward" in _lowered_text(jax.grad(lambda p: fused(p, xs, carry)[1].sum()), params)
+    assert "jaxseq_lstm_backward" in _lowered_text(jax.grad(lambda p: fused(p, xs, carry)[1].sum()), params)
+    expected = _grads(lambda p, x, c: unroll(cells.lstm.apply, p, c, x, lengths=lengths, reverse=reverse),
+                      params, xs, carry, r)
+    assert_trees_close(_grads(fused, params, xs, carry, r), expected)
+
+
+def test_bidirectional_vmap_and_shard_map_through_kernel(key, always_native):
+    batch, steps, in_size, hidden = 4, 6, 3, 16
+    k = jax.random.split(key, 4)
+    params = {"forward": cells.lstm.init(k[0], in_size, hidden), "backward": cells.lstm.init(k[1], in_size, hidden)}
+    xs = jax.random.normal(k[2], (batch, steps, in_size))
+    lengths = jnp.array([6, 2, 5, 1])
+
+    def loss(impl):
+        return lambda p, x: jnp.sum(jnp.sin(layers.bidirectional(
+            lambda *a, **kw: layers.lstm(*a, impl=impl, **kw), p, x, lengths=lengths)[1]))
+
+    expected = jax.grad(loss("scan"), argnums=(0, 1))(params, xs)
+    assert_trees_close(jax.jit(jax.grad(loss("fused"), argnums=(0, 1)))(params, xs), expected)
+    # vmap over a stack of two weight sets: the custom call runs once per set.
+    stacked = jax.tree.map(lambda a: jnp.stack([a, 2 * a]), params)
+    per_set = jax.jit(jax.vmap(jax.grad(loss("fused")), in_axes=(0, None)))(stacked, xs)
+    assert_trees_close(jax.tree.map(lambda a: a[1], per_set),
+                       jax.grad(loss("scan"))(jax.tree.map(lambda a: 2 * a, params), xs))
+    # Inside shard_map on a one-device mesh: the results vary like the sharded inputs.
+    mesh = Mesh(np.array(jax.devices()[:1]), ("batch",))
+    spec = PartitionSpec("batch")
+    sharded = jax.shard_map(lambda p, x: jax.grad(lambda p: jnp.sum(jnp.sin(layers.lstm(
+        p, x, impl="fused")[1])))(p), mesh=mesh, in_specs=(PartitionSpec(), spec), out_specs=PartitionSpec())
+    assert_trees_close(jax.jit(sharded)(params["forward"], xs),
+                       jax.grad(lambda p: jnp.sum(jnp.sin(layers.lstm(p, xs, impl="scan")[1])))(params["forward"]))
+
+
+def test_layer_uses_kernel_only_where_it_is_faster(key):
+    thin = cells.lstm.init(key, 64, 128)
+    wide = cells.lstm.init(key, 200, 256)
+
+    def text(params, batch, in_size):
+        return _lowered_text(lambda p: layers.lstm(p, jnp.zeros((batch, 10, in_size)))[1], params)
+
+    assert "jaxseq_lstm_forward" in text(thin, 32, 64)  # (32, ·, 64, 128): 6.3 MFLOP per step
+    assert "jaxseq_lstm_forward" not in text(wide, 64, 200)  # (64, ·, 200, 256): 60 MFLOP per step
+    assert "jaxseq_lstm_forward" not in text(thin, 1, 64)  # batch 1: matrix-vector products
+    with native.disabled():
+        assert "jaxseq_lstm_forward" not in text(thin, 32, 64)
+    bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), thin)
+    assert "jaxseq_lstm_forward" not in _lowered_text(
+        lambda p: layers.lstm(p, jnp.zeros((32, 10, 64), jnp.bfloat16))[1], bf16)
+
+
+def test_without_a_compiler_the_layer_keeps_xla_loops(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("JAXSEQ_CACHE_DIR", str(tmp_path))
+    native._library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="jaxseq.native"):
+            assert not native.available()
+        assert "no C++ compiler" in caplog.text and "no-such-compiler" in caplog.text
+    finally:
+        monkeypatch.undo()
+        native._library.cache_clear()
+    assert native.available()
+
+
+def test_environment_switch_turns_the_kernel_off(monkeypatch):
+    monkeypatch.setenv("JAXSEQ_NATIVE", "0")
+    assert not native.available()
