@@ -8,6 +8,8 @@ parameters (``jaxseq.cells.lstm.init``) and the same semantics as ``jaxseq.unrol
   ``jaxseq.bptt``): the reverse loop carries only ``(δh, δc)`` and emits ``δz_t``; the weight gradients
   ``Σ_t [x_t, h_{t-1}]ᵀ δz_t`` and the input gradients ``δz_t Uᵀ`` are formed after the loop as single GEMMs
   over all timesteps instead of one thin product per step (which is what autodiff through a scan does).
+  On the CPU, in float32, at batch >= 16, its two time loops run in a native multi-threaded kernel
+  (``jaxseq.native``; XLA runs a loop body on one thread); elsewhere, or without a C++ compiler, in ``lax.scan``.
 * ``impl="cudnn"``: ``jax.experimental.rnn.lstm`` (cuDNN) on a CUDA GPU for float32; elsewhere it falls back
   to ``"fused"``.
 * ``impl="auto"``: ``"fused"``. On an H200 the fused path took 0.30-0.95x the time of
