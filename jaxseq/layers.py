@@ -8,8 +8,9 @@ parameters (``jaxseq.cells.lstm.init``) and the same semantics as ``jaxseq.unrol
   ``jaxseq.bptt``): the reverse loop carries only ``(δh, δc)`` and emits ``δz_t``; the weight gradients
   ``Σ_t [x_t, h_{t-1}]ᵀ δz_t`` and the input gradients ``δz_t Uᵀ`` are formed after the loop as single GEMMs
   over all timesteps instead of one thin product per step (which is what autodiff through a scan does).
-  On the CPU, in float32, at batch >= 16, its two time loops run in a native multi-threaded kernel
-  (``jaxseq.native``; XLA runs a loop body on one thread); elsewhere, or without a C++ compiler, in ``lax.scan``.
+  On the CPU, in float32, its two time loops run in a native multi-threaded kernel (``jaxseq.native``; XLA
+  runs a loop body on one thread) where it is faster (``_native_fits``: in training always, forward only at
+  batch >= 16 or with two threads' work per step); elsewhere, or without a C++ compiler, in ``lax.scan``.
 * ``impl="cudnn"``: ``jax.experimental.rnn.lstm`` (cuDNN) on a CUDA GPU for float32; elsewhere it falls back
   to ``"fused"``.
 * ``impl="auto"``: ``"fused"``. On an H200 the fused path took 0.30-0.95x the time of
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import Callable
 
 import jax
@@ -178,7 +180,7 @@ def _forward_loop(form: str, U, W, b, h0, c0, xs_t, valid_t, save: bool, steps_p
     On the CPU, in float32, the loop runs in the native kernel (``jaxseq.native``) when it is available. The
     kernel forms ``x_t U + h W + b`` itself, so the "step" and "concat" forms are the same there.
     """
-    if _use_native(xs_t, W):
+    if _use_native(xs_t, W, training=save, hoisted=form == "hoist"):
         lengths = None if valid_t is None else valid_t.sum(axis=0, dtype=jnp.int32)  # validity is a prefix
         hoisted = form == "hoist"
         inputs = xs_t @ U + b if hoisted else xs_t
@@ -222,24 +224,28 @@ def _forward_loop(form: str, U, W, b, h0, c0, xs_t, valid_t, save: bool, steps_p
     return h, c, out, None
 
 
-def _native_fits(batch: int, input_size: int, hidden: int) -> bool:
+def _native_fits(batch: int, depth: int, hidden: int, training: bool) -> bool:
     """Whether the native kernel beats XLA's loops at this shape (measured on a 2-core x86 CPU).
 
-    Training step, kernel vs XLA loops in the same run (benchmarks/RESULTS.md): 0.70x at (32, 500, 64, 128),
-    0.80x at (64, 34, 200, 256), 0.83x at (64, 50, 512, 512), 0.93x at (128, 100, 256, 512) (B, T, I, H),
-    and 0.7-0.9x at four smaller batched shapes. At batch 1, 4 and 8 it lost (1.05-1.55x): each step is then
-    a thin matrix product that XLA's loop runs well and the kernel's threads spend on the barrier.
+    ``depth`` is the per-step contraction: ``I + H``, or ``H`` with the input product hoisted. Against XLA's loops
+    in the same run (benchmarks/RESULTS.md), training: 0.70x at (32, 500, 64, 128), 0.80x at (64, 34, 200, 256),
+    0.83x at (64, 50, 512, 512), 0.93x at (128, 100, 256, 512) (B, T, I, H), and 0.78-0.93x at batch 1, 4 and
+    8. Forward only, where a thin matrix-vector product suits XLA's loop, it wins only with two threads
+    (``8·B·depth·H`` ≥ 400,000 FLOPs per step, the kernel's own rule): 0.72x at (1, 100, 128, 256), 0.80x at
+    batch 4, 1.03x at batch 8; on one thread it lost 1.12-1.32x.
     """
-    del input_size, hidden
-    return batch >= 16
+    two_threads = 8 * batch * depth * hidden >= 400_000 and len(os.sched_getaffinity(0)) > 1
+    return training or batch >= 16 or two_threads
 
 
-def _use_native(xs_t, W) -> bool:
+def _use_native(xs_t, W, training: bool, hoisted: bool) -> bool:
     """Whether the loops run in the native CPU kernel: float32 on a one-device CPU backend, kernel built,
-    and a shape where it is faster (``_native_fits``)."""
+    and a shape where it is faster (``_native_fits``); ``training``: the forward saves for a backward pass."""
     steps, batch, input_size = xs_t.shape
-    return (xs_t.dtype == jnp.float32 and W.dtype == jnp.float32 and _native_fits(batch, input_size, W.shape[0])
-            and native.available())
+    hidden = W.shape[0]
+    depth = hidden if hoisted else input_size + hidden
+    return (xs_t.dtype == jnp.float32 and W.dtype == jnp.float32
+            and _native_fits(batch, depth, hidden, training) and native.available())
 
 
 def _backward_loop(W, saved, c0, dys, valid_t, dh, dc, steps_per_iteration: int = 1):

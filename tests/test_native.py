@@ -1,5 +1,6 @@
 """The native CPU kernel for the fused LSTM's loops (jaxseq.native): same values and gradients as XLA's loops."""
 import logging
+import os
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.skipif(not native.available(), reason="the native kerne
 @pytest.fixture
 def always_native(monkeypatch):
     """Use the kernel at every shape (the layer otherwise picks it only where it is faster)."""
-    monkeypatch.setattr(layers, "_native_fits", lambda *shape: True)
+    monkeypatch.setattr(layers, "_native_fits", lambda *shape_and_mode: True)
 
 
 def _lowered_text(fn, *args):
@@ -121,17 +122,40 @@ def test_bidirectional_vmap_and_shard_map_through_kernel(key, always_native):
 
 
 def test_layer_uses_kernel_only_where_it_is_faster(key):
-    params = cells.lstm.init(key, 64, 128)
+    def text(batch, hidden, dtype=jnp.float32, training=False):
+        params = jax.tree.map(lambda a: a.astype(dtype), cells.lstm.init(key, 64, hidden))
 
-    def text(batch, params=params, dtype=jnp.float32):
-        return _lowered_text(lambda p: layers.lstm(p, jnp.zeros((batch, 10, 64), dtype))[1], params)
+        def run(p):
+            return layers.lstm(p, jnp.zeros((batch, 10, 64), dtype))[1]
 
-    assert "jaxseq_lstm_forward" in text(32)
-    assert "jaxseq_lstm_forward" not in text(8)  # small batches: XLA's loop is faster
+        return _lowered_text(jax.grad(lambda p: run(p).sum()) if training else run, params)
+
+    assert "jaxseq_lstm_forward" in text(32, 128)
+    assert "jaxseq_lstm_forward" in text(1, 256)  # forward only: two threads' work per step
+    if len(os.sched_getaffinity(0)) > 1:
+        assert "jaxseq_lstm_forward" in text(4, 256)
+    assert "jaxseq_lstm_forward" not in text(1, 128)  # ... one thread's: XLA's loop is faster
+    assert "jaxseq_lstm_backward" in text(1, 128, training=True)  # training: the kernel at every shape
     with native.disabled():
-        assert "jaxseq_lstm_forward" not in text(32)
-    bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
-    assert "jaxseq_lstm_forward" not in text(32, bf16, jnp.bfloat16)
+        assert "jaxseq_lstm_forward" not in text(32, 128)
+    assert "jaxseq_lstm_forward" not in text(32, 128, jnp.bfloat16)
+
+
+def test_two_threads_give_the_same_values_call_after_call(key):
+    # Batch 24, hidden 64: 8·B·(I+H)·H = 1.2M FLOPs per step, so the kernel runs on every CPU (when there are
+    # several); a block claimed twice or skipped, or a stage started early, would change the values.
+    params, xs_t, h0, c0, lengths, dys = _problem(key, 24, 40, 32, 64)
+    U, W, b = params["U"], params["W"], params["b"]
+    valid = layers._valid(lengths, 40)
+    with native.disabled():
+        expected = layers._forward_loop("concat", U, W, b, h0, c0, xs_t, valid, True)
+        expected_backward = layers._backward_loop(W, expected[3], c0, dys, valid, h0, c0)
+    forward = jax.jit(lambda: native.lstm_forward(xs_t, U, W, b, h0, c0, lengths, hoisted=False, save=True))
+    backward = jax.jit(lambda tape: native.lstm_backward(W, tape, c0, dys, lengths, h0, c0))
+    for _ in range(20):
+        got = forward()
+        assert_trees_close(got[:3], expected[:3], atol=1e-6)
+        assert_trees_close(backward(got[3]), expected_backward, atol=1e-5)
 
 
 def test_without_a_compiler_the_layer_keeps_xla_loops(monkeypatch, tmp_path, caplog):

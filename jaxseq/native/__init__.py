@@ -2,7 +2,7 @@
 
 XLA:CPU runs a while loop's body on one thread, so at thin shapes each step's product ran on one core while
 PyTorch's LSTM used all of them (benchmarks/RESULTS.md). The kernel runs the forward and the BPTT loops with a
-team of threads that split the hidden units and meet at a barrier once per step.
+team of threads that split the hidden units, step by step (a late thread costs only the blocks it has not started).
 
 It is built on first use with the system C++ compiler (``$CXX``, else ``c++``) against the FFI headers that
 ship with jaxlib, ``-march=native``, and cached under ``$JAXSEQ_CACHE_DIR`` (default ``~/.cache/jaxseq``),

@@ -3,10 +3,10 @@
 //
 // Why a kernel: XLA:CPU runs a while loop's body on one thread, so at thin shapes (B·H small) each step's
 // [B, I+H]·[I+H, 4H] product ran single-threaded while PyTorch's oneDNN LSTM used every core
-// (benchmarks/RESULTS.md). Here a team of threads splits the hidden units: thread j owns hidden units
-// [lo_j, hi_j) of every gate, computes those columns of z_t, their activations and their part of h_t and c_t,
-// then meets the others at a spin barrier before step t+1 reads the whole h_t. The backward loop is split the
-// same way: each thread forms its columns of δz_t, and after a barrier its columns of δh_{t-1} = δz_t Wᵀ.
+// (benchmarks/RESULTS.md). Here a team of threads splits the hidden units: each step is a stage whose blocks
+// are column blocks (16 hidden units of every gate: those columns of z_t, their activations, their part of h_t
+// and c_t), and step t+1 starts when every block of step t has finished (class Stages). The backward loop is
+// split the same way: a block forms its columns of δh_{t+1} = δz_{t+1} Wᵀ and then of δz_t.
 //
 // Semantics are exactly those of layers._forward_loop / _backward_loop (tests compare them):
 //   forward:  z = [x_t U] + h W + b (or a precomputed x_t U + b), i f o = σ, g = tanh,
@@ -86,7 +86,9 @@ inline vf vtanh(vf x) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// A team of threads that run one job together and meet at a spin barrier between time steps.
+// A team of threads that run one job together. A worker joins a job only while the caller has not finished
+// it: a worker the OS has not scheduled yet (XLA's own threads may still spin on its core after a GEMM, or
+// another process holds it) never delays the caller, who does the work of absent threads (see Stages).
 
 class Team {
  public:
@@ -97,8 +99,9 @@ class Team {
 
   int max_threads() const { return static_cast<int>(workers_.size()) + 1; }
 
-  // Runs job(index, count) on `count` threads (the caller is index 0) and returns when all have finished.
-  // Returns false (and runs nothing) if another call is using the team, or in a forked child.
+  // Runs job(index, count) on the caller (index 0) and on the workers 1 .. count-1 that join in time, and
+  // returns when the caller's part and every joined worker's part have finished. Returns false (and runs
+  // nothing) if another call is using the team, or in a forked child.
   bool TryRun(int count, const std::function<void(int, int)>& job) {
     if (getpid() != owner_) return false;  // a forked child: the workers stayed in the parent
     std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
@@ -108,45 +111,41 @@ class Team {
       std::lock_guard<std::mutex> lock(mutex_);
       job_ = &job;
       count_ = count;
-      barrier_count_.store(0, std::memory_order_relaxed);
       finished_.store(0, std::memory_order_relaxed);
       ++generation_;
+      gate_.store(generation_ << 32, std::memory_order_release);  // open, nobody joined
     }
     if (count > 1) wake_.notify_all();
     job(0, count);
     if (count > 1) {
-      while (finished_.load(std::memory_order_acquire) != count - 1) Relax();
+      const uint64_t joined = gate_.fetch_or(kClosed, std::memory_order_acq_rel) & kJoinedMask;
+      while (finished_.load(std::memory_order_acquire) != joined) Relax();
     }
     return true;
-  }
-
-  // All `count` threads of the running job call this between steps.
-  void Barrier(int count) {
-    if (count == 1) return;
-    int phase = barrier_phase_.load(std::memory_order_acquire);
-    if (barrier_count_.fetch_add(1, std::memory_order_acq_rel) == count - 1) {
-      barrier_count_.store(0, std::memory_order_relaxed);
-      barrier_phase_.store(phase + 1, std::memory_order_release);
-    } else {
-      int spins = 0;
-      while (barrier_phase_.load(std::memory_order_acquire) == phase) {
-        if (++spins > 4096) sched_yield();  // another process holds our core: let it run
-        else Relax();
-      }
-    }
-  }
-
- private:
-  Team() : owner_(getpid()) {
-    cpu_set_t set;
-    int cores = sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set) : 1;
-    for (int index = 1; index < std::max(1, cores); ++index) workers_.emplace_back([this, index] { Work(index); });
   }
 
   static void Relax() {
 #if defined(__x86_64__)
     __builtin_ia32_pause();
 #endif
+  }
+
+ private:
+  static constexpr uint64_t kClosed = 1u << 31, kJoinedMask = kClosed - 1;
+
+  Team() : owner_(getpid()) {
+    cpu_set_t set;
+    int cores = sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set) : 1;
+    for (int index = 1; index < std::max(1, cores); ++index) workers_.emplace_back([this, index] { Work(index); });
+  }
+
+  // Joins the job of `generation` if its caller has not closed it: gate_ = (generation << 32) | closed | joined.
+  bool Join(uint64_t generation) {
+    uint64_t gate = gate_.load(std::memory_order_acquire);
+    while ((gate >> 32) == generation && !(gate & kClosed)) {
+      if (gate_.compare_exchange_weak(gate, gate + 1, std::memory_order_acq_rel)) return true;
+    }
+    return false;
   }
 
   void Work(int index) {
@@ -161,7 +160,7 @@ class Team {
         job = job_;
         count = count_;
       }
-      if (index < count) {
+      if (index < count && Join(seen)) {
         (*job)(index, count);
         finished_.fetch_add(1, std::memory_order_acq_rel);
       }
@@ -176,9 +175,80 @@ class Team {
   uint64_t generation_ = 0;
   const std::function<void(int, int)>* job_ = nullptr;
   int count_ = 1;
-  std::atomic<int> finished_{0};
-  std::atomic<int> barrier_count_{0};
-  std::atomic<int> barrier_phase_{0};
+  std::atomic<uint64_t> gate_{0};
+  std::atomic<uint64_t> finished_{0};
+};
+
+// The work of one call as a sequence of stages (time steps): stage s has blocks 0 .. n_s-1 that may run in any
+// order and on any thread, and stage s+1 starts when all of stage s has finished. Thread i of count owns an
+// equal range of every stage's blocks (so that the weights its blocks read stay in its own cache), runs those,
+// then claims the unclaimed blocks of the other ranges. A thread that is late, or never joins, costs the others
+// only its unclaimed blocks; with a fixed split and a barrier per step, one descheduled thread stalled every
+// step (at (1, 100, 128, 256) after XLA's input GEMM, two threads ran 1.3-1.9x one thread's time).
+class Stages {
+ public:
+  explicit Stages(int count) : claims_(count) {}
+
+  // Runs stages 0 .. num_stages-1 as thread `index`; blocks(s) is n_s, run(s, b) runs block b of stage s.
+  // Thread 0 (the caller) returns only when every block of every stage has finished.
+  template <typename Blocks, typename Run>
+  void Execute(int index, int64_t num_stages, Blocks blocks, Run run) {
+    const int count = static_cast<int>(claims_.size());
+    int64_t before = 0;  // blocks of the stages before s
+    for (int64_t s = 0; s < num_stages; ++s) {
+      const int64_t n = blocks(s);
+      WaitForDone(before);
+      for (int k = 0; k < count; ++k) {
+        const int range = (index + k) % count;
+        const int64_t lo = n * range / count, hi = n * (range + 1) / count;
+        for (int64_t b; (b = Claim(range, s, hi - lo)) >= 0;) {
+          run(s, lo + b);
+          done_.fetch_add(1, std::memory_order_acq_rel);
+        }
+      }
+      before += n;
+    }
+    if (index == 0) WaitForDone(before);
+  }
+
+ private:
+  struct alignas(64) Claim_ {
+    std::atomic<uint64_t> value{0};  // ((stage + 1) << 32) | the next unclaimed block of the range
+  };
+
+  // The next unclaimed block of `range` in stage s (0 .. size-1), or -1 when all are claimed. A thread still
+  // in an earlier stage finds the range's counter moved on and claims nothing.
+  int64_t Claim(int range, int64_t s, int64_t size) {
+    std::atomic<uint64_t>& counter = claims_[range].value;
+    const uint64_t key = static_cast<uint64_t>(s + 1) << 32;
+    uint64_t value = counter.load(std::memory_order_acquire);
+    for (;;) {
+      uint64_t next;
+      int64_t block;
+      if (value < key) {  // the first claim of this stage in this range
+        if (size == 0) return -1;
+        next = key | 1;
+        block = 0;
+      } else if ((value & ~0xffffffffull) == key && static_cast<int64_t>(value & 0xffffffffu) < size) {
+        next = value + 1;
+        block = static_cast<int64_t>(value & 0xffffffffu);
+      } else {
+        return -1;
+      }
+      if (counter.compare_exchange_weak(value, next, std::memory_order_acq_rel)) return block;
+    }
+  }
+
+  void WaitForDone(int64_t target) {
+    int spins = 0;
+    while (done_.load(std::memory_order_acquire) < target) {
+      if (++spins > 4096) sched_yield();  // another thread holds our core: let it run
+      else Team::Relax();
+    }
+  }
+
+  std::vector<Claim_> claims_;
+  alignas(64) std::atomic<int64_t> done_{0};
 };
 
 // XLA:CPU allocates a call's large buffers afresh (glibc maps them with mmap and unmaps them after the call),
@@ -200,15 +270,9 @@ void Prefault(float* data, int64_t count) {
   madvise(reinterpret_cast<void*>(begin), end - begin, MADV_POPULATE_WRITE);
 }
 
-// Hidden units [lo, hi) of thread `index` of `count`, in whole vectors.
-inline void OwnUnits(int64_t hidden, int index, int count, int64_t* lo, int64_t* hi) {
-  int64_t chunks = hidden / kLanes;
-  *lo = chunks * index / count * kLanes;
-  *hi = chunks * (index + 1) / count * kLanes;
-}
-
 // Threads worth using: every thread needs at least one vector of hidden units, and enough work per step to
-// pay for a barrier (about a microsecond with two threads).
+// pay for a stage's synchronisation (about a microsecond with two threads): 2 x 8·B·depth·H FLOPs for two
+// (jaxseq/layers.py's _native_fits mirrors this rule).
 int TeamSize(int64_t batch, int64_t depth, int64_t hidden) {
   int64_t flops = 8 * batch * depth * hidden;
   int by_work = static_cast<int>(std::max<int64_t>(1, flops / 200000));
@@ -222,6 +286,32 @@ int TeamSize(int64_t batch, int64_t depth, int64_t hidden) {
 // packed weights: [depth][4 gates][16 units], contiguous.
 template <int R>
 inline void AccumulateGates(vf (&acc)[R][4], const float* a, int64_t lda, const float* w, int64_t depth) {
+  if constexpr (R <= 2) {
+    // Few rows: 4R chains of dependent FMAs would wait on the FMA latency; a second set for odd k doubles them.
+    vf odd[R][4] = {};
+    int64_t k = 0;
+    for (; k + 1 < depth; k += 2) {
+      const float* wk = w + k * 4 * kLanes;
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        vf x0 = splat(a[r * lda + k]), x1 = splat(a[r * lda + k + 1]);
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; ++q) {
+          acc[r][q] += x0 * load(wk + q * kLanes);
+          odd[r][q] += x1 * load(wk + (4 + q) * kLanes);
+        }
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+      for (int q = 0; q < 4; ++q) acc[r][q] += odd[r][q];
+    }
+    if (k == depth) return;
+    a += k;
+    w += k * 4 * kLanes;
+    depth -= k;
+  }
   for (int64_t k = 0; k < depth; ++k) {
     const float* wk = w + k * 4 * kLanes;
     vf wi = load(wk), wf = load(wk + kLanes), wg = load(wk + 2 * kLanes), wo = load(wk + 3 * kLanes);
@@ -363,40 +453,38 @@ void ForEachRowBlock(int64_t batch, Rows rows) {
   }
 }
 
-void RunForward(const ForwardArgs& a, int index, int count) {
-  int64_t lo, hi;
-  OwnUnits(a.hidden, index, count, &lo, &hi);
+// Stage 0 packs each column block's weights and copies its part of the initial state, stages 1 .. T run the
+// steps, and the last copies out the final h; a block is one column block (16 hidden units of every gate).
+void RunForward(const ForwardArgs& a, int index, Stages& stages) {
   const int64_t B = a.batch, H = a.hidden, I = a.in_size, H4 = 4 * H;
-  for (int64_t col = lo; col < hi; col += kLanes) {  // this thread's blocks of the packed weights
-    float* block = a.packed + (col / kLanes) * (I + H) * 4 * kLanes;
-    for (int64_t k = 0; k < I + H; ++k) {
-      const float* row = k < I ? a.U + k * H4 : a.W + (k - I) * H4;
-      for (int q = 0; q < 4; ++q) std::memcpy(block + (k * 4 + q) * kLanes, row + q * H + col, sizeof(vf));
-    }
-  }
-  for (int64_t row = 0; row < B; ++row) {
-    std::memcpy(a.h_buffers + row * H + lo, a.h0 + row * H + lo, (hi - lo) * sizeof(float));
-    std::memcpy(a.c + row * H + lo, a.c0 + row * H + lo, (hi - lo) * sizeof(float));
-  }
   std::vector<float> partial(B * 4 * kLanes);  // one column block's running sums between depth chunks
-  Team::Get().Barrier(count);
-  for (int64_t t = 0; t < a.steps; ++t) {
-    // Columns outside, then chunks of depth, rows inside: one chunk of a column block's weights stays in L1
-    // while every row block uses it (rows outside re-read all weights from L3 per row block).
-    for (int64_t col = lo; col < hi; col += kLanes) {
+  stages.Execute(index, a.steps + 2, [&](int64_t) { return H / kLanes; }, [&](int64_t s, int64_t block) {
+    const int64_t col = block * kLanes;
+    if (s == 0) {
+      float* packed = a.packed + block * (I + H) * 4 * kLanes;
+      for (int64_t k = 0; k < I + H; ++k) {
+        const float* row = k < I ? a.U + k * H4 : a.W + (k - I) * H4;
+        for (int q = 0; q < 4; ++q) std::memcpy(packed + (k * 4 + q) * kLanes, row + q * H + col, sizeof(vf));
+      }
+      for (int64_t row = 0; row < B; ++row) {
+        store(a.h_buffers + row * H + col, load(a.h0 + row * H + col));
+        store(a.c + row * H + col, load(a.c0 + row * H + col));
+      }
+    } else if (s <= a.steps) {
+      // Chunks of depth outside, rows inside: one chunk of the column block's weights stays in L1 while
+      // every row block uses it.
+      const int64_t t = s - 1;
       for (int64_t k0 = 0; k0 < I + H; k0 += kDepthChunk) {
         const int64_t k1 = std::min(I + H, k0 + kDepthChunk);
         ForEachRowBlock(B, [&](auto rows, int64_t r0) {
           ForwardBlock<decltype(rows)::value>(a, t, r0, col, k0, k1, partial.data());
         });
       }
+    } else {
+      const float* h_last = a.h_buffers + (a.steps & 1) * B * H;
+      for (int64_t row = 0; row < B; ++row) store(a.h + row * H + col, load(h_last + row * H + col));
     }
-    Team::Get().Barrier(count);
-  }
-  const float* h_last = a.h_buffers + (a.steps & 1) * B * H;
-  for (int64_t row = 0; row < B; ++row) {
-    std::memcpy(a.h + row * H + lo, h_last + row * H + lo, (hi - lo) * sizeof(float));
-  }
+  });
 }
 
 struct BackwardArgs {
@@ -441,6 +529,8 @@ void BackwardElementwise(const BackwardArgs& a, int64_t t, int64_t lo, int64_t h
   }
 }
 
+constexpr int kWide = 4;  // column blocks per backward product block
+
 // dh[rows, col .. col+16V] = δz_t[rows] Wᵀ[:, col .. col+16V] for the valid ones of R rows: R x V
 // accumulators, so that each loaded row of Wᵀ feeds R products and each broadcast of δz feeds V.
 template <int R, int V>
@@ -476,7 +566,6 @@ __attribute__((noinline)) void BackwardProductBlock(const BackwardArgs& a, int64
 
 // Columns outside, rows inside, as in the forward loop.
 void BackwardProduct(const BackwardArgs& a, int64_t t, int64_t lo, int64_t hi) {
-  constexpr int kWide = 4;
   int64_t col = lo;
   for (; col + kWide * kLanes <= hi; col += kWide * kLanes) {
     ForEachRowBlock(a.batch, [&](auto rows, int64_t r0) {
@@ -490,23 +579,36 @@ void BackwardProduct(const BackwardArgs& a, int64_t t, int64_t lo, int64_t hi) {
   }
 }
 
-void RunBackward(const BackwardArgs& a, int index, int count) {
-  int64_t lo, hi;
-  OwnUnits(a.hidden, index, count, &lo, &hi);
-  const int64_t H = a.hidden, H4 = 4 * H;
-  for (int64_t col = lo; col < hi; col += kLanes) {
-    float* block = a.packed + (col / kLanes) * H4 * kLanes;
-    for (int64_t k = 0; k < H4; ++k) std::memcpy(block + k * kLanes, a.WT + k * H + col, sizeof(vf));
-  }
-  for (int64_t t = a.steps - 1; t >= 0; --t) {
-    BackwardElementwise(a, t, lo, hi);
-    Team::Get().Barrier(count);  // the product reads every thread's columns of δz_t
-    BackwardProduct(a, t, lo, hi);
-  }
+// A block is kWide column blocks (64 hidden units). Stage 0 packs their columns of Wᵀ; the stage of step t
+// forms their columns of δh_{t+1} = δz_{t+1} Wᵀ (which reads every block's δz_{t+1}, finished in the stage
+// before) and then their δz_t; the last stage forms δh before the first step.
+void RunBackward(const BackwardArgs& a, int index, Stages& stages) {
+  const int64_t H = a.hidden, H4 = 4 * H, width = kWide * kLanes, T = a.steps;
+  stages.Execute(index, T + 2, [&](int64_t) { return (H + width - 1) / width; }, [&](int64_t s, int64_t block) {
+    const int64_t lo = block * width, hi = std::min(H, lo + width);
+    if (s == 0) {
+      for (int64_t col = lo; col < hi; col += kLanes) {
+        float* packed = a.packed + (col / kLanes) * H4 * kLanes;
+        for (int64_t k = 0; k < H4; ++k) std::memcpy(packed + k * kLanes, a.WT + k * H + col, sizeof(vf));
+      }
+    } else if (s <= T) {
+      const int64_t t = T - s;
+      if (t + 1 < T) BackwardProduct(a, t + 1, lo, hi);
+      BackwardElementwise(a, t, lo, hi);
+    } else {
+      BackwardProduct(a, 0, lo, hi);
+    }
+  });
 }
 
-void RunOnTeam(int count, const std::function<void(int, int)>& job) {
-  if (count <= 1 || !Team::Get().TryRun(count, job)) job(0, 1);
+// Runs job(index, stages) on `count` threads sharing one Stages, or alone if the team is busy.
+void RunOnTeam(int count, const std::function<void(int, Stages&)>& job) {
+  if (count > 1) {
+    Stages stages(count);
+    if (Team::Get().TryRun(count, [&](int index, int) { job(index, stages); })) return;
+  }
+  Stages alone(1);
+  job(0, alone);
 }
 
 ffi::Error LstmForward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> U, ffi::Buffer<ffi::F32> W,
@@ -537,7 +639,7 @@ ffi::Error LstmForward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> U, ffi::B
     Prefault(a.gates, gates->element_count());
     Prefault(a.cs, cs->element_count());
   }
-  RunOnTeam(TeamSize(a.batch, a.in_size + hidden, hidden), [&](int index, int count) { RunForward(a, index, count); });
+  RunOnTeam(TeamSize(a.batch, a.in_size + hidden, hidden), [&](int index, Stages& stages) { RunForward(a, index, stages); });
   return ffi::Error::Success();
 }
 
@@ -560,7 +662,7 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::F32> WT, ffi::Buffer<ffi::F32> gates, f
   std::memcpy(a.dc, dc_in.typed_data(), a.batch * hidden * sizeof(float));
   if (a.steps == 0 || a.batch == 0) return ffi::Error::Success();
   Prefault(a.dz, dz->element_count());
-  RunOnTeam(TeamSize(a.batch, hidden, hidden), [&](int index, int count) { RunBackward(a, index, count); });
+  RunOnTeam(TeamSize(a.batch, hidden, hidden), [&](int index, Stages& stages) { RunBackward(a, index, stages); });
   return ffi::Error::Success();
 }
 
