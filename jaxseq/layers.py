@@ -178,13 +178,12 @@ def _forward_loop(form: str, U, W, b, h0, c0, xs_t, valid_t, save: bool, steps_p
     block (benchmarks/RESULTS.md).
 
     On the CPU, in float32, the loop runs in the native kernel (``jaxseq.native``) when it is available. The
-    kernel forms ``x_t U + h W + b`` itself, so the "step" and "concat" forms are the same there.
+    kernel forms ``x_t U + h W + b`` itself (hoisted: ``x U + b`` for all steps first, in the kernel), so the
+    "step" and "concat" forms are the same there.
     """
     if _use_native(xs_t, W, training=save, hoisted=form == "hoist"):
         lengths = None if valid_t is None else valid_t.sum(axis=0, dtype=jnp.int32)  # validity is a prefix
-        hoisted = form == "hoist"
-        inputs = xs_t @ U + b if hoisted else xs_t
-        return native.lstm_forward(inputs, U, W, b, h0, c0, lengths, hoisted=hoisted, save=save)
+        return native.lstm_forward(xs_t, U, W, b, h0, c0, lengths, hoisted=form == "hoist", save=save)
     hidden = W.shape[0]
     if form == "hoist":
         projected = xs_t @ U + b  # [T, B, 4H]; no reshape that merges (and so would gather) a sharded batch

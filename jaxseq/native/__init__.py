@@ -153,9 +153,11 @@ def lstm_forward(xs_t, U, W, b, h0, c0, lengths, *, hoisted: bool, save: bool):
     """The forward loop of ``jaxseq.layers._forward_loop`` in the kernel.
 
     Args:
-      xs_t: ``[T, B, I]``, or with ``hoisted`` the precomputed ``x_t U + b`` ``[T, B, 4H]``.
-      U, W, b: ``[I, 4H]``, ``[H, 4H]``, ``[4H]`` (U and b unused when hoisted).
+      xs_t: ``[T, B, I]``.
+      U, W, b: ``[I, 4H]``, ``[H, 4H]``, ``[4H]``.
       h0, c0: ``[B, H]``; lengths: ``int[B]`` valid steps per row, or None.
+      hoisted: form ``x_t U + b`` for all steps first (inside the kernel, one product over all ``T·B`` rows),
+        then only ``h W`` in the loop; else ``[x_t, h] [U; W]`` in the loop.
 
     Returns:
       ``(h, c, ys [T, B, H], tape)``: the ``Tape`` for ``lstm_backward`` when ``save``, else None.
@@ -163,8 +165,6 @@ def lstm_forward(xs_t, U, W, b, h0, c0, lengths, *, hoisted: bool, save: bool):
     steps, batch = xs_t.shape[:2]
     hidden = W.shape[0]
     hp = padded_hidden(hidden)
-    if hoisted:
-        xs_t = pad_gate_columns(xs_t, hidden)
     W = pad_gate_columns(jnp.pad(W, ((0, hp - hidden), (0, 0))), hidden)
     U, b = pad_gate_columns(U, hidden), pad_gate_columns(b, hidden)
     f32 = jnp.float32

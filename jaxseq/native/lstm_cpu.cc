@@ -328,14 +328,16 @@ inline void AccumulateGates(vf (&acc)[R][4], const float* a, int64_t lda, const 
 
 struct ForwardArgs {
   int64_t steps, batch, in_size, hidden;
-  const float* xs;  // [T, B, I], or the hoisted x_t U + b [T, B, 4H] when hoisted
-  const float* U;   // [I, 4H] (unused when hoisted)
+  const float* xs;  // [T, B, I]
+  const float* U;   // [I, 4H]
   const float* W;   // [H, 4H]
-  const float* b;   // [4H] (unused when hoisted)
+  const float* b;   // [4H]
   const float* h0;
   const float* c0;
   const int32_t* lengths;  // [B] or nullptr
-  bool hoisted;
+  // Hoisted: x_t U + b for every step first, [H/16][T·B][4][16] (stage 0, each column block over all T·B rows,
+  // in 6-row register blocks), then only h W inside the loop; nullptr: [x_t, h] [U; W] inside the loop.
+  float* projected;
   float* h;       // [B, H] final
   float* c;       // [B, H] final
   float* ys;      // [T, B, H]
@@ -353,7 +355,7 @@ struct ForwardArgs {
 // 0.97x at (64, 34, 200, 256); 64 and 128 were within 2 % of it, 192 and 256 slower.
 constexpr int64_t kDepthChunk = 96;
 
-// acc += [x_t, h_{t-1}][rows r0.., k in [k0, k1)] · w[k0 .. k1) (the x part is absent when hoisted: I = 0).
+// acc += [x_t, h_{t-1}][rows r0.., k in [k0, k1)] · w[k0 .. k1).
 template <int R>
 inline void AccumulateDepthRange(const ForwardArgs& a, int64_t t, int64_t r0, const float* h_prev, const float* w,
                                  int64_t k0, int64_t k1, vf (&acc)[R][4]) {
@@ -366,24 +368,24 @@ inline void AccumulateDepthRange(const ForwardArgs& a, int64_t t, int64_t r0, co
 }
 
 // One pass over k in [k0, k1) for rows r0 .. r0+R, gate q, hidden units col .. col+16. The first pass starts
-// from the bias (or the hoisted input product), the others from `partial` ([B][4][16], this column block's
+// from the bias (or the hoisted input product), later ones from `partial` ([B][4][16], this column block's
 // running sums); the last one returns the pre-activations in z, the others store them back. Passes over a
 // 24 KiB chunk of the weights let every row block reuse it from L1; whole-depth passes streamed the column
 // block's weights (up to 196 KiB) from L2 once per row block. Kept out of line so that its 4R accumulators
 // have the vector registers to themselves (inlined into the elementwise code, GCC spilled some of them).
 template <int R>
 __attribute__((noinline)) bool GatePreactivations(const ForwardArgs& a, int64_t t, int64_t r0, int64_t col,
-                                                  const float* h_prev, int64_t k0, int64_t k1, float* partial,
-                                                  vf (&z)[R][4]) {
-  const int64_t B = a.batch, H = a.hidden, I = a.in_size, H4 = 4 * H;
+                                                  const float* h_prev, int64_t k0, int64_t k1, bool first,
+                                                  float* partial, vf (&z)[R][4]) {
+  const int64_t B = a.batch, H = a.hidden, I = a.in_size;
   vf acc[R][4];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 8
     for (int q = 0; q < 4; ++q) {
-      acc[r][q] = k0 > 0      ? load(partial + ((r0 + r) * 4 + q) * kLanes)
-                  : a.hoisted ? load(a.xs + (t * B + r0 + r) * H4 + q * H + col)
-                              : load(a.b + q * H + col);
+      acc[r][q] = !first        ? load(partial + ((r0 + r) * 4 + q) * kLanes)
+                  : a.projected ? load(a.projected + (((col / kLanes) * a.steps * B + t * B + r0 + r) * 4 + q) * kLanes)
+                                : load(a.b + q * H + col);
     }
   }
   AccumulateDepthRange<R>(a, t, r0, h_prev, a.packed + (col / kLanes) * (I + H) * 4 * kLanes, k0, k1, acc);
@@ -401,14 +403,15 @@ __attribute__((noinline)) bool GatePreactivations(const ForwardArgs& a, int64_t 
 
 // Step t for rows r0 .. r0+R and hidden units col .. col+16.
 template <int R>
-void ForwardBlock(const ForwardArgs& a, int64_t t, int64_t r0, int64_t col, int64_t k0, int64_t k1, float* partial) {
+void ForwardBlock(const ForwardArgs& a, int64_t t, int64_t r0, int64_t col, int64_t k0, int64_t k1, bool first,
+                  float* partial) {
   const int64_t B = a.batch, H = a.hidden;
   const float* h_prev = a.h_buffers + (t & 1) * B * H;
   float* h_next = a.h_buffers + ((t + 1) & 1) * B * H;
   const int64_t tbh = t * B * H;
   {
     vf acc[R][4];
-    if (!GatePreactivations<R>(a, t, r0, col, h_prev, k0, k1, partial, acc)) return;
+    if (!GatePreactivations<R>(a, t, r0, col, h_prev, k0, k1, first, partial, acc)) return;
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const int64_t row = r0 + r, at = row * H + col;
@@ -453,8 +456,28 @@ void ForEachRowBlock(int64_t batch, Rows rows) {
   }
 }
 
-// Stage 0 packs each column block's weights and copies its part of the initial state, stages 1 .. T run the
-// steps, and the last copies out the final h; a block is one column block (16 hidden units of every gate).
+// The hoisted input product of rows r0 .. r0+R of all T·B for the column block at col: x U + b.
+template <int R>
+void ProjectBlock(const ForwardArgs& a, int64_t r0, int64_t col) {
+  const int64_t H = a.hidden, I = a.in_size, TB = a.steps * a.batch;
+  vf acc[R][4];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+    for (int q = 0; q < 4; ++q) acc[r][q] = load(a.b + q * H + col);
+  }
+  AccumulateGates<R>(acc, a.xs + r0 * I, I, a.packed + (col / kLanes) * (I + H) * 4 * kLanes, I);
+  float* out = a.projected + ((col / kLanes) * TB + r0) * 4 * kLanes;
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+    for (int q = 0; q < 4; ++q) store(out + (r * 4 + q) * kLanes, acc[r][q]);
+  }
+}
+
+// Stage 0 packs each column block's weights, forms its hoisted input product and copies its part of the
+// initial state, stages 1 .. T run the steps, and the last copies out the final h; a block is one column
+// block (16 hidden units of every gate).
 void RunForward(const ForwardArgs& a, int index, Stages& stages) {
   const int64_t B = a.batch, H = a.hidden, I = a.in_size, H4 = 4 * H;
   std::vector<float> partial(B * 4 * kLanes);  // one column block's running sums between depth chunks
@@ -466,6 +489,9 @@ void RunForward(const ForwardArgs& a, int index, Stages& stages) {
         const float* row = k < I ? a.U + k * H4 : a.W + (k - I) * H4;
         for (int q = 0; q < 4; ++q) std::memcpy(packed + (k * 4 + q) * kLanes, row + q * H + col, sizeof(vf));
       }
+      if (a.projected != nullptr) {
+        ForEachRowBlock(a.steps * B, [&](auto rows, int64_t r0) { ProjectBlock<decltype(rows)::value>(a, r0, col); });
+      }
       for (int64_t row = 0; row < B; ++row) {
         store(a.h_buffers + row * H + col, load(a.h0 + row * H + col));
         store(a.c + row * H + col, load(a.c0 + row * H + col));
@@ -473,11 +499,11 @@ void RunForward(const ForwardArgs& a, int index, Stages& stages) {
     } else if (s <= a.steps) {
       // Chunks of depth outside, rows inside: one chunk of the column block's weights stays in L1 while
       // every row block uses it.
-      const int64_t t = s - 1;
-      for (int64_t k0 = 0; k0 < I + H; k0 += kDepthChunk) {
+      const int64_t t = s - 1, depth_begin = a.projected != nullptr ? I : 0;
+      for (int64_t k0 = depth_begin; k0 < I + H; k0 += kDepthChunk) {
         const int64_t k1 = std::min(I + H, k0 + kDepthChunk);
         ForEachRowBlock(B, [&](auto rows, int64_t r0) {
-          ForwardBlock<decltype(rows)::value>(a, t, r0, col, k0, k1, partial.data());
+          ForwardBlock<decltype(rows)::value>(a, t, r0, col, k0, k1, k0 == depth_begin, partial.data());
         });
       }
     } else {
@@ -621,14 +647,16 @@ ffi::Error LstmForward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> U, ffi::B
   if (dims.size() != 3) return ffi::Error::InvalidArgument("lstm_forward: xs must be [T, B, F]");
   const int64_t hidden = W.dimensions()[0];
   if (hidden % kLanes != 0) return ffi::Error::InvalidArgument("lstm_forward: hidden size must be a multiple of 16");
-  ForwardArgs a{dims[0], dims[1], hoisted ? 0 : dims[2], hidden, xs.typed_data(), U.typed_data(),
+  ForwardArgs a{dims[0], dims[1], dims[2], hidden, xs.typed_data(), U.typed_data(),
                 W.typed_data(), b.typed_data(), h0.typed_data(), c0.typed_data(),
-                has_lengths ? lengths.typed_data() : nullptr, hoisted != 0, h->typed_data(), c->typed_data(),
+                has_lengths ? lengths.typed_data() : nullptr, nullptr, h->typed_data(), c->typed_data(),
                 ys->typed_data(), gates->element_count() ? gates->typed_data() : nullptr,
                 cs->element_count() ? cs->typed_data() : nullptr, h_buffers->typed_data(), nullptr};
   thread_local std::vector<float> packed;  // reused across calls: no fresh pages to fault in
   packed.resize((a.in_size + hidden) * 4 * hidden);
   a.packed = packed.data();
+  std::vector<float> projected(hoisted ? a.steps * a.batch * 4 * hidden : 0);  // [T, B, 4H]: not kept, may be large
+  if (hoisted) a.projected = projected.data();
   if (a.steps == 0 || a.batch == 0) {
     std::memcpy(a.h, a.h0, a.batch * hidden * sizeof(float));
     std::memcpy(a.c, a.c0, a.batch * hidden * sizeof(float));
