@@ -6,10 +6,10 @@
 // (benchmarks/RESULTS.md). Here a team of threads splits the hidden units: each step is a stage whose blocks
 // are column blocks (16 hidden units of every gate: those columns of z_t, their activations, their part of h_t
 // and c_t), and step t+1 starts when every block of step t has finished (class Stages). The backward loop is
-// split the same way: a block forms its columns of δh_{t+1} = δz_{t+1} Wᵀ and then of δz_t.
+// split the same way: a block forms its columns of δh_t = δz_{t+1} Wᵀ and then of δz_t.
 //
 // Semantics are exactly those of layers._forward_loop / _backward_loop (tests compare them):
-//   forward:  z = [x_t U] + h W + b (or a precomputed x_t U + b), i f o = σ, g = tanh,
+//   forward:  z = x_t U + h W + b (hoisted: x U + b for all steps in the first stage), i f o = σ, g = tanh,
 //             c' = f c + i g, h' = o tanh c'; where t >= length: carry kept, y_t = 0.
 //             Saved: activated gates (unmasked) and the carried c.
 //   backward: dh += dy_t; dc' = dc + dh o (1 - tanh²c); δz as bptt.lstm_step_backward_parts;
@@ -606,7 +606,7 @@ void BackwardProduct(const BackwardArgs& a, int64_t t, int64_t lo, int64_t hi) {
 }
 
 // A block is kWide column blocks (64 hidden units). Stage 0 packs their columns of Wᵀ; the stage of step t
-// forms their columns of δh_{t+1} = δz_{t+1} Wᵀ (which reads every block's δz_{t+1}, finished in the stage
+// forms their columns of δh_t = δz_{t+1} Wᵀ (which reads every block's δz_{t+1}, finished in the stage
 // before) and then their δz_t; the last stage forms δh before the first step.
 void RunBackward(const BackwardArgs& a, int index, Stages& stages) {
   const int64_t H = a.hidden, H4 = 4 * H, width = kWide * kLanes, T = a.steps;
