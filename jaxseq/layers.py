@@ -230,7 +230,7 @@ def _native_fits(batch: int, depth: int, hidden: int, training: bool) -> bool:
     in the same run (benchmarks/RESULTS.md), training: 0.70x at (32, 500, 64, 128), 0.80x at (64, 34, 200, 256),
     0.83x at (64, 50, 512, 512), 0.93x at (128, 100, 256, 512) (B, T, I, H), and 0.78-0.93x at batch 1, 4 and
     8. Forward only, where a thin matrix-vector product suits XLA's loop, it wins clearly only with two threads
-    (``8·B·depth·H`` ≥ 400,000 FLOPs per step, the kernel's own rule): 0.49-0.72x at (1, 100, 128, 256), 0.80x
+    (``8·B·depth·H`` ≥ 400,000 FLOPs per step, the kernel's own rule): 0.50-0.72x at (1, 100, 128, 256), 0.80x
     at batch 4; on one thread it took 0.96-1.29x the time at (1 and 2, 100, 64, 128) and (1, 300, 64, 96).
     """
     two_threads = 8 * batch * depth * hidden >= 400_000 and len(os.sched_getaffinity(0)) > 1

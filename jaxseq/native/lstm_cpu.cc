@@ -21,6 +21,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -139,10 +140,11 @@ class Team {
     for (int index = 1; index < std::max(1, cores); ++index) workers_.emplace_back([this, index] { Work(index); });
   }
 
-  // Joins the job of `generation` if its caller has not closed it: gate_ = (generation << 32) | closed | joined.
+  // Joins the job of `generation` if its caller has not closed it: gate_ = (generation << 32) | closed | joined
+  // (the generation's low 32 bits, so that it keeps matching after 2^32 calls).
   bool Join(uint64_t generation) {
     uint64_t gate = gate_.load(std::memory_order_acquire);
-    while ((gate >> 32) == generation && !(gate & kClosed)) {
+    while ((gate >> 32) == (generation & 0xffffffffu) && !(gate & kClosed)) {
       if (gate_.compare_exchange_weak(gate, gate + 1, std::memory_order_acq_rel)) return true;
     }
     return false;
@@ -184,7 +186,7 @@ class Team {
 // equal range of every stage's blocks (so that the weights its blocks read stay in its own cache), runs those,
 // then claims the unclaimed blocks of the other ranges. A thread that is late, or never joins, costs the others
 // only its unclaimed blocks; with a fixed split and a barrier per step, one descheduled thread stalled every
-// step (at (1, 100, 128, 256) after XLA's input GEMM, two threads ran 1.3-1.9x one thread's time).
+// step (at (1, 100, 128, 256) after XLA's input GEMM, two threads ran 1.3-1.7x one thread's time).
 class Stages {
  public:
   explicit Stages(int count) : claims_(count) {}
@@ -655,8 +657,9 @@ ffi::Error LstmForward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> U, ffi::B
   thread_local std::vector<float> packed;  // reused across calls: no fresh pages to fault in
   packed.resize((a.in_size + hidden) * 4 * hidden);
   a.packed = packed.data();
-  std::vector<float> projected(hoisted ? a.steps * a.batch * 4 * hidden : 0);  // [T, B, 4H]: not kept, may be large
-  if (hoisted) a.projected = projected.data();
+  // [T, B, 4H], not kept (it may be large); left uninitialised: stage 0 writes every element before use.
+  std::unique_ptr<float[]> projected(hoisted ? new float[a.steps * a.batch * 4 * hidden] : nullptr);
+  a.projected = projected.get();
   if (a.steps == 0 || a.batch == 0) {
     std::memcpy(a.h, a.h0, a.batch * hidden * sizeof(float));
     std::memcpy(a.c, a.c0, a.batch * hidden * sizeof(float));
