@@ -4,7 +4,7 @@
 // Why a kernel: XLA:CPU runs a while loop's body on one thread, so at thin shapes (B·H small) each step's
 // [B, I+H]·[I+H, 4H] product ran single-threaded while PyTorch's oneDNN LSTM used every core
 // (benchmarks/RESULTS.md). Here a team of threads splits the hidden units: each step is a stage whose blocks
-// are column blocks (16 hidden units of every gate: those columns of z_t, their activations, their part of h_t
+// are column blocks (kLanes hidden units of every gate: those columns of z_t, their activations, their part of h_t
 // and c_t), and step t+1 starts when every block of step t has finished (class Stages). The backward loop is
 // split the same way: a block forms its columns of δh_t = δz_{t+1} Wᵀ and then of δz_t.
 //
@@ -36,14 +36,24 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kLanes = 16;
+// vf is one vector register: 16 floats with AVX-512 (32 registers), 8 with AVX/AVX2 (16 registers), 4 with SSE.
+// A column block is kLanes hidden units of every gate. Wider vectors than the registers (16 floats on AVX2)
+// made GCC keep the product's accumulators on the stack: on an AMD EPYC (Zen 3, AVX2) the kernel ran
+// 2.3-13x slower than XLA's loops (benchmarks/RESULTS.md).
+#if defined(__AVX512F__)
+constexpr int kLanes = 16, kVectorRegisters = 32;
+#elif defined(__AVX__)
+constexpr int kLanes = 8, kVectorRegisters = 16;
+#else
+constexpr int kLanes = 4, kVectorRegisters = 16;
+#endif
 typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t))));
 typedef float vf_unaligned __attribute__((vector_size(kLanes * sizeof(float)), aligned(4)));
 
 inline vf load(const float* p) { return *reinterpret_cast<const vf_unaligned*>(p); }
 inline void store(float* p, vf v) { *reinterpret_cast<vf_unaligned*>(p) = v; }
-inline vf splat(float x) { return (vf){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+inline vf splat(float x) { return x - vf{}; }  // one broadcast: x - (+0) is x, -0 included
 
 // exp with Cephes' single-precision polynomial (about 1 ulp on the clamped range).
 inline vf vexp(vf x) {
@@ -284,13 +294,29 @@ int TeamSize(int64_t batch, int64_t depth, int64_t hidden) {
   return size;
 }
 
-// acc[r][q] += Σ_k a[r, k] · w[k][q] for R rows of a (row stride lda), where w is one column block of the
-// packed weights: [depth][4 gates][16 units], contiguous.
+// The register tiles of the products: R rows by G vectors (gates of a column block, or column blocks of Wᵀ)
+// keep R·G accumulators in registers; the rest hold the loaded weights and a broadcast row value. With
+// AVX-512 a tile is 6 rows by the 4 gates (24 of 32 registers); with AVX2, 6 rows by 2 gates (12 of 16), two
+// passes over the same L1-resident rows.
+constexpr int kAccumulatorRegisters = kVectorRegisters * 3 / 4;
+constexpr int kRows = 6;  // rows per register tile
+
+// Vectors per tile of R rows: the most of 4, 2, 1 that fit.
 template <int R>
-inline void AccumulateGates(vf (&acc)[R][4], const float* a, int64_t lda, const float* w, int64_t depth) {
-  if constexpr (R <= 2) {
-    // Few rows: 4R chains of dependent FMAs would wait on the FMA latency; a second set for odd k doubles them.
-    vf odd[R][4] = {};
+constexpr int TileWidth() {
+  for (int width : {4, 2}) {
+    if (R * width <= kAccumulatorRegisters) return width;
+  }
+  return 1;
+}
+
+// acc[r][g] += Σ_k a[r, k] · w[(k·4 + g)·kLanes ..] for R rows of a (row stride lda) and G consecutive gates of
+// one column block of the packed weights ([depth][4 gates][kLanes units]); w points at the first gate's k = 0.
+template <int R, int G>
+inline void AccumulateGates(vf (&acc)[R][G], const float* a, int64_t lda, const float* w, int64_t depth) {
+  if constexpr (R <= 2 && 2 * R * G <= kAccumulatorRegisters) {
+    // Few rows: R·G chains of dependent FMAs would wait on the FMA latency; a second set for odd k doubles them.
+    vf odd[R][G] = {};
     int64_t k = 0;
     for (; k + 1 < depth; k += 2) {
       const float* wk = w + k * 4 * kLanes;
@@ -298,16 +324,16 @@ inline void AccumulateGates(vf (&acc)[R][4], const float* a, int64_t lda, const 
       for (int r = 0; r < R; ++r) {
         vf x0 = splat(a[r * lda + k]), x1 = splat(a[r * lda + k + 1]);
 #pragma GCC unroll 4
-        for (int q = 0; q < 4; ++q) {
-          acc[r][q] += x0 * load(wk + q * kLanes);
-          odd[r][q] += x1 * load(wk + (4 + q) * kLanes);
+        for (int g = 0; g < G; ++g) {
+          acc[r][g] += x0 * load(wk + g * kLanes);
+          odd[r][g] += x1 * load(wk + (4 + g) * kLanes);
         }
       }
     }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
-      for (int q = 0; q < 4; ++q) acc[r][q] += odd[r][q];
+      for (int g = 0; g < G; ++g) acc[r][g] += odd[r][g];
     }
     if (k == depth) return;
     a += k;
@@ -316,14 +342,14 @@ inline void AccumulateGates(vf (&acc)[R][4], const float* a, int64_t lda, const 
   }
   for (int64_t k = 0; k < depth; ++k) {
     const float* wk = w + k * 4 * kLanes;
-    vf wi = load(wk), wf = load(wk + kLanes), wg = load(wk + 2 * kLanes), wo = load(wk + 3 * kLanes);
+    vf wg[G];
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) wg[g] = load(wk + g * kLanes);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       vf x = splat(a[r * lda + k]);
-      acc[r][0] += x * wi;
-      acc[r][1] += x * wf;
-      acc[r][2] += x * wg;
-      acc[r][3] += x * wo;
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) acc[r][g] += x * wg[g];
     }
   }
 }
@@ -337,7 +363,7 @@ struct ForwardArgs {
   const float* h0;
   const float* c0;
   const int32_t* lengths;  // [B] or nullptr
-  // Hoisted: x_t U + b for every step first, [H/16][T·B][4][16] (stage 0, each column block over all T·B rows,
+  // Hoisted: x_t U + b for every step first, [H/L][T·B][4][L] (L = kLanes; stage 0, each column block over all T·B rows,
   // in 6-row register blocks), then only h W inside the loop; nullptr: [x_t, h] [U; W] inside the loop.
   float* projected;
   float* h;       // [B, H] final
@@ -346,31 +372,31 @@ struct ForwardArgs {
   float* gates;   // [4, T, B, H] (i, f, g, o) or nullptr
   float* cs;      // [T, B, H] or nullptr
   float* h_buffers;  // [2, B, H] scratch
-  // [H/16][I + H][4][16]: [U; W] repacked so that one block of 16 hidden units reads its weights for all
+  // [H/L][I + H][4][L]: [U; W] repacked so that one block of L hidden units reads its weights for all
   // four gates contiguously. In the [I + H, 4H] layout each k row of a block touched four places 4H floats
   // apart, a new page per load at H = 512: the forward step ran at a third of the XLA loop's rate there.
   float* packed;
 };
 
-// k rows of a column block per pass: 96 x 4 x 16 floats = 24 KiB, half of L1. Against whole-depth passes in one
+// k rows of a column block per pass: 96 x 4 x 16 floats = 24 KiB with AVX-512, half of L1 (12 KiB with AVX2). Against whole-depth passes in one
 // interleaved run (forward with its tape): 0.94x the time at (128, 100, 256, 512), 0.96x at (32, 500, 64, 128),
 // 0.97x at (64, 34, 200, 256); 64 and 128 were within 2 % of it, 192 and 256 slower.
 constexpr int64_t kDepthChunk = 96;
 
-// acc += [x_t, h_{t-1}][rows r0.., k in [k0, k1)] · w[k0 .. k1).
-template <int R>
+// acc += [x_t, h_{t-1}][rows r0.., k in [k0, k1)] · w[k0 .. k1) for G gates from the one w points at.
+template <int R, int G>
 inline void AccumulateDepthRange(const ForwardArgs& a, int64_t t, int64_t r0, const float* h_prev, const float* w,
-                                 int64_t k0, int64_t k1, vf (&acc)[R][4]) {
+                                 int64_t k0, int64_t k1, vf (&acc)[R][G]) {
   const int64_t B = a.batch, H = a.hidden, I = a.in_size;
-  if (k0 < I) AccumulateGates<R>(acc, a.xs + (t * B + r0) * I + k0, I, w + k0 * 4 * kLanes, std::min(k1, I) - k0);
+  if (k0 < I) AccumulateGates<R, G>(acc, a.xs + (t * B + r0) * I + k0, I, w + k0 * 4 * kLanes, std::min(k1, I) - k0);
   if (k1 > I) {
     const int64_t from = std::max(k0, I);
-    AccumulateGates<R>(acc, h_prev + r0 * H + (from - I), H, w + from * 4 * kLanes, k1 - from);
+    AccumulateGates<R, G>(acc, h_prev + r0 * H + (from - I), H, w + from * 4 * kLanes, k1 - from);
   }
 }
 
-// One pass over k in [k0, k1) for rows r0 .. r0+R, gate q, hidden units col .. col+16. The first pass starts
-// from the bias (or the hoisted input product), later ones from `partial` ([B][4][16], this column block's
+// One pass over k in [k0, k1) for rows r0 .. r0+R, gate q, hidden units col .. col+L. The first pass starts
+// from the bias (or the hoisted input product), later ones from `partial` ([B][4][L], this column block's
 // running sums); the last one returns the pre-activations in z, the others store them back. Passes over a
 // 24 KiB chunk of the weights let every row block reuse it from L1; whole-depth passes streamed the column
 // block's weights (up to 196 KiB) from L2 once per row block. Kept out of line so that its 4R accumulators
@@ -379,31 +405,36 @@ template <int R>
 __attribute__((noinline)) bool GatePreactivations(const ForwardArgs& a, int64_t t, int64_t r0, int64_t col,
                                                   const float* h_prev, int64_t k0, int64_t k1, bool first,
                                                   float* partial, vf (&z)[R][4]) {
+  constexpr int G = TileWidth<R>();
   const int64_t B = a.batch, H = a.hidden, I = a.in_size;
-  vf acc[R][4];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 8
-    for (int q = 0; q < 4; ++q) {
-      acc[r][q] = !first        ? load(partial + ((r0 + r) * 4 + q) * kLanes)
-                  : a.projected ? load(a.projected + (((col / kLanes) * a.steps * B + t * B + r0 + r) * 4 + q) * kLanes)
-                                : load(a.b + q * H + col);
-    }
-  }
-  AccumulateDepthRange<R>(a, t, r0, h_prev, a.packed + (col / kLanes) * (I + H) * 4 * kLanes, k0, k1, acc);
   const bool last = k1 == I + H;
+  const float* w = a.packed + (col / kLanes) * (I + H) * 4 * kLanes;
+  for (int q0 = 0; q0 < 4; q0 += G) {  // one pass with AVX-512, two with AVX2 (see TileWidth)
+    vf acc[R][G];
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
+    for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) {
+        const int q = q0 + g;
+        acc[r][g] = !first        ? load(partial + ((r0 + r) * 4 + q) * kLanes)
+                    : a.projected ? load(a.projected + (((col / kLanes) * a.steps * B + t * B + r0 + r) * 4 + q) * kLanes)
+                                  : load(a.b + q * H + col);
+      }
+    }
+    AccumulateDepthRange<R, G>(a, t, r0, h_prev, w + q0 * kLanes, k0, k1, acc);
 #pragma GCC unroll 8
-    for (int q = 0; q < 4; ++q) {
-      if (last) z[r][q] = acc[r][q];
-      else store(partial + ((r0 + r) * 4 + q) * kLanes, acc[r][q]);
+    for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) {
+        if (last) z[r][q0 + g] = acc[r][g];
+        else store(partial + ((r0 + r) * 4 + q0 + g) * kLanes, acc[r][g]);
+      }
     }
   }
   return last;
 }
 
-// Step t for rows r0 .. r0+R and hidden units col .. col+16.
+// Step t for rows r0 .. r0+R and hidden units col .. col+L.
 template <int R>
 void ForwardBlock(const ForwardArgs& a, int64_t t, int64_t r0, int64_t col, int64_t k0, int64_t k1, bool first,
                   float* partial) {
@@ -442,8 +473,6 @@ void ForwardBlock(const ForwardArgs& a, int64_t t, int64_t r0, int64_t col, int6
   }
 }
 
-constexpr int kRows = 6;  // rows per register block: 6 rows x 4 gates = 24 of the 32 vector registers
-
 template <typename Rows>
 void ForEachRowBlock(int64_t batch, Rows rows) {
   int64_t r0 = 0;
@@ -461,25 +490,29 @@ void ForEachRowBlock(int64_t batch, Rows rows) {
 // The hoisted input product of rows r0 .. r0+R of all T·B for the column block at col: x U + b.
 template <int R>
 void ProjectBlock(const ForwardArgs& a, int64_t r0, int64_t col) {
+  constexpr int G = TileWidth<R>();
   const int64_t H = a.hidden, I = a.in_size, TB = a.steps * a.batch;
-  vf acc[R][4];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 8
-    for (int q = 0; q < 4; ++q) acc[r][q] = load(a.b + q * H + col);
-  }
-  AccumulateGates<R>(acc, a.xs + r0 * I, I, a.packed + (col / kLanes) * (I + H) * 4 * kLanes, I);
+  const float* w = a.packed + (col / kLanes) * (I + H) * 4 * kLanes;
   float* out = a.projected + ((col / kLanes) * TB + r0) * 4 * kLanes;
+  for (int q0 = 0; q0 < 4; q0 += G) {
+    vf acc[R][G];
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
+    for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) acc[r][g] = load(a.b + (q0 + g) * H + col);
+    }
+    AccumulateGates<R, G>(acc, a.xs + r0 * I, I, w + q0 * kLanes, I);
 #pragma GCC unroll 8
-    for (int q = 0; q < 4; ++q) store(out + (r * 4 + q) * kLanes, acc[r][q]);
+    for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) store(out + (r * 4 + q0 + g) * kLanes, acc[r][g]);
+    }
   }
 }
 
 // Stage 0 packs each column block's weights, forms its hoisted input product and copies its part of the
 // initial state, stages 1 .. T run the steps, and the last copies out the final h; a block is one column
-// block (16 hidden units of every gate).
+// block (L hidden units of every gate).
 void RunForward(const ForwardArgs& a, int index, Stages& stages) {
   const int64_t B = a.batch, H = a.hidden, I = a.in_size, H4 = 4 * H;
   std::vector<float> partial(B * 4 * kLanes);  // one column block's running sums between depth chunks
@@ -526,7 +559,7 @@ struct BackwardArgs {
   float* dh;  // [B, H]: in, the carry's cotangent after the last step; out, before the first
   float* dc;  // [B, H]: likewise
   float* dz;  // [T, B, 4H]
-  float* packed;  // [H/16][4H][16]: Wᵀ by blocks of 16 columns, each contiguous (see ForwardArgs::packed)
+  float* packed;  // [H/L][4H][L]: Wᵀ by blocks of L columns, each contiguous (see ForwardArgs::packed)
 };
 
 void BackwardElementwise(const BackwardArgs& a, int64_t t, int64_t lo, int64_t hi) {
@@ -559,7 +592,7 @@ void BackwardElementwise(const BackwardArgs& a, int64_t t, int64_t lo, int64_t h
 
 constexpr int kWide = 4;  // column blocks per backward product block
 
-// dh[rows, col .. col+16V] = δz_t[rows] Wᵀ[:, col .. col+16V] for the valid ones of R rows: R x V
+// dh[rows, col .. col+LV] = δz_t[rows] Wᵀ[:, col .. col+LV] for the valid ones of R rows: R x V
 // accumulators, so that each loaded row of Wᵀ feeds R products and each broadcast of δz feeds V.
 template <int R, int V>
 __attribute__((noinline)) void BackwardProductBlock(const BackwardArgs& a, int64_t t, int64_t r0, int64_t col) {
@@ -592,22 +625,21 @@ __attribute__((noinline)) void BackwardProductBlock(const BackwardArgs& a, int64
   }
 }
 
-// Columns outside, rows inside, as in the forward loop.
+// Columns outside, rows inside, as in the forward loop; each row block takes its columns in tiles of
+// TileWidth<R>() column blocks (4 with AVX-512, 2 for 6 rows with AVX2).
 void BackwardProduct(const BackwardArgs& a, int64_t t, int64_t lo, int64_t hi) {
-  int64_t col = lo;
-  for (; col + kWide * kLanes <= hi; col += kWide * kLanes) {
+  for (int64_t col = lo; col < hi; col += kWide * kLanes) {
+    const int64_t end = std::min(hi, col + kWide * kLanes);
     ForEachRowBlock(a.batch, [&](auto rows, int64_t r0) {
-      BackwardProductBlock<decltype(rows)::value, kWide>(a, t, r0, col);
-    });
-  }
-  for (; col < hi; col += kLanes) {
-    ForEachRowBlock(a.batch, [&](auto rows, int64_t r0) {
-      BackwardProductBlock<decltype(rows)::value, 1>(a, t, r0, col);
+      constexpr int R = decltype(rows)::value, V = TileWidth<R>();
+      int64_t c = col;
+      for (; c + V * kLanes <= end; c += V * kLanes) BackwardProductBlock<R, V>(a, t, r0, c);
+      for (; c < end; c += kLanes) BackwardProductBlock<R, 1>(a, t, r0, c);
     });
   }
 }
 
-// A block is kWide column blocks (64 hidden units). Stage 0 packs their columns of Wᵀ; the stage of step t
+// A block is kWide column blocks (4L hidden units). Stage 0 packs their columns of Wᵀ; the stage of step t
 // forms their columns of δh_t = δz_{t+1} Wᵀ (which reads every block's δz_{t+1}, finished in the stage
 // before) and then their δz_t; the last stage forms δh before the first step.
 void RunBackward(const BackwardArgs& a, int index, Stages& stages) {
@@ -648,7 +680,7 @@ ffi::Error LstmForward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> U, ffi::B
   auto dims = xs.dimensions();
   if (dims.size() != 3) return ffi::Error::InvalidArgument("lstm_forward: xs must be [T, B, F]");
   const int64_t hidden = W.dimensions()[0];
-  if (hidden % kLanes != 0) return ffi::Error::InvalidArgument("lstm_forward: hidden size must be a multiple of 16");
+  if (hidden % kLanes != 0) return ffi::Error::InvalidArgument("lstm_forward: hidden size must be a multiple of the vector width");
   ForwardArgs a{dims[0], dims[1], dims[2], hidden, xs.typed_data(), U.typed_data(),
                 W.typed_data(), b.typed_data(), h0.typed_data(), c0.typed_data(),
                 has_lengths ? lengths.typed_data() : nullptr, nullptr, h->typed_data(), c->typed_data(),
@@ -682,7 +714,7 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::F32> WT, ffi::Buffer<ffi::F32> gates, f
   auto dims = dys.dimensions();
   if (dims.size() != 3) return ffi::Error::InvalidArgument("lstm_backward: dys must be [T, B, H]");
   const int64_t hidden = dims[2];
-  if (hidden % kLanes != 0) return ffi::Error::InvalidArgument("lstm_backward: hidden size must be a multiple of 16");
+  if (hidden % kLanes != 0) return ffi::Error::InvalidArgument("lstm_backward: hidden size must be a multiple of the vector width");
   BackwardArgs a{dims[0], dims[1], hidden, WT.typed_data(), gates.typed_data(), cs.typed_data(), c0.typed_data(),
                  dys.typed_data(), has_lengths ? lengths.typed_data() : nullptr, dh->typed_data(),
                  dc->typed_data(), dz->typed_data(), nullptr};
