@@ -385,6 +385,11 @@ def main(argv=None) -> int:
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), CPU {cpu_model()}, "
           f"{os.cpu_count()} logical cores, load average {os.getloadavg()}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()))
+    if any(impl == "jaxseq" or impl.startswith("jaxseq-") for impl in impls):
+        from jaxseq import native
+
+        lanes = native.vector_lanes() if native.available() else None
+        print(f"native CPU kernel: {f'{lanes}-float vectors' if lanes else 'off (XLA loops)'}")
     print(f"torch threads {args.torch_threads}; JAX devices {jax.device_count()}; repeats {args.repeats}; "
           f"impls {impls}; modes {modes}")
     kept = all(os.environ.get(k) == v for k, v in KEEP_FREED_MEMORY.items())

@@ -36,7 +36,9 @@ from jaxseq.scan import vary_like
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("lstm_cpu.cc")
-LANES = 16  # the kernel's vector width in floats: the hidden size is padded to a multiple of it
+# The hidden size is padded to a multiple of this: of the kernel's vector width in floats, which is 16 with
+# AVX-512, 8 with AVX2 and 4 with SSE (vector_lanes()).
+LANES = 16
 _TARGETS = {"jaxseq_lstm_forward": "JaxseqLstmForward", "jaxseq_lstm_backward": "JaxseqLstmBackward"}
 _disabled_depth = 0
 
@@ -106,6 +108,12 @@ def available() -> bool:
     if jax.default_backend() != "cpu" or jax.device_count() != 1:
         return False
     return _library() is not None
+
+
+def vector_lanes() -> int | None:
+    """Floats per vector in the built kernel (16 with AVX-512, 8 with AVX/AVX2, 4 otherwise); None if not built."""
+    library = _library()
+    return None if library is None else int(library.JaxseqLstmVectorLanes())
 
 
 @contextlib.contextmanager

@@ -731,6 +731,9 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::F32> WT, ffi::Buffer<ffi::F32> gates, f
 
 }  // namespace
 
+// The vector width this build chose (jaxseq.native.vector_lanes; the tests check it against the CPU's flags).
+extern "C" int JaxseqLstmVectorLanes() { return kLanes; }
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxseqLstmForward, LstmForward,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
