@@ -38,8 +38,8 @@ namespace {
 
 // vf is one vector register: 16 floats with AVX-512 (32 registers), 8 with AVX/AVX2 (16 registers), 4 with SSE.
 // A column block is kLanes hidden units of every gate. Wider vectors than the registers (16 floats on AVX2)
-// made GCC keep the product's accumulators on the stack: on an AMD EPYC (Zen 3, AVX2) the kernel ran
-// 2.3-13x slower than XLA's loops (benchmarks/RESULTS.md).
+// made GCC keep the product's accumulators on the stack: on an AMD EPYC (Zen 3, AVX2) the kernel took
+// 2.0-7.5x the time of XLA's loops (benchmarks/RESULTS.md).
 #if defined(__AVX512F__)
 constexpr int kLanes = 16, kVectorRegisters = 32;
 #elif defined(__AVX__)
