@@ -61,6 +61,13 @@ def test_kernel_loops_match_xla_loops(key, batch, steps, in_size, hidden, with_l
     assert_trees_close(got[3].cs[..., :hidden], cs, atol=1e-6)
     backward = native.lstm_backward(W, got[3], c0, dys, lengths if with_lengths else None, 0.3 * h0, 0.2 * c0)
     assert_trees_close(backward, expected_backward, atol=1e-5)
+    # The weight gradients formed inside the backward loop, step by step, equal one GEMM over all steps after it.
+    *backward_again, weight_grads = native.lstm_backward(W, got[3], c0, dys, lengths if with_lengths else None,
+                                                         0.3 * h0, 0.2 * c0, weight_grads_of=(xs_t, h0, got[2]))
+    assert_trees_close(tuple(backward_again), expected_backward, atol=1e-5)
+    expected_weight_grads = layers._weight_grads(xs_t, layers._h_prev(h0, ys), expected_backward[2])
+    assert [g.shape for g in weight_grads] == [U.shape, W.shape, b.shape]
+    assert_trees_close(weight_grads, expected_weight_grads, atol=1e-5)
     no_tape = native.lstm_forward(xs_t, U, W, b, h0, c0, None, hoisted=hoisted, save=False)
     assert no_tape[3] is None
 
@@ -74,7 +81,10 @@ def _grads(run, params, xs, carry, r):
 
 
 @pytest.mark.parametrize("checkpoint,reverse", [(None, False), (None, True), ("sqrt", True), (3, False)])
-def test_layer_gradients_through_kernel_match_autodiff(key, always_native, checkpoint, reverse):
+@pytest.mark.parametrize("kernel_weight_grads", [False, True])
+def test_layer_gradients_through_kernel_match_autodiff(key, always_native, monkeypatch, checkpoint, reverse,
+                                                        kernel_weight_grads):
+    monkeypatch.setattr(layers, "KERNEL_WEIGHT_GRADS_MIN_BATCH", 1 if kernel_weight_grads else 10 ** 9)
     batch, steps, in_size, hidden = 5, 11, 6, 20
     k = jax.random.split(key, 5)
     params = cells.lstm.init(k[0], in_size, hidden)

@@ -189,10 +189,20 @@ def lstm_forward(xs_t, U, W, b, h0, c0, lengths, *, hoisted: bool, save: bool):
     return h, c, ys, Tape(gates, cs) if save else None
 
 
-def lstm_backward(W, tape: Tape, c0, dys, lengths, dh, dc):
+def unpad_gate_columns(a, hidden: int):
+    """``[..., 4Hp]`` -> ``[..., 4H]``: the inverse of ``pad_gate_columns``."""
+    hp = padded_hidden(hidden)
+    if hp == hidden:
+        return a
+    return a.reshape(*a.shape[:-1], 4, hp)[..., :hidden].reshape(*a.shape[:-1], 4 * hidden)
+
+
+def lstm_backward(W, tape: Tape, c0, dys, lengths, dh, dc, *, weight_grads_of=None):
     """The BPTT loop of ``jaxseq.layers._backward_loop`` in the kernel: ``(dh, dc, dz [T, B, 4H])``.
 
     ``W`` is the recurrent kernel ``[H, 4H]``, ``tape`` what ``lstm_forward`` saved, ``dys`` ``[T, B, H]``.
+    ``weight_grads_of=(xs_t [T, B, I], h0 [B, H], ys [T, B, H])``: the kernel also forms the weight gradients
+    ``(dU [I, 4H], dW [H, 4H], db [4H])`` step by step and returns ``(dh, dc, dz, (dU, dW, db))``.
     """
     steps, batch, hidden = dys.shape
     hp = padded_hidden(hidden)
@@ -200,11 +210,24 @@ def lstm_backward(W, tape: Tape, c0, dys, lengths, dh, dc):
     WT = pad_gate_columns(jnp.pad(W, ((0, hp - hidden), (0, 0))), hidden).T  # [4Hp, Hp]
     f32 = jnp.float32
     shapes = [(batch, hp), (batch, hp), (steps, batch, 4 * hp)]
+    if weight_grads_of is None:
+        operands = (jnp.zeros((0,), f32),) * 3
+        shapes += [(0,)] * 3
+    else:
+        xs_t, h0, ys = weight_grads_of
+        operands = (xs_t, pad(h0), pad(ys))
+        shapes += [(xs_t.shape[-1], 4 * hp), (hp, 4 * hp), (4 * hp,)]
     call = jax.ffi.ffi_call("jaxseq_lstm_backward", [jax.ShapeDtypeStruct(s, f32) for s in shapes],
                             vmap_method="sequential")
-    args = (WT, tape.gates, tape.cs, pad(c0), pad(dys), _lengths_arg(lengths), pad(dh), pad(dc))
-    dh, dc, dz = vary_like(call(*args, has_lengths=np.int64(lengths is not None)), *args)
+    xs_arg, h0_arg, ys_arg = operands
+    args = (WT, tape.gates, tape.cs, pad(c0), pad(dys), _lengths_arg(lengths), pad(dh), pad(dc),
+            xs_arg, ys_arg, h0_arg)
+    dh, dc, dz, dU, dW, db = vary_like(call(*args, has_lengths=np.int64(lengths is not None),
+                                            weight_grads=np.int64(weight_grads_of is not None)), *args)
     if hp != hidden:
         dh, dc = dh[:, :hidden], dc[:, :hidden]
-        dz = dz.reshape(steps, batch, 4, hp)[..., :hidden].reshape(steps, batch, 4 * hidden)
-    return dh, dc, dz
+        dz = unpad_gate_columns(dz, hidden)
+    if weight_grads_of is None:
+        return dh, dc, dz
+    grads = unpad_gate_columns(dU, hidden), unpad_gate_columns(dW[:hidden], hidden), unpad_gate_columns(db, hidden)
+    return dh, dc, dz, grads

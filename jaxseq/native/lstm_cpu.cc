@@ -560,7 +560,56 @@ struct BackwardArgs {
   float* dc;  // [B, H]: likewise
   float* dz;  // [T, B, 4H]
   float* packed;  // [H/L][4H][L]: Wᵀ by blocks of L columns, each contiguous (see ForwardArgs::packed)
+  // Weight gradients inside the loop (all nullptr without): dU += x_tᵀ δz_t, dW += h_{t-1}ᵀ δz_t, db += Σ δz_t,
+  // each block its own columns, at the step that formed δz_t (see WeightGradients).
+  int64_t in_size;
+  const float* xs;  // [T, B, I]
+  const float* ys;  // [T, B, H]: h_t at valid steps
+  const float* h0;  // [B, H]
+  float* dU;        // [I, 4H]
+  float* dW;        // [H, 4H]
+  float* db;        // [4H]
+  // The running sums of dU and dW by block: [H / (kWide·L)][4 gates][I + H][kWide·L] (see WeightTiles), copied
+  // into dU and dW at the end. Summed in place, each tile of C touched a new page per row (rows are 16·H bytes
+  // apart): the products ran at 0.6x their rate on contiguous sums.
+  float* weight_sums;
+  // [2][I + H][B]: [x_t, h_{t-1}] of two steps by blocks of kRows rows (MatrixRows), each [B][rows]: the
+  // products then read their broadcast operand contiguously (in [T, B, I] and [T, B, H] it lies 4·I and 4·H
+  // bytes apart). Step t's is packed in the stage before (step t+1's), a share by each block.
+  float* packed_inputs;
 };
+
+// The rows of [x_t, h_{t-1}]ᵀ by blocks of kRows: the input rows 0 .. I first, then the hidden rows, so that no
+// block straddles the two. Block j is rows first .. first+count.
+int64_t RowBlockCount(const BackwardArgs& a) {
+  return (a.in_size + kRows - 1) / kRows + (a.hidden + kRows - 1) / kRows;
+}
+void RowBlock(const BackwardArgs& a, int64_t j, int64_t& first, int& count) {
+  const int64_t input_blocks = (a.in_size + kRows - 1) / kRows;
+  const int64_t begin = j < input_blocks ? j * kRows : a.in_size + (j - input_blocks) * kRows;
+  const int64_t end = j < input_blocks ? a.in_size : a.in_size + a.hidden;
+  first = begin;
+  count = static_cast<int>(std::min<int64_t>(kRows, end - begin));
+}
+
+// Packs row blocks j0 .. j1 of step t's [x_t, h_{t-1}]ᵀ into packed_inputs[t & 1].
+void PackInputs(const BackwardArgs& a, int64_t t, int64_t j0, int64_t j1) {
+  const int64_t B = a.batch, H = a.hidden, I = a.in_size;
+  const float* x = a.xs + t * B * I;
+  const float* h_prev = t > 0 ? a.ys + (t - 1) * B * H : a.h0;
+  float* packed = a.packed_inputs + (t & 1) * (I + H) * B;
+  for (int64_t j = j0; j < j1; ++j) {
+    int64_t first;
+    int count;
+    RowBlock(a, j, first, count);
+    const float* source = first < I ? x + first : h_prev + (first - I);
+    const int64_t stride = first < I ? I : H;
+    float* out = packed + first * B;
+    for (int64_t b = 0; b < B; ++b) {
+      for (int r = 0; r < count; ++r) out[b * count + r] = source[b * stride + r];
+    }
+  }
+}
 
 void BackwardElementwise(const BackwardArgs& a, int64_t t, int64_t lo, int64_t hi) {
   const int64_t B = a.batch, H = a.hidden, plane = a.steps * B * H;
@@ -639,24 +688,151 @@ void BackwardProduct(const BackwardArgs& a, int64_t t, int64_t lo, int64_t hi) {
   }
 }
 
+// C[r, 0 .. G·L] += Σ_b A[b, r] · D[b, 0 .. G·L] for R rows: C row stride ldc, A [depth][lda], D [depth][G·L].
+template <int R, int G>
+__attribute__((noinline)) void OuterProductTile(float* C, int64_t ldc, const float* A, int64_t lda, const float* D,
+                                                int64_t depth) {
+  vf acc[R][G];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) acc[r][g] = load(C + r * ldc + g * kLanes);
+  }
+  for (int64_t k = 0; k < depth; ++k) {
+    vf d[G];
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) d[g] = load(D + (k * G + g) * kLanes);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      vf x = splat(A[k * lda + r]);
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) acc[r][g] += x * d[g];
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) store(C + r * ldc + g * kLanes, acc[r][g]);
+  }
+}
+
+// The column tiles of a backward block (hidden units lo .. hi of each gate): G vectors each (TileWidth<kRows>()),
+// and single vectors for the rest of a gate. `sums` is where the tile's running sums start in the block's part of
+// BackwardArgs::weight_sums: [I + H][width·L].
+struct WeightTile {
+  int64_t column;  // in dU, dW, db
+  int width;       // vectors
+  float* sums;
+};
+
+int WeightTiles(const BackwardArgs& a, int64_t lo, int64_t hi, WeightTile (&tiles)[4 * kWide]) {
+  constexpr int G = TileWidth<kRows>();
+  const int64_t H = a.hidden, depth = a.in_size + H, vectors = (hi - lo) / kLanes;
+  float* sums = a.weight_sums + (lo / (kWide * kLanes)) * 4 * depth * kWide * kLanes;
+  int count = 0;
+  for (int q = 0; q < 4; ++q, sums += depth * kWide * kLanes) {
+    for (int64_t v = 0; v < vectors;) {
+      const int width = v + G <= vectors ? G : 1;
+      tiles[count++] = WeightTile{q * H + lo + v * kLanes, width, sums + depth * v * kLanes};
+      v += width;
+    }
+  }
+  return count;
+}
+
+// dU, dW, db += step t's part for hidden units lo .. hi of every gate: [x_t, h_{t-1}]ᵀ δz_t, a product of depth B
+// while δz_t is still in cache. Formed after the loop instead, as one [I+H, T·B]·[T·B, 4H] GEMM over δz read back
+// from memory, XLA:CPU ran it at about half the peak matmul rate (benchmarks/RESULTS.md). The block's δz_t is first
+// copied into `scratch` by tiles ([tile][B][width·L]), so that the products read it contiguously; in [T, B, 4H]
+// its rows lie 16·H bytes apart, the same L1 set at H = 512.
+void WeightGradients(const BackwardArgs& a, int64_t t, int64_t lo, int64_t hi, std::vector<float>& scratch) {
+  constexpr int G = TileWidth<kRows>();
+  const int64_t B = a.batch, H = a.hidden, I = a.in_size, H4 = 4 * H;
+  WeightTile tiles[4 * kWide];
+  const int count = WeightTiles(a, lo, hi, tiles);
+  scratch.resize(4 * B * (hi - lo));
+  const float* d[4 * kWide];
+  float* out = scratch.data();
+  for (int k = 0; k < count; ++k) {
+    d[k] = out;
+    const float* dz = a.dz + t * B * H4 + tiles[k].column;
+    for (int w = 0; w < tiles[k].width; ++w) {
+      vf sum = load(a.db + tiles[k].column + w * kLanes);
+      for (int64_t b = 0; b < B; ++b) {
+        vf value = load(dz + b * H4 + w * kLanes);
+        store(out + (b * tiles[k].width + w) * kLanes, value);
+        sum += value;
+      }
+      store(a.db + tiles[k].column + w * kLanes, sum);
+    }
+    out += B * tiles[k].width * kLanes;
+  }
+  const float* packed = a.packed_inputs + (t & 1) * (I + H) * B;
+  for (int64_t j = 0, blocks = RowBlockCount(a); j < blocks; ++j) {
+    int64_t first;
+    int rows;
+    RowBlock(a, j, first, rows);
+    ForEachRowBlock(rows, [&](auto r, int64_t) {  // one call, with R = rows
+      constexpr int R = decltype(r)::value;
+      for (int k = 0; k < count; ++k) {
+        const int64_t ldc = tiles[k].width * kLanes;
+        float* c = tiles[k].sums + first * ldc;
+        if (tiles[k].width == G) OuterProductTile<R, G>(c, ldc, packed + first * B, R, d[k], B);
+        else OuterProductTile<R, 1>(c, ldc, packed + first * B, R, d[k], B);
+      }
+    });
+  }
+}
+
+// Copies a block's running sums into its columns of dU and dW.
+void StoreWeightGradients(const BackwardArgs& a, int64_t lo, int64_t hi) {
+  const int64_t I = a.in_size, H4 = 4 * a.hidden;
+  WeightTile tiles[4 * kWide];
+  const int count = WeightTiles(a, lo, hi, tiles);
+  for (int k = 0; k < count; ++k) {
+    const int64_t bytes = tiles[k].width * kLanes * sizeof(float);
+    for (int64_t m = 0; m < I + a.hidden; ++m) {
+      float* row = m < I ? a.dU + m * H4 : a.dW + (m - I) * H4;
+      std::memcpy(row + tiles[k].column, tiles[k].sums + m * tiles[k].width * kLanes, bytes);
+    }
+  }
+}
+
 // A block is kWide column blocks (4L hidden units). Stage 0 packs their columns of Wᵀ; the stage of step t
 // forms their columns of δh_t = δz_{t+1} Wᵀ (which reads every block's δz_{t+1}, finished in the stage
 // before) and then their δz_t; the last stage forms δh before the first step.
 void RunBackward(const BackwardArgs& a, int index, Stages& stages) {
-  const int64_t H = a.hidden, H4 = 4 * H, width = kWide * kLanes, T = a.steps;
-  stages.Execute(index, T + 2, [&](int64_t) { return (H + width - 1) / width; }, [&](int64_t s, int64_t block) {
+  const int64_t H = a.hidden, H4 = 4 * H, width = kWide * kLanes, T = a.steps, blocks = (H + width - 1) / width;
+  std::vector<float> scratch;  // this thread's copy of a block's δz_t for WeightGradients
+  // This block's share of the next step's packed inputs (see BackwardArgs::packed_inputs).
+  auto pack_share = [&](int64_t t, int64_t block) {
+    const int64_t n = RowBlockCount(a);
+    PackInputs(a, t, n * block / blocks, n * (block + 1) / blocks);
+  };
+  stages.Execute(index, T + 2, [&](int64_t) { return blocks; }, [&](int64_t s, int64_t block) {
     const int64_t lo = block * width, hi = std::min(H, lo + width);
     if (s == 0) {
       for (int64_t col = lo; col < hi; col += kLanes) {
         float* packed = a.packed + (col / kLanes) * H4 * kLanes;
         for (int64_t k = 0; k < H4; ++k) std::memcpy(packed + k * kLanes, a.WT + k * H + col, sizeof(vf));
       }
+      if (a.dW != nullptr) {  // this block's weight-gradient sums start at zero
+        std::memset(a.weight_sums + block * 4 * (a.in_size + H) * width, 0,
+                    4 * (a.in_size + H) * width * sizeof(float));
+        for (int q = 0; q < 4; ++q) std::memset(a.db + q * H + lo, 0, (hi - lo) * sizeof(float));
+        pack_share(T - 1, block);
+      }
     } else if (s <= T) {
       const int64_t t = T - s;
       if (t + 1 < T) BackwardProduct(a, t + 1, lo, hi);
       BackwardElementwise(a, t, lo, hi);
+      if (a.dW != nullptr) {
+        WeightGradients(a, t, lo, hi, scratch);
+        if (t > 0) pack_share(t - 1, block);
+      }
     } else {
       BackwardProduct(a, 0, lo, hi);
+      if (a.dW != nullptr) StoreWeightGradients(a, lo, hi);
     }
   });
 }
@@ -708,22 +884,52 @@ ffi::Error LstmForward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> U, ffi::B
 
 ffi::Error LstmBackward(ffi::Buffer<ffi::F32> WT, ffi::Buffer<ffi::F32> gates, ffi::Buffer<ffi::F32> cs,
                         ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> dys, ffi::Buffer<ffi::S32> lengths,
-                        ffi::Buffer<ffi::F32> dh_in, ffi::Buffer<ffi::F32> dc_in,
+                        ffi::Buffer<ffi::F32> dh_in, ffi::Buffer<ffi::F32> dc_in, ffi::Buffer<ffi::F32> xs,
+                        ffi::Buffer<ffi::F32> ys, ffi::Buffer<ffi::F32> h0,
                         ffi::ResultBuffer<ffi::F32> dh, ffi::ResultBuffer<ffi::F32> dc,
-                        ffi::ResultBuffer<ffi::F32> dz, int64_t has_lengths) {
+                        ffi::ResultBuffer<ffi::F32> dz, ffi::ResultBuffer<ffi::F32> dU,
+                        ffi::ResultBuffer<ffi::F32> dW, ffi::ResultBuffer<ffi::F32> db, int64_t has_lengths,
+                        int64_t weight_grads) {
   auto dims = dys.dimensions();
   if (dims.size() != 3) return ffi::Error::InvalidArgument("lstm_backward: dys must be [T, B, H]");
   const int64_t hidden = dims[2];
   if (hidden % kLanes != 0) return ffi::Error::InvalidArgument("lstm_backward: hidden size must be a multiple of the vector width");
   BackwardArgs a{dims[0], dims[1], hidden, WT.typed_data(), gates.typed_data(), cs.typed_data(), c0.typed_data(),
                  dys.typed_data(), has_lengths ? lengths.typed_data() : nullptr, dh->typed_data(),
-                 dc->typed_data(), dz->typed_data(), nullptr};
+                 dc->typed_data(), dz->typed_data(), nullptr, 0, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
+                 nullptr, nullptr};
+  if (weight_grads) {
+    if (xs.dimensions().size() != 3 || xs.dimensions()[0] != dims[0] || xs.dimensions()[1] != dims[1])
+      return ffi::Error::InvalidArgument("lstm_backward: xs must be [T, B, I] with the steps and batch of dys");
+    a.in_size = xs.dimensions()[2];
+    a.xs = xs.typed_data();
+    a.ys = ys.typed_data();
+    a.h0 = h0.typed_data();
+    a.dU = dU->typed_data();
+    a.dW = dW->typed_data();
+    a.db = db->typed_data();
+  }
+  const int64_t blocks = (hidden + kWide * kLanes - 1) / (kWide * kLanes);
+  thread_local std::vector<float> weight_sums, packed_inputs;  // reused across calls, as `packed` below
+  if (weight_grads) {
+    weight_sums.resize(blocks * 4 * (a.in_size + hidden) * kWide * kLanes);
+    a.weight_sums = weight_sums.data();
+    packed_inputs.resize(2 * (a.in_size + hidden) * a.batch);
+    a.packed_inputs = packed_inputs.data();
+  }
   thread_local std::vector<float> packed;
   packed.resize(4 * hidden * hidden);
   a.packed = packed.data();
   std::memcpy(a.dh, dh_in.typed_data(), a.batch * hidden * sizeof(float));
   std::memcpy(a.dc, dc_in.typed_data(), a.batch * hidden * sizeof(float));
-  if (a.steps == 0 || a.batch == 0) return ffi::Error::Success();
+  if (a.steps == 0 || a.batch == 0) {
+    if (weight_grads) {
+      std::memset(a.dU, 0, dU->element_count() * sizeof(float));
+      std::memset(a.dW, 0, dW->element_count() * sizeof(float));
+      std::memset(a.db, 0, db->element_count() * sizeof(float));
+    }
+    return ffi::Error::Success();
+  }
   Prefault(a.dz, dz->element_count());
   RunOnTeam(TeamSize(a.batch, hidden, hidden), [&](int index, Stages& stages) { RunBackward(a, index, stages); });
   return ffi::Error::Success();
@@ -762,7 +968,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxseqLstmBackward, LstmBackward,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // xs, ys, h0: empty without weight_grads
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("has_lengths"));
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dU, dW, db: empty without weight_grads
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("has_lengths")
+                                  .Attr<int64_t>("weight_grads"));
