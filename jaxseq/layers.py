@@ -8,6 +8,8 @@ parameters (``jaxseq.cells.lstm.init``) and the same semantics as ``jaxseq.unrol
   ``jaxseq.bptt``): the reverse loop carries only ``(δh, δc)`` and emits ``δz_t``; the weight gradients
   ``Σ_t [x_t, h_{t-1}]ᵀ δz_t`` and the input gradients ``δz_t Uᵀ`` are formed after the loop as single GEMMs
   over all timesteps instead of one thin product per step (which is what autodiff through a scan does).
+  In the native CPU kernel at batch >= ``KERNEL_WEIGHT_GRADS_MIN_BATCH`` the weight gradients are formed inside
+  its backward loop instead, a product of depth B per step while ``δz_t`` is in cache.
   On the CPU, in float32, its two time loops run in a native multi-threaded kernel (``jaxseq.native``; XLA
   runs a loop body on one thread) where it is faster (``_native_fits``: in training always, forward only at
   batch >= 16 or with two threads' work per step); elsewhere, or without a C++ compiler, in ``lax.scan``.
