@@ -310,6 +310,24 @@ constexpr int TileWidth() {
   return 1;
 }
 
+// The register tile of every product here: acc[r][g] += Σ_k a[r·a_row + k·a_k] · w[g·w_vector + k·w_k .. + L],
+// R·G accumulators, each loaded vector of w feeding R of them and each broadcast of a feeding G.
+template <int R, int G>
+inline void TileProduct(vf (&acc)[R][G], const float* a, int64_t a_row, int64_t a_k, const float* w, int64_t w_vector,
+                        int64_t w_k, int64_t depth) {
+  for (int64_t k = 0; k < depth; ++k) {
+    vf wk[G];
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) wk[g] = load(w + g * w_vector + k * w_k);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      vf x = splat(a[r * a_row + k * a_k]);
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) acc[r][g] += x * wk[g];
+    }
+  }
+}
+
 // acc[r][g] += Σ_k a[r, k] · w[(k·4 + g)·kLanes ..] for R rows of a (row stride lda) and G consecutive gates of
 // one column block of the packed weights ([depth][4 gates][kLanes units]); w points at the first gate's k = 0.
 template <int R, int G>
@@ -340,18 +358,7 @@ inline void AccumulateGates(vf (&acc)[R][G], const float* a, int64_t lda, const 
     w += k * 4 * kLanes;
     depth -= k;
   }
-  for (int64_t k = 0; k < depth; ++k) {
-    const float* wk = w + k * 4 * kLanes;
-    vf wg[G];
-#pragma GCC unroll 4
-    for (int g = 0; g < G; ++g) wg[g] = load(wk + g * kLanes);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      vf x = splat(a[r * lda + k]);
-#pragma GCC unroll 4
-      for (int g = 0; g < G; ++g) acc[r][g] += x * wg[g];
-    }
-  }
+  TileProduct<R, G>(acc, a, lda, 1, w, kLanes, 4 * kLanes, depth);
 }
 
 struct ForwardArgs {
@@ -570,10 +577,10 @@ struct BackwardArgs {
   float* dW;        // [H, 4H]
   float* db;        // [4H]
   // The running sums of dU and dW by block: [H / (kWide·L)][4 gates][I + H][kWide·L] (see WeightTiles), copied
-  // into dU and dW at the end. Summed in place, each tile of C touched a new page per row (rows are 16·H bytes
-  // apart): the products ran at 0.6x their rate on contiguous sums.
+  // into dU and dW at the end. Summed in place, a tile's rows lay 16·H bytes apart, a new page each: at
+  // (128, 100, 256, 512) the backward kernel took 761-946 ms against 562-641 with these sums.
   float* weight_sums;
-  // [2][I + H][B]: [x_t, h_{t-1}] of two steps by blocks of kRows rows (MatrixRows), each [B][rows]: the
+  // [2][I + H][B]: [x_t, h_{t-1}] of two steps by blocks of kRows rows (RowBlock), each [B][rows]: the
   // products then read their broadcast operand contiguously (in [T, B, I] and [T, B, H] it lies 4·I and 4·H
   // bytes apart). Step t's is packed in the stage before (step t+1's), a share by each block.
   float* packed_inputs;
@@ -653,18 +660,7 @@ __attribute__((noinline)) void BackwardProductBlock(const BackwardArgs& a, int64
 #pragma GCC unroll 8
     for (int v = 0; v < V; ++v) acc[r][v] = vf{};
   }
-  const float* w = a.packed + (col / kLanes) * H4 * kLanes;
-  for (int64_t k = 0; k < H4; ++k) {
-    vf wk[V];
-#pragma GCC unroll 8
-    for (int v = 0; v < V; ++v) wk[v] = load(w + (v * H4 + k) * kLanes);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      vf x = splat(dz[r * H4 + k]);
-#pragma GCC unroll 8
-      for (int v = 0; v < V; ++v) acc[r][v] += x * wk[v];
-    }
-  }
+  TileProduct<R, V>(acc, dz, H4, 1, a.packed + (col / kLanes) * H4 * kLanes, H4 * kLanes, kLanes, H4);
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
     const int64_t row = r0 + r;
@@ -698,17 +694,7 @@ __attribute__((noinline)) void OuterProductTile(float* C, int64_t ldc, const flo
 #pragma GCC unroll 4
     for (int g = 0; g < G; ++g) acc[r][g] = load(C + r * ldc + g * kLanes);
   }
-  for (int64_t k = 0; k < depth; ++k) {
-    vf d[G];
-#pragma GCC unroll 4
-    for (int g = 0; g < G; ++g) d[g] = load(D + (k * G + g) * kLanes);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      vf x = splat(A[k * lda + r]);
-#pragma GCC unroll 4
-      for (int g = 0; g < G; ++g) acc[r][g] += x * d[g];
-    }
-  }
+  TileProduct<R, G>(acc, A, 1, lda, D, kLanes, G * kLanes, depth);
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
