@@ -1,6 +1,9 @@
 """The native CPU kernel for the fused LSTM's loops (jaxseq.native): same values and gradients as XLA's loops."""
+import importlib.util
 import logging
 import os
+import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +15,7 @@ from jax.sharding import Mesh, PartitionSpec
 from jaxseq import cells, layers, native, unroll
 from jaxseq.cells import LSTMState
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not native.available(), reason="the native kernel needs x86-64 Linux and a C++ "
                                 "compiler, a one-device CPU backend, and JAXSEQ_NATIVE unset")
 
@@ -70,6 +74,43 @@ def test_kernel_loops_match_xla_loops(key, batch, steps, in_size, hidden, with_l
     assert_trees_close(weight_grads, expected_weight_grads, atol=1e-5)
     no_tape = native.lstm_forward(xs_t, U, W, b, h0, c0, None, hoisted=hoisted, save=False)
     assert no_tape[3] is None
+
+
+def test_kernel_gates_match_xla_over_the_whole_range_of_preactivations(key):
+    """The kernel's own sigmoid and tanh (lstm_cpu.cc) against XLA's, pre-activations spread over ±150: the
+    exp clamps, the rational tanh's clamp at ±9, and its result kept inside [-1, 1]."""
+    params, xs_t, h0, c0, _, _ = _problem(key, 16, 4, 8, 32)
+    # Spread by the bias alone: a large x U would make z's rounding, which differs with the order of the sums,
+    # larger than the tolerance where z lands near 0.
+    bias = jax.random.permutation(key, jnp.linspace(-150.0, 150.0, params["b"].size))
+    params = {**params, "b": bias}
+    with native.disabled():
+        h, c, ys, (gates, cs) = layers._forward_loop("concat", params["U"], params["W"], params["b"], h0, c0, xs_t,
+                                                     None, True)
+    got = native.lstm_forward(xs_t, params["U"], params["W"], params["b"], h0, c0, None, hoisted=False, save=True)
+    kernel_gates = got[3].gates[..., :32]
+    assert_trees_close(got[:3], (h, c, ys), atol=1e-6)
+    assert_trees_close(kernel_gates, jnp.stack(gates), atol=1e-6)
+    sigmoids, tanh_gate = kernel_gates[jnp.array([0, 1, 3])], kernel_gates[2]
+    assert float(jnp.min(sigmoids)) >= 0.0 and float(jnp.max(sigmoids)) <= 1.0
+    assert float(jnp.max(jnp.abs(tanh_gate))) <= 1.0 and float(jnp.max(jnp.abs(got[2]))) <= 1.0
+
+
+def test_kernel_tanh_coefficients_are_those_of_the_fit():
+    """lstm_cpu.cc's rational tanh is what scripts/fit_tanh.py fits (float32 rounding of the same numbers)."""
+    spec = importlib.util.spec_from_file_location("fit_tanh", ROOT / "scripts" / "fit_tanh.py")
+    fit_tanh = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fit_tanh)
+    P, Q, relative_error = fit_tanh.fit()
+    assert relative_error < 2e-8
+    body = native.SOURCE.read_text().split("inline vf vtanh(vf x) {")[1].split("\n}")[0]
+    numerator, denominator = body.split("vf q =")
+    # Horner's order, highest power first; a literal's sign may stand apart as the operator before it.
+    in_kernel = [[float(sign + digits) for sign, digits in re.findall(r"([-+]?)\s*(\d\.\d+e[-+]\d+)", part)]
+                 for part in (numerator, denominator)]
+    np.testing.assert_allclose(in_kernel[0], P[1:][::-1], rtol=1e-6)  # P[0] = 1 and Q[0] = 1 appear as `+ x`
+    np.testing.assert_allclose(in_kernel[1], Q[1:][::-1], rtol=1e-6)  # and `+ 1.0f`
+    assert abs(P[0] - 1) < 1e-7 and Q[0] == 1
 
 
 def _grads(run, params, xs, carry, r):

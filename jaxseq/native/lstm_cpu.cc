@@ -55,15 +55,20 @@ inline vf load(const float* p) { return *reinterpret_cast<const vf_unaligned*>(p
 inline void store(float* p, vf v) { *reinterpret_cast<vf_unaligned*>(p) = v; }
 inline vf splat(float x) { return x - vf{}; }  // one broadcast: x - (+0) is x, -0 included
 
-// exp with Cephes' single-precision polynomial (about 1 ulp on the clamped range).
+// The gate nonlinearities cost about a tenth of a forward step at (128, 100, 256, 512) on one AVX2 core: the
+// kernel ran 12-16 % faster with them replaced by multiply-adds. These forms take about half the time of the
+// exp-based sigmoid and tanh they replaced (Cephes' exp with a rounding by compare and convert; tanh as both its
+// small-|x| polynomial and its exp form), at about the accuracy of XLA's own CPU functions.
+
+// exp with Cephes' single-precision polynomial (about 1 ulp on the clamped range). Adding 1.5·2^23 rounds
+// x·log2(e) to the nearest integer n in the low mantissa bits, which then also form 2^n.
 inline vf vexp(vf x) {
-  x = x < -87.3f ? splat(-87.3f) : x;
-  x = x > 88.7f ? splat(88.7f) : x;
-  vf fx = x * 1.44269504088896341f;
-  vf rounded = fx + (fx >= 0.0f ? splat(0.5f) : splat(-0.5f));
-  vi n = __builtin_convertvector(rounded, vi);  // truncation toward zero of fx ± 0.5: round to nearest
-  vf nf = __builtin_convertvector(n, vf);
-  vf r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+  constexpr float kRound = 12582912.0f;  // 1.5 · 2^23; its bit pattern is 0x4B400000
+  x = x < -87.3f ? splat(-87.3f) : x;    // keeps 2^n normal
+  x = x > 88.3f ? splat(88.3f) : x;      // keeps p · 2^n finite
+  vf shifted = x * 1.44269504088896341f + kRound;
+  vf n = shifted - kRound;
+  vf r = x - n * 0.693359375f + n * 2.12194440e-4f;  // x - n·ln 2 in two parts
   vf r2 = r * r;
   vf p = splat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
@@ -72,28 +77,37 @@ inline vf vexp(vf x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r2 + r + 1.0f;
-  vi bits = (n + 127) << 23;
+  vi bits;
+  std::memcpy(&bits, &shifted, sizeof bits);
+  bits = (bits - (0x4B400000 - 127)) << 23;  // the exponent field of 2^n
   vf scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return p * scale;
 }
 
+// Within 9e-8 of σ (1.5e-7 relative), like XLA's 1 / (1 + exp(-x)).
 inline vf vsigmoid(vf x) { return 1.0f / (1.0f + vexp(-x)); }
 
-// tanh: Cephes' odd polynomial below |x| = 0.625 (where 1 - e^{-2|x|} would cancel), the exp form above.
+// tanh as x·P(x²)/Q(x²), of degrees 13 and 6 in x, fitted to tanh's relative error on [0, 9] by Lawson-weighted
+// least squares (scripts/fit_tanh.py; 1e-8 in float64). Evaluated in float32 as here, it is within 3.2e-7 of
+// tanh on every float32 in [0, 10) (XLA's CPU tanh, also rational: 2.7e-7); beyond ±9, tanh rounds to ±1 in
+// float32. Rounding takes the quotient up to 1.00000024, so it is clamped to [-1, 1] (1 - tanh² stays ≥ 0).
 inline vf vtanh(vf x) {
-  vf ax = x < 0.0f ? -x : x;
-  vf e = vexp(-2.0f * ax);
-  vf big = (1.0f - e) / (1.0f + e);
-  big = x < 0.0f ? -big : big;
-  vf z = x * x;
-  vf p = splat(-5.70498872745e-3f);
-  p = p * z + 2.06390887954e-2f;
-  p = p * z - 5.37397155531e-2f;
-  p = p * z + 1.33314422036e-1f;
-  p = p * z - 3.33332819422e-1f;
-  vf small = p * z * x + x;
-  return ax < 0.625f ? small : big;
+  x = x > 9.0f ? splat(9.0f) : x;
+  x = x < -9.0f ? splat(-9.0f) : x;
+  vf x2 = x * x;
+  vf p = x2 * -8.511130711e-14f + 5.283762317e-11f;
+  p = p * x2 - 2.023142187e-08f;
+  p = p * x2 + 1.115463965e-05f;
+  p = p * x2 + 3.103919560e-03f;
+  p = p * x2 + 1.308395863e-01f;
+  p = p * x2 * x + x;
+  vf q = x2 * 2.546132018e-04f + 2.449497022e-02f;
+  q = q * x2 + 4.641728699e-01f;
+  q = q * x2 + 1.0f;
+  vf t = p / q;
+  t = t > 1.0f ? splat(1.0f) : t;
+  return t < -1.0f ? splat(-1.0f) : t;
 }
 
 // ---------------------------------------------------------------------------------------------------------
