@@ -301,14 +301,15 @@ def _lengths_of(valid_t):
 KERNEL_WEIGHT_GRADS_MIN_BATCH = 32
 
 
-def _backward_and_weight_grads(W, saved, c0, dys, valid_t, dh, dc, steps_per_iteration, xs_t, h0, ys):
+def _backward_and_weight_grads(W, saved, c0, dys, valid_t, dh, dc, steps_per_iteration, xs_t, h0, ys, need_dz):
     """``_backward_loop`` and the weight gradients of the stretch: ``(dh, dc, dz, (dU, dW, db))``.
 
     ``xs_t`` ``[T, B, I]`` and ``ys`` ``[T, B, H]`` are the stretch's inputs and outputs, ``h0`` the hidden state
-    before it.
+    before it. Without ``need_dz`` (no input gradient wanted) ``dz`` may be None.
     """
     if isinstance(saved, native.Tape) and xs_t.shape[1] >= KERNEL_WEIGHT_GRADS_MIN_BATCH:
-        return native.lstm_backward(W, saved, c0, dys, _lengths_of(valid_t), dh, dc, weight_grads_of=(xs_t, h0, ys))
+        return native.lstm_backward(W, saved, c0, dys, _lengths_of(valid_t), dh, dc, weight_grads_of=(xs_t, h0, ys),
+                                    keep_dz=need_dz)
     dh, dc, dz = _backward_loop(W, saved, c0, dys, valid_t, dh, dc, steps_per_iteration)
     return dh, dc, dz, _weight_grads(xs_t, _h_prev(h0, ys), dz)
 
@@ -427,7 +428,7 @@ def _fused_lstm_grads(form, segment, per_iter, params_and_carry, res, cotangents
         dys = jnp.moveaxis(_instantiate(cotangents[2], (batch, num_steps, hidden), dtype), 1, 0)
         valid_t = _valid(lengths, num_steps)
         dh0, dc0, dz, (dU, dW, db) = _backward_and_weight_grads(W, saved, c0, dys, valid_t, dh, dc, per_iter,
-                                                                xs_t, h0, ys)
+                                                                xs_t, h0, ys, want_dxs is not None)
         dxs = None if want_dxs is None else jnp.moveaxis(dz @ U.T, 0, 1)
         return dU, dW, db, dh0, dc0, dxs, None
     n = starts[0].shape[0]
@@ -442,7 +443,7 @@ def _fused_lstm_grads(form, segment, per_iter, params_and_carry, res, cotangents
         x_seg = _time_slice(xs, k, segment)
         _, _, ys, saved = _forward_loop(form, U, W, b, h0, c0, x_seg, valid, True, per_iter)
         dh, dc, dz, (gU, gW, gb) = _backward_and_weight_grads(W, saved, c0, _time_slice(dys, k, segment), valid,
-                                                              dh, dc, per_iter, x_seg, h0, ys)
+                                                              dh, dc, per_iter, x_seg, h0, ys, want_dxs is not None)
         dx = None if want_dxs is None else dz @ UT
         return (dh, dc, dU + gU, dW + gW, db + gb), dx
 

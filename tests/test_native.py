@@ -72,6 +72,13 @@ def test_kernel_loops_match_xla_loops(key, batch, steps, in_size, hidden, with_l
     expected_weight_grads = layers._weight_grads(xs_t, layers._h_prev(h0, ys), expected_backward[2])
     assert [g.shape for g in weight_grads] == [U.shape, W.shape, b.shape]
     assert_trees_close(weight_grads, expected_weight_grads, atol=1e-5)
+    # Without δz as a result (a ring of two steps inside the kernel), the same carries and weight gradients.
+    dh, dc, no_dz, weight_grads = native.lstm_backward(W, got[3], c0, dys, lengths if with_lengths else None,
+                                                       0.3 * h0, 0.2 * c0, weight_grads_of=(xs_t, h0, got[2]),
+                                                       keep_dz=False)
+    assert no_dz is None
+    assert_trees_close((dh, dc), expected_backward[:2], atol=1e-5)
+    assert_trees_close(weight_grads, expected_weight_grads, atol=1e-5)
     no_tape = native.lstm_forward(xs_t, U, W, b, h0, c0, None, hoisted=hoisted, save=False)
     assert no_tape[3] is None
 
@@ -142,6 +149,17 @@ def test_layer_gradients_through_kernel_match_autodiff(key, always_native, monke
     expected = _grads(lambda p, x, c: unroll(cells.lstm.apply, p, c, x, lengths=lengths, reverse=reverse),
                       params, xs, carry, r)
     assert_trees_close(_grads(fused, params, xs, carry, r), expected)
+    # The parameters alone: no input gradient, so with the weight gradients in the kernel it keeps no δz.
+    def params_loss(run):
+        def loss(p):
+            final, ys = run(p, xs, carry)
+            return jnp.sum(ys * r) + jnp.sum(jnp.sin(final.h)) + 2 * jnp.sum(jnp.sin(final.c))
+
+        return jax.grad(loss)
+
+    if kernel_weight_grads and checkpoint is None:
+        assert "keep_dz = 0" in _lowered_text(params_loss(fused), params)
+    assert_trees_close(jax.jit(params_loss(fused))(params), expected[1][0])
 
 
 def test_bidirectional_vmap_and_shard_map_through_kernel(key, always_native):

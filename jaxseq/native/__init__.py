@@ -197,19 +197,24 @@ def unpad_gate_columns(a, hidden: int):
     return a.reshape(*a.shape[:-1], 4, hp)[..., :hidden].reshape(*a.shape[:-1], 4 * hidden)
 
 
-def lstm_backward(W, tape: Tape, c0, dys, lengths, dh, dc, *, weight_grads_of=None):
+def lstm_backward(W, tape: Tape, c0, dys, lengths, dh, dc, *, weight_grads_of=None, keep_dz: bool = True):
     """The BPTT loop of ``jaxseq.layers._backward_loop`` in the kernel: ``(dh, dc, dz [T, B, 4H])``.
 
     ``W`` is the recurrent kernel ``[H, 4H]``, ``tape`` what ``lstm_forward`` saved, ``dys`` ``[T, B, H]``.
     ``weight_grads_of=(xs_t [T, B, I], h0 [B, H], ys [T, B, H])``: the kernel also forms the weight gradients
-    ``(dU [I, 4H], dW [H, 4H], db [4H])`` step by step and returns ``(dh, dc, dz, (dU, dW, db))``.
+    ``(dU [I, 4H], dW [H, 4H], db [4H])`` step by step and returns ``(dh, dc, dz, (dU, dW, db))``. With them,
+    ``keep_dz=False`` returns ``dz=None``: the kernel keeps only the last two steps' δz, and nothing of
+    ``[T, B, 4H]`` is allocated or written (for callers that need no input gradient).
     """
+    if not keep_dz and weight_grads_of is None:
+        raise ValueError("lstm_backward: keep_dz=False needs weight_grads_of; without it dz is the only result "
+                         "the weight gradients can come from")
     steps, batch, hidden = dys.shape
     hp = padded_hidden(hidden)
     pad = functools.partial(_pad_last, hidden=hidden)
     WT = pad_gate_columns(jnp.pad(W, ((0, hp - hidden), (0, 0))), hidden).T  # [4Hp, Hp]
     f32 = jnp.float32
-    shapes = [(batch, hp), (batch, hp), (steps, batch, 4 * hp)]
+    shapes = [(batch, hp), (batch, hp), (steps, batch, 4 * hp) if keep_dz else (0,)]
     if weight_grads_of is None:
         operands = (jnp.zeros((0,), f32),) * 3
         shapes += [(0,)] * 3
@@ -223,10 +228,13 @@ def lstm_backward(W, tape: Tape, c0, dys, lengths, dh, dc, *, weight_grads_of=No
     args = (WT, tape.gates, tape.cs, pad(c0), pad(dys), _lengths_arg(lengths), pad(dh), pad(dc),
             xs_arg, ys_arg, h0_arg)
     dh, dc, dz, dU, dW, db = vary_like(call(*args, has_lengths=np.int64(lengths is not None),
-                                            weight_grads=np.int64(weight_grads_of is not None)), *args)
+                                            weight_grads=np.int64(weight_grads_of is not None),
+                                            keep_dz=np.int64(keep_dz)), *args)
     if hp != hidden:
         dh, dc = dh[:, :hidden], dc[:, :hidden]
-        dz = unpad_gate_columns(dz, hidden)
+        dz = unpad_gate_columns(dz, hidden) if keep_dz else dz
+    if not keep_dz:
+        dz = None
     if weight_grads_of is None:
         return dh, dc, dz
     grads = unpad_gate_columns(dU, hidden), unpad_gate_columns(dW[:hidden], hidden), unpad_gate_columns(db, hidden)

@@ -579,7 +579,7 @@ struct BackwardArgs {
   const int32_t* lengths;
   float* dh;  // [B, H]: in, the carry's cotangent after the last step; out, before the first
   float* dc;  // [B, H]: likewise
-  float* dz;  // [T, B, 4H]
+  float* dz;  // [T, B, 4H], or [2, B, 4H] (see dz_steps)
   float* packed;  // [H/L][4H][L]: Wᵀ by blocks of L columns, each contiguous (see ForwardArgs::packed)
   // Weight gradients inside the loop (all nullptr without): dU += x_tᵀ δz_t, dW += h_{t-1}ᵀ δz_t, db += Σ δz_t,
   // each block its own columns, at the step that formed δz_t (see WeightGradients).
@@ -598,7 +598,15 @@ struct BackwardArgs {
   // products then read their broadcast operand contiguously (in [T, B, I] and [T, B, H] it lies 4·I and 4·H
   // bytes apart). Step t's is packed in the stage before (step t+1's), a share by each block.
   float* packed_inputs;
+  // Steps that dz holds: T (the output), or 2, a ring of the last two steps, where the caller needs no δz (no
+  // input gradient) and the weight gradients are formed here. δz_t is read in its own stage (WeightGradients)
+  // and the next one (δh_{t-1}), so two slots suffice. At (32, 500, 64, 128) the output δz is 33 MB that XLA
+  // allocates afresh on every call, and populating its pages alone took 5-48 ms of a ~120 ms step.
+  int64_t dz_steps;
 };
+
+// δz_t, [B, 4H].
+inline float* StepDz(const BackwardArgs& a, int64_t t) { return a.dz + (t % a.dz_steps) * a.batch * 4 * a.hidden; }
 
 // The rows of [x_t, h_{t-1}]ᵀ by blocks of kRows: the input rows 0 .. I first, then the hidden rows, so that no
 // block straddles the two. Block j is rows first .. first+count.
@@ -636,7 +644,7 @@ void BackwardElementwise(const BackwardArgs& a, int64_t t, int64_t lo, int64_t h
   const int64_t B = a.batch, H = a.hidden, plane = a.steps * B * H;
   for (int64_t row = 0; row < B; ++row) {
     const bool valid = a.lengths == nullptr || t < a.lengths[row];
-    float* dz = a.dz + (t * B + row) * 4 * H;
+    float* dz = StepDz(a, t) + row * 4 * H;
     for (int64_t col = lo; col < hi; col += kLanes) {
       if (!valid) {
         #pragma GCC unroll 8
@@ -667,7 +675,7 @@ constexpr int kWide = 4;  // column blocks per backward product block
 template <int R, int V>
 __attribute__((noinline)) void BackwardProductBlock(const BackwardArgs& a, int64_t t, int64_t r0, int64_t col) {
   const int64_t B = a.batch, H = a.hidden, H4 = 4 * H;
-  const float* dz = a.dz + (t * B + r0) * H4;
+  const float* dz = StepDz(a, t) + r0 * H4;
   vf acc[R][V];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
@@ -755,7 +763,7 @@ void WeightGradients(const BackwardArgs& a, int64_t t, int64_t lo, int64_t hi, s
   float* out = scratch.data();
   for (int k = 0; k < count; ++k) {
     d[k] = out;
-    const float* dz = a.dz + t * B * H4 + tiles[k].column;
+    const float* dz = StepDz(a, t) + tiles[k].column;
     for (int w = 0; w < tiles[k].width; ++w) {
       vf sum = load(a.db + tiles[k].column + w * kLanes);
       for (int64_t b = 0; b < B; ++b) {
@@ -889,7 +897,7 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::F32> WT, ffi::Buffer<ffi::F32> gates, f
                         ffi::ResultBuffer<ffi::F32> dh, ffi::ResultBuffer<ffi::F32> dc,
                         ffi::ResultBuffer<ffi::F32> dz, ffi::ResultBuffer<ffi::F32> dU,
                         ffi::ResultBuffer<ffi::F32> dW, ffi::ResultBuffer<ffi::F32> db, int64_t has_lengths,
-                        int64_t weight_grads) {
+                        int64_t weight_grads, int64_t keep_dz) {
   auto dims = dys.dimensions();
   if (dims.size() != 3) return ffi::Error::InvalidArgument("lstm_backward: dys must be [T, B, H]");
   const int64_t hidden = dims[2];
@@ -897,7 +905,9 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::F32> WT, ffi::Buffer<ffi::F32> gates, f
   BackwardArgs a{dims[0], dims[1], hidden, WT.typed_data(), gates.typed_data(), cs.typed_data(), c0.typed_data(),
                  dys.typed_data(), has_lengths ? lengths.typed_data() : nullptr, dh->typed_data(),
                  dc->typed_data(), dz->typed_data(), nullptr, 0, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
-                 nullptr, nullptr};
+                 nullptr, nullptr, dims[0]};
+  if (!keep_dz && !weight_grads)
+    return ffi::Error::InvalidArgument("lstm_backward: without weight_grads, dz is the result and must be kept");
   if (weight_grads) {
     if (xs.dimensions().size() != 3 || xs.dimensions()[0] != dims[0] || xs.dimensions()[1] != dims[1])
       return ffi::Error::InvalidArgument("lstm_backward: xs must be [T, B, I] with the steps and batch of dys");
@@ -910,7 +920,12 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::F32> WT, ffi::Buffer<ffi::F32> gates, f
     a.db = db->typed_data();
   }
   const int64_t blocks = (hidden + kWide * kLanes - 1) / (kWide * kLanes);
-  thread_local std::vector<float> weight_sums, packed_inputs;  // reused across calls, as `packed` below
+  thread_local std::vector<float> weight_sums, packed_inputs, dz_ring;  // reused across calls, as `packed` below
+  if (!keep_dz) {
+    dz_ring.resize(2 * a.batch * 4 * hidden);
+    a.dz = dz_ring.data();
+    a.dz_steps = 2;
+  }
   if (weight_grads) {
     weight_sums.resize(blocks * 4 * (a.in_size + hidden) * kWide * kLanes);
     a.weight_sums = weight_sums.data();
@@ -930,7 +945,7 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::F32> WT, ffi::Buffer<ffi::F32> gates, f
     }
     return ffi::Error::Success();
   }
-  Prefault(a.dz, dz->element_count());
+  if (keep_dz) Prefault(a.dz, dz->element_count());
   RunOnTeam(TeamSize(a.batch, hidden, hidden), [&](int index, Stages& stages) { RunBackward(a, index, stages); });
   return ffi::Error::Success();
 }
@@ -973,9 +988,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxseqLstmBackward, LstmBackward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dz: empty without keep_dz
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dU, dW, db: empty without weight_grads
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("has_lengths")
-                                  .Attr<int64_t>("weight_grads"));
+                                  .Attr<int64_t>("weight_grads")
+                                  .Attr<int64_t>("keep_dz"));
