@@ -8,8 +8,8 @@ parameters (``jaxseq.cells.lstm.init``) and the same semantics as ``jaxseq.unrol
   ``jaxseq.bptt``): the reverse loop carries only ``(δh, δc)`` and emits ``δz_t``; the weight gradients
   ``Σ_t [x_t, h_{t-1}]ᵀ δz_t`` and the input gradients ``δz_t Uᵀ`` are formed after the loop as single GEMMs
   over all timesteps instead of one thin product per step (which is what autodiff through a scan does).
-  In the native CPU kernel at batch >= ``KERNEL_WEIGHT_GRADS_MIN_BATCH`` the weight gradients are formed inside
-  its backward loop instead, a product of depth B per step while ``δz_t`` is in cache.
+  In the native CPU kernel at batch >= ``KERNEL_WEIGHT_GRADS_MIN_BATCH`` both are formed inside its backward
+  loop instead, each step's products while ``δz_t`` is in cache, and δz is kept for two steps, not all T.
   On the CPU, in float32, its two time loops run in a native multi-threaded kernel (``jaxseq.native``; XLA
   runs a loop body on one thread) where it is faster (``_native_fits``: in training always, forward only at
   batch >= 16 or with two threads' work per step); elsewhere, or without a C++ compiler, in ``lax.scan``.
@@ -295,23 +295,28 @@ def _lengths_of(valid_t):
 
 
 # Batch from which the native kernel forms the weight gradients inside its backward loop (a product of depth B per
-# step) rather than leaving them to one GEMM after it. Training step, in-loop over after-loop, 6-10 alternating
-# rounds on a 2-core AMD EPYC (AVX2): 0.88-0.95x at (32, 500, 64, 128) and (64, 34, 200, 256), 0.97-1.05x at
-# (128, 100, 256, 512), 1.05x at (16, 100, 128, 256) and 0.99x at batch 8, where the product is too thin.
+# step) rather than leaving them to one GEMM after it, and with them the input gradient (δz_t Uᵀ per step).
+# Training step, weight gradients in-loop over after-loop, 6-10 alternating rounds on a 2-core AMD EPYC (AVX2):
+# 0.88-0.95x at (32, 500, 64, 128) and (64, 34, 200, 256), 0.97-1.05x at (128, 100, 256, 512), 1.05x at
+# (16, 100, 128, 256) and 0.99x at batch 8, where the product is too thin.
 KERNEL_WEIGHT_GRADS_MIN_BATCH = 32
 
 
-def _backward_and_weight_grads(W, saved, c0, dys, valid_t, dh, dc, steps_per_iteration, xs_t, h0, ys, need_dz):
-    """``_backward_loop`` and the weight gradients of the stretch: ``(dh, dc, dz, (dU, dW, db))``.
+def _backward_and_grads(U, W, saved, c0, dys, valid_t, dh, dc, steps_per_iteration, xs_t, h0, ys, want_dxs):
+    """``_backward_loop``, the weight gradients and the input gradient of the stretch:
+    ``(dh, dc, (dU, dW, db), dxs_t)``, ``dxs_t`` ``[T, B, I]`` time-major, or None without ``want_dxs``.
 
     ``xs_t`` ``[T, B, I]`` and ``ys`` ``[T, B, H]`` are the stretch's inputs and outputs, ``h0`` the hidden state
-    before it. Without ``need_dz`` (no input gradient wanted) ``dz`` may be None.
+    before it. At batch ≥ ``KERNEL_WEIGHT_GRADS_MIN_BATCH`` the native kernel forms both gradients inside its loop
+    and keeps only two steps of δz; otherwise they are GEMMs over all steps after it.
     """
     if isinstance(saved, native.Tape) and xs_t.shape[1] >= KERNEL_WEIGHT_GRADS_MIN_BATCH:
-        return native.lstm_backward(W, saved, c0, dys, _lengths_of(valid_t), dh, dc, weight_grads_of=(xs_t, h0, ys),
-                                    keep_dz=need_dz)
+        dh, dc, _, grads, *dxs_t = native.lstm_backward(W, saved, c0, dys, _lengths_of(valid_t), dh, dc,
+                                                        weight_grads_of=(xs_t, h0, ys), keep_dz=False,
+                                                        input_kernel=U if want_dxs else None)
+        return dh, dc, grads, dxs_t[0] if want_dxs else None
     dh, dc, dz = _backward_loop(W, saved, c0, dys, valid_t, dh, dc, steps_per_iteration)
-    return dh, dc, dz, _weight_grads(xs_t, _h_prev(h0, ys), dz)
+    return dh, dc, _weight_grads(xs_t, _h_prev(h0, ys), dz), dz @ U.T if want_dxs else None
 
 
 def _gemm_t(a, b):
@@ -427,14 +432,13 @@ def _fused_lstm_grads(form, segment, per_iter, params_and_carry, res, cotangents
     if segment is None:
         dys = jnp.moveaxis(_instantiate(cotangents[2], (batch, num_steps, hidden), dtype), 1, 0)
         valid_t = _valid(lengths, num_steps)
-        dh0, dc0, dz, (dU, dW, db) = _backward_and_weight_grads(W, saved, c0, dys, valid_t, dh, dc, per_iter,
-                                                                xs_t, h0, ys, want_dxs is not None)
-        dxs = None if want_dxs is None else jnp.moveaxis(dz @ U.T, 0, 1)
+        dh0, dc0, (dU, dW, db), dxs_t = _backward_and_grads(U, W, saved, c0, dys, valid_t, dh, dc, per_iter,
+                                                            xs_t, h0, ys, want_dxs is not None)
+        dxs = None if want_dxs is None else jnp.moveaxis(dxs_t, 0, 1)
         return dU, dW, db, dh0, dc0, dxs, None
     n = starts[0].shape[0]
     num_steps = cotangents[2].shape[1]
     dys = _pad_steps(_instantiate(cotangents[2], (batch, num_steps, hidden), dtype), n * segment)
-    UT = U.T
 
     def segment_bwd(carry, seg):
         dh, dc, dU, dW, db = carry
@@ -442,9 +446,8 @@ def _fused_lstm_grads(form, segment, per_iter, params_and_carry, res, cotangents
         valid = None if lengths is None else _valid(lengths - k * segment, segment)
         x_seg = _time_slice(xs, k, segment)
         _, _, ys, saved = _forward_loop(form, U, W, b, h0, c0, x_seg, valid, True, per_iter)
-        dh, dc, dz, (gU, gW, gb) = _backward_and_weight_grads(W, saved, c0, _time_slice(dys, k, segment), valid,
-                                                              dh, dc, per_iter, x_seg, h0, ys, want_dxs is not None)
-        dx = None if want_dxs is None else dz @ UT
+        dh, dc, (gU, gW, gb), dx = _backward_and_grads(U, W, saved, c0, _time_slice(dys, k, segment), valid,
+                                                       dh, dc, per_iter, x_seg, h0, ys, want_dxs is not None)
         return (dh, dc, dU + gU, dW + gW, db + gb), dx
 
     zeros = (jnp.zeros_like(U), jnp.zeros_like(W), jnp.zeros_like(b))

@@ -79,6 +79,17 @@ def test_kernel_loops_match_xla_loops(key, batch, steps, in_size, hidden, with_l
     assert no_dz is None
     assert_trees_close((dh, dc), expected_backward[:2], atol=1e-5)
     assert_trees_close(weight_grads, expected_weight_grads, atol=1e-5)
+    # The input gradient inside the loop too (the stage after each δz_t), with and without the weight gradients.
+    expected_dxs = expected_backward[2] @ U.T
+    assert float(jnp.max(jnp.abs(expected_dxs))) > 0.1
+    *rest, dxs = native.lstm_backward(W, got[3], c0, dys, lengths if with_lengths else None, 0.3 * h0, 0.2 * c0,
+                                      weight_grads_of=(xs_t, h0, got[2]), keep_dz=False, input_kernel=U)
+    assert dxs.shape == xs_t.shape
+    assert_trees_close((tuple(rest[:2]), rest[3], dxs), (expected_backward[:2], expected_weight_grads, expected_dxs),
+                       atol=1e-5)
+    *backward_again, dxs = native.lstm_backward(W, got[3], c0, dys, lengths if with_lengths else None, 0.3 * h0,
+                                                0.2 * c0, input_kernel=U)
+    assert_trees_close((tuple(backward_again), dxs), (expected_backward, expected_dxs), atol=1e-5)
     no_tape = native.lstm_forward(xs_t, U, W, b, h0, c0, None, hoisted=hoisted, save=False)
     assert no_tape[3] is None
 

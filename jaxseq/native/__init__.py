@@ -197,14 +197,16 @@ def unpad_gate_columns(a, hidden: int):
     return a.reshape(*a.shape[:-1], 4, hp)[..., :hidden].reshape(*a.shape[:-1], 4 * hidden)
 
 
-def lstm_backward(W, tape: Tape, c0, dys, lengths, dh, dc, *, weight_grads_of=None, keep_dz: bool = True):
+def lstm_backward(W, tape: Tape, c0, dys, lengths, dh, dc, *, weight_grads_of=None, keep_dz: bool = True,
+                  input_kernel=None):
     """The BPTT loop of ``jaxseq.layers._backward_loop`` in the kernel: ``(dh, dc, dz [T, B, 4H])``.
 
     ``W`` is the recurrent kernel ``[H, 4H]``, ``tape`` what ``lstm_forward`` saved, ``dys`` ``[T, B, H]``.
     ``weight_grads_of=(xs_t [T, B, I], h0 [B, H], ys [T, B, H])``: the kernel also forms the weight gradients
     ``(dU [I, 4H], dW [H, 4H], db [4H])`` step by step and returns ``(dh, dc, dz, (dU, dW, db))``. With them,
     ``keep_dz=False`` returns ``dz=None``: the kernel keeps only the last two steps' δz, and nothing of
-    ``[T, B, 4H]`` is allocated or written (for callers that need no input gradient).
+    ``[T, B, 4H]`` is allocated or written. ``input_kernel=U`` ``[I, 4H]``: the kernel also forms the input
+    gradient ``dxs_t = δz_t Uᵀ`` step by step and appends ``dxs`` ``[T, B, I]`` to the result.
     """
     if not keep_dz and weight_grads_of is None:
         raise ValueError("lstm_backward: keep_dz=False needs weight_grads_of; without it dz is the only result "
@@ -222,20 +224,32 @@ def lstm_backward(W, tape: Tape, c0, dys, lengths, dh, dc, *, weight_grads_of=No
         xs_t, h0, ys = weight_grads_of
         operands = (xs_t, pad(h0), pad(ys))
         shapes += [(xs_t.shape[-1], 4 * hp), (hp, 4 * hp), (4 * hp,)]
+    if input_kernel is None:
+        UT = jnp.zeros((0,), f32)
+        shapes.append((0,))
+    else:
+        in_size = input_kernel.shape[0]
+        in_padded = -(-in_size // LANES) * LANES
+        UT = jnp.pad(pad_gate_columns(input_kernel, hidden), ((0, in_padded - in_size), (0, 0))).T  # [4Hp, Ip]
+        shapes.append((steps, batch, in_padded))
     call = jax.ffi.ffi_call("jaxseq_lstm_backward", [jax.ShapeDtypeStruct(s, f32) for s in shapes],
                             vmap_method="sequential")
     xs_arg, h0_arg, ys_arg = operands
     args = (WT, tape.gates, tape.cs, pad(c0), pad(dys), _lengths_arg(lengths), pad(dh), pad(dc),
-            xs_arg, ys_arg, h0_arg)
-    dh, dc, dz, dU, dW, db = vary_like(call(*args, has_lengths=np.int64(lengths is not None),
-                                            weight_grads=np.int64(weight_grads_of is not None),
-                                            keep_dz=np.int64(keep_dz)), *args)
+            xs_arg, ys_arg, h0_arg, UT)
+    dh, dc, dz, dU, dW, db, dxs = vary_like(call(*args, has_lengths=np.int64(lengths is not None),
+                                                weight_grads=np.int64(weight_grads_of is not None),
+                                                keep_dz=np.int64(keep_dz),
+                                                input_grads=np.int64(input_kernel is not None)), *args)
     if hp != hidden:
         dh, dc = dh[:, :hidden], dc[:, :hidden]
         dz = unpad_gate_columns(dz, hidden) if keep_dz else dz
     if not keep_dz:
         dz = None
-    if weight_grads_of is None:
-        return dh, dc, dz
-    grads = unpad_gate_columns(dU, hidden), unpad_gate_columns(dW[:hidden], hidden), unpad_gate_columns(db, hidden)
-    return dh, dc, dz, grads
+    result = (dh, dc, dz)
+    if weight_grads_of is not None:
+        result += ((unpad_gate_columns(dU, hidden), unpad_gate_columns(dW[:hidden], hidden),
+                    unpad_gate_columns(db, hidden)),)
+    if input_kernel is not None:
+        result += (dxs[..., :in_size],)
+    return result

@@ -603,6 +603,12 @@ struct BackwardArgs {
   // and the next one (δh_{t-1}), so two slots suffice. At (32, 500, 64, 128) the output δz is 33 MB that XLA
   // allocates afresh on every call, and populating its pages alone took 5-48 ms of a ~120 ms step.
   int64_t dz_steps;
+  // The input gradient inside the loop (nullptr without): dxs_t = δz_t Uᵀ, in the stage after δz_t's, by blocks
+  // of kWide·L of its Ip columns (I padded to L), so that δz need not be kept for a product after the loop.
+  int64_t in_padded;       // Ip
+  const float* UT;         // [4H, Ip]
+  float* dxs;              // [T, B, Ip]
+  float* packed_UT;        // [Ip/L][4H][L], as packed for Wᵀ
 };
 
 // δz_t, [B, 4H].
@@ -670,11 +676,13 @@ void BackwardElementwise(const BackwardArgs& a, int64_t t, int64_t lo, int64_t h
 
 constexpr int kWide = 4;  // column blocks per backward product block
 
-// dh[rows, col .. col+LV] = δz_t[rows] Wᵀ[:, col .. col+LV] for the valid ones of R rows: R x V
-// accumulators, so that each loaded row of Wᵀ feeds R products and each broadcast of δz feeds V.
+// out[rows, col .. col+LV] = δz_t[rows] Mᵀ[:, col .. col+LV] for R rows, Mᵀ packed by blocks of L columns
+// ([4H][L] each): R x V accumulators, so that each loaded row of Mᵀ feeds R products and each broadcast of δz
+// feeds V. For δh (Mᵀ = Wᵀ) rows past their length keep their carry; for dxs they are stored (δz is 0 there).
 template <int R, int V>
-__attribute__((noinline)) void BackwardProductBlock(const BackwardArgs& a, int64_t t, int64_t r0, int64_t col) {
-  const int64_t B = a.batch, H = a.hidden, H4 = 4 * H;
+__attribute__((noinline)) void DzProductBlock(const BackwardArgs& a, int64_t t, int64_t r0, int64_t col,
+                                              const float* packed, float* out, int64_t ldo, bool keep_finished_rows) {
+  const int64_t H4 = 4 * a.hidden;
   const float* dz = StepDz(a, t) + r0 * H4;
   vf acc[R][V];
 #pragma GCC unroll 8
@@ -682,28 +690,40 @@ __attribute__((noinline)) void BackwardProductBlock(const BackwardArgs& a, int64
 #pragma GCC unroll 8
     for (int v = 0; v < V; ++v) acc[r][v] = vf{};
   }
-  TileProduct<R, V>(acc, dz, H4, 1, a.packed + (col / kLanes) * H4 * kLanes, H4 * kLanes, kLanes, H4);
+  TileProduct<R, V>(acc, dz, H4, 1, packed + (col / kLanes) * H4 * kLanes, H4 * kLanes, kLanes, H4);
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
     const int64_t row = r0 + r;
-    if (a.lengths != nullptr && t >= a.lengths[row]) continue;
+    if (keep_finished_rows && a.lengths != nullptr && t >= a.lengths[row]) continue;
 #pragma GCC unroll 8
-    for (int v = 0; v < V; ++v) store(a.dh + row * H + col + v * kLanes, acc[r][v]);
+    for (int v = 0; v < V; ++v) store(out + row * ldo + col + v * kLanes, acc[r][v]);
   }
 }
 
-// Columns outside, rows inside, as in the forward loop; each row block takes its columns in tiles of
-// TileWidth<R>() column blocks (4 with AVX-512, 2 for 6 rows with AVX2).
-void BackwardProduct(const BackwardArgs& a, int64_t t, int64_t lo, int64_t hi) {
+// Columns lo .. hi of δz_t Mᵀ: columns outside, rows inside, as in the forward loop; each row block takes its
+// columns in tiles of TileWidth<R>() column blocks (4 with AVX-512, 2 for 6 rows with AVX2).
+void DzProduct(const BackwardArgs& a, int64_t t, int64_t lo, int64_t hi, const float* packed, float* out,
+               int64_t ldo, bool keep_finished_rows) {
   for (int64_t col = lo; col < hi; col += kWide * kLanes) {
     const int64_t end = std::min(hi, col + kWide * kLanes);
     ForEachRowBlock(a.batch, [&](auto rows, int64_t r0) {
       constexpr int R = decltype(rows)::value, V = TileWidth<R>();
       int64_t c = col;
-      for (; c + V * kLanes <= end; c += V * kLanes) BackwardProductBlock<R, V>(a, t, r0, c);
-      for (; c < end; c += kLanes) BackwardProductBlock<R, 1>(a, t, r0, c);
+      for (; c + V * kLanes <= end; c += V * kLanes)
+        DzProductBlock<R, V>(a, t, r0, c, packed, out, ldo, keep_finished_rows);
+      for (; c < end; c += kLanes) DzProductBlock<R, 1>(a, t, r0, c, packed, out, ldo, keep_finished_rows);
     });
   }
+}
+
+// δh_{t-1} = δz_t Wᵀ, hidden units lo .. hi.
+void BackwardProduct(const BackwardArgs& a, int64_t t, int64_t lo, int64_t hi) {
+  DzProduct(a, t, lo, hi, a.packed, a.dh, a.hidden, true);
+}
+
+// dxs_t = δz_t Uᵀ, input columns lo .. hi (of Ip).
+void InputGradient(const BackwardArgs& a, int64_t t, int64_t lo, int64_t hi) {
+  DzProduct(a, t, lo, hi, a.packed_UT, a.dxs + t * a.batch * a.in_padded, a.in_padded, false);
 }
 
 // C[r, 0 .. G·L] += Σ_b A[b, r] · D[b, 0 .. G·L] for R rows: C row stride ldc, A [depth][lda], D [depth][G·L].
@@ -808,16 +828,33 @@ void StoreWeightGradients(const BackwardArgs& a, int64_t lo, int64_t hi) {
 
 // A block is kWide column blocks (4L hidden units). Stage 0 packs their columns of Wᵀ; the stage of step t
 // forms their columns of δh_t = δz_{t+1} Wᵀ (which reads every block's δz_{t+1}, finished in the stage
-// before) and then their δz_t; the last stage forms δh before the first step.
+// before) and then their δz_t; the last stage forms δh before the first step. With the input gradient, the
+// blocks after those are kWide·L columns of dxs each: stage 0 packs their Uᵀ, the stage of step t forms
+// dxs_{t+1}, the last stage dxs_0.
 void RunBackward(const BackwardArgs& a, int index, Stages& stages) {
   const int64_t H = a.hidden, H4 = 4 * H, width = kWide * kLanes, T = a.steps, blocks = (H + width - 1) / width;
+  const int64_t input_blocks = a.dxs != nullptr ? (a.in_padded + width - 1) / width : 0;
   std::vector<float> scratch;  // this thread's copy of a block's δz_t for WeightGradients
   // This block's share of the next step's packed inputs (see BackwardArgs::packed_inputs).
   auto pack_share = [&](int64_t t, int64_t block) {
     const int64_t n = RowBlockCount(a);
     PackInputs(a, t, n * block / blocks, n * (block + 1) / blocks);
   };
-  stages.Execute(index, T + 2, [&](int64_t) { return blocks; }, [&](int64_t s, int64_t block) {
+  auto input_block = [&](int64_t s, int64_t block) {
+    const int64_t lo = block * width, hi = std::min(a.in_padded, lo + width);
+    if (s == 0) {
+      for (int64_t col = lo; col < hi; col += kLanes) {
+        float* packed = a.packed_UT + (col / kLanes) * H4 * kLanes;
+        for (int64_t k = 0; k < H4; ++k) std::memcpy(packed + k * kLanes, a.UT + k * a.in_padded + col, sizeof(vf));
+      }
+    } else if (s <= T) {
+      if (T - s + 1 < T) InputGradient(a, T - s + 1, lo, hi);
+    } else {
+      InputGradient(a, 0, lo, hi);
+    }
+  };
+  stages.Execute(index, T + 2, [&](int64_t) { return blocks + input_blocks; }, [&](int64_t s, int64_t block) {
+    if (block >= blocks) return input_block(s, block - blocks);
     const int64_t lo = block * width, hi = std::min(H, lo + width);
     if (s == 0) {
       for (int64_t col = lo; col < hi; col += kLanes) {
@@ -893,11 +930,12 @@ ffi::Error LstmForward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> U, ffi::B
 ffi::Error LstmBackward(ffi::Buffer<ffi::F32> WT, ffi::Buffer<ffi::F32> gates, ffi::Buffer<ffi::F32> cs,
                         ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> dys, ffi::Buffer<ffi::S32> lengths,
                         ffi::Buffer<ffi::F32> dh_in, ffi::Buffer<ffi::F32> dc_in, ffi::Buffer<ffi::F32> xs,
-                        ffi::Buffer<ffi::F32> ys, ffi::Buffer<ffi::F32> h0,
+                        ffi::Buffer<ffi::F32> ys, ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> UT,
                         ffi::ResultBuffer<ffi::F32> dh, ffi::ResultBuffer<ffi::F32> dc,
                         ffi::ResultBuffer<ffi::F32> dz, ffi::ResultBuffer<ffi::F32> dU,
-                        ffi::ResultBuffer<ffi::F32> dW, ffi::ResultBuffer<ffi::F32> db, int64_t has_lengths,
-                        int64_t weight_grads, int64_t keep_dz) {
+                        ffi::ResultBuffer<ffi::F32> dW, ffi::ResultBuffer<ffi::F32> db,
+                        ffi::ResultBuffer<ffi::F32> dxs, int64_t has_lengths, int64_t weight_grads,
+                        int64_t keep_dz, int64_t input_grads) {
   auto dims = dys.dimensions();
   if (dims.size() != 3) return ffi::Error::InvalidArgument("lstm_backward: dys must be [T, B, H]");
   const int64_t hidden = dims[2];
@@ -919,6 +957,16 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::F32> WT, ffi::Buffer<ffi::F32> gates, f
     a.dW = dW->typed_data();
     a.db = db->typed_data();
   }
+  thread_local std::vector<float> packed_UT;
+  if (input_grads) {
+    if (UT.dimensions().size() != 2 || UT.dimensions()[0] != 4 * hidden || UT.dimensions()[1] % kLanes != 0)
+      return ffi::Error::InvalidArgument("lstm_backward: UT must be [4H, Ip], Ip a multiple of the vector width");
+    a.in_padded = UT.dimensions()[1];
+    a.UT = UT.typed_data();
+    a.dxs = dxs->typed_data();
+    packed_UT.resize(4 * hidden * a.in_padded);
+    a.packed_UT = packed_UT.data();
+  }
   const int64_t blocks = (hidden + kWide * kLanes - 1) / (kWide * kLanes);
   thread_local std::vector<float> weight_sums, packed_inputs, dz_ring;  // reused across calls, as `packed` below
   if (!keep_dz) {
@@ -938,6 +986,7 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::F32> WT, ffi::Buffer<ffi::F32> gates, f
   std::memcpy(a.dh, dh_in.typed_data(), a.batch * hidden * sizeof(float));
   std::memcpy(a.dc, dc_in.typed_data(), a.batch * hidden * sizeof(float));
   if (a.steps == 0 || a.batch == 0) {
+    if (input_grads) std::memset(a.dxs, 0, dxs->element_count() * sizeof(float));
     if (weight_grads) {
       std::memset(a.dU, 0, dU->element_count() * sizeof(float));
       std::memset(a.dW, 0, dW->element_count() * sizeof(float));
@@ -946,6 +995,7 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::F32> WT, ffi::Buffer<ffi::F32> gates, f
     return ffi::Error::Success();
   }
   if (keep_dz) Prefault(a.dz, dz->element_count());
+  if (input_grads) Prefault(a.dxs, dxs->element_count());
   RunOnTeam(TeamSize(a.batch, hidden, hidden), [&](int index, Stages& stages) { RunBackward(a, index, stages); });
   return ffi::Error::Success();
 }
@@ -986,12 +1036,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxseqLstmBackward, LstmBackward,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // xs, ys, h0: empty without weight_grads
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // UT: empty without input_grads
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dz: empty without keep_dz
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dU, dW, db: empty without weight_grads
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dxs: empty without input_grads
                                   .Attr<int64_t>("has_lengths")
                                   .Attr<int64_t>("weight_grads")
-                                  .Attr<int64_t>("keep_dz"));
+                                  .Attr<int64_t>("keep_dz")
+                                  .Attr<int64_t>("input_grads"));
