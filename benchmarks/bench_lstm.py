@@ -10,8 +10,16 @@ FLOP count of THEORY.md §3 (forward 8·B·T·H·(I+H), training step 3× that),
 matmul rate measured in the same run (the better of a square JAX and a square torch GEMM), and the ratio of
 the median to torch's median.
 
-The training step is ``grad`` of ``sum(ys * r)`` with respect to the layer's parameters (not the inputs) for a
-fixed random ``r`` — the same loss for every implementation.
+This machine's speed can drift by ±15 % within minutes (a shared VM), and a best-of-run GEMM set against a
+median step mixes a fast moment with an ordinary one. So each round of samples also times the square GEMMs,
+and the "paired % peak" column is the median over rounds of the step's rate over the GEMM rate of the same
+round: the ratio of two measurements taken seconds apart.
+
+The training step is ``grad`` of ``sum(ys * r)`` with respect to the layer's parameters and its inputs, for a
+fixed random ``r`` — the same loss for every implementation. The input gradient is what a layer inside a
+model (over embeddings, or under another layer) must return, and with it the step does the 3× forward FLOPs
+it is credited with; ``--params-only`` drops it (and its 8·B·T·H·I FLOPs from the count), as the tables
+before 2026-11-29 10:00 UTC did.
 
 Run (quick): ``KERAS_BACKEND=jax .venv/bin/python benchmarks/bench_lstm.py --configs 0 --repeats 3``
 Full table:   ``KERAS_BACKEND=jax .venv/bin/python benchmarks/bench_lstm.py``
@@ -26,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
@@ -56,6 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--cpu-devices", type=int, default=1,
                    help="split the CPU into this many JAX devices (jax_num_cpu_devices); the jaxseq-dp rows shard "
                         "the batch over them, the way jaxseq.training uses several devices")
+    p.add_argument("--params-only", action="store_true",
+                   help="differentiate the training step with respect to the parameters only, not the inputs "
+                        "(the step as timed before 2026-11-29; its FLOP count leaves out the input gradient)")
     p.add_argument("--products", action="store_true",
                    help="also time the step's matrix products alone (recurrent chains and the big GEMMs)")
     p.add_argument("--reuse-freed-memory", action="store_true",
@@ -82,16 +94,19 @@ def parse_args(argv=None):
     return args, configs, impls, modes
 
 
-def flops(B, T, I, H, mode):
+def flops(B, T, I, H, mode, params_only=False):
+    """THEORY.md §3: forward 8·B·T·H·(I+H); the training step 3× that, less the input gradient's 8·B·T·H·I."""
     forward = 8 * B * T * H * (I + H)
-    return forward if mode == "forward" else 3 * forward
+    if mode == "forward":
+        return forward
+    return 3 * forward - (8 * B * T * H * I if params_only else 0)
 
 
 # --------------------------------------------------------------------------------------------------------
 # Implementations: each builder returns {mode: zero-argument callable that blocks until done}
 
 
-def build_jax_family(name, B, T, I, H, modes):
+def build_jax_family(name, B, T, I, H, modes, params_only):
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -144,7 +159,7 @@ def build_jax_family(name, B, T, I, H, modes):
     def loss(p, xs):
         return jnp.sum(apply(p, xs) * r)
 
-    train = jax.jit(jax.grad(loss))
+    train = jax.jit(jax.grad(loss, argnums=0 if params_only else (0, 1)))
     forward = jax.jit(apply)
     if name == "jaxseq-xla":  # compiled now, while the kernel is switched off
         from jaxseq import native
@@ -160,17 +175,18 @@ def build_jax_family(name, B, T, I, H, modes):
     return fns
 
 
-def build_torch(B, T, I, H, modes):
+def build_torch(B, T, I, H, modes, params_only):
     import torch
 
     torch.manual_seed(0)
     lstm = torch.nn.LSTM(I, H, batch_first=True)
-    x = torch.randn(B, T, I)
+    x = torch.randn(B, T, I, requires_grad=not params_only)
     r = torch.randn(B, T, H)
 
     def train():
         for p in lstm.parameters():
             p.grad = None
+        x.grad = None
         out, _ = lstm(x)
         (out * r).sum().backward()
 
@@ -181,10 +197,10 @@ def build_torch(B, T, I, H, modes):
     return {m: {"train": train, "forward": forward}[m] for m in modes}
 
 
-def build(name, config, modes):
+def build(name, config, modes, params_only=False):
     if name == "torch":
-        return build_torch(*config, modes)
-    return build_jax_family(name, *config, modes)
+        return build_torch(*config, modes, params_only)
+    return build_jax_family(name, *config, modes, params_only)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -208,8 +224,11 @@ def sample(fn, inner):
     return (time.perf_counter() - t0) / inner, (time.process_time() - c0) / inner
 
 
-def peak_matmul(repeats, torch_threads, n=1024):
-    """Best fp32 GFLOP/s of a square n×n GEMM in JAX and in torch (``torch_threads`` threads)."""
+GEMM_N = 1024  # the square GEMM whose rate is "peak"
+
+
+def matmul_fns(torch_threads, n=GEMM_N):
+    """Zero-argument callables of a square n×n fp32 GEMM in JAX and in torch (``torch_threads`` threads)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -225,6 +244,12 @@ def peak_matmul(repeats, torch_threads, n=1024):
         fns["torch"] = lambda: torch.mm(ta, ta)
     except ImportError:
         pass
+    return fns
+
+
+def peak_matmul(repeats, torch_threads, n=GEMM_N):
+    """Best fp32 GFLOP/s of a square n×n GEMM in JAX and in torch (``torch_threads`` threads)."""
+    fns = matmul_fns(torch_threads, n)
     inner = {k: calibrate(f, 0.05) for k, f in fns.items()}
     samples = {k: [sample(f, inner[k]) for _ in range(repeats)] for k, f in fns.items()}
     rates = {k: 2 * n ** 3 / min(t[0] for t in ts) / 1e9 for k, ts in samples.items()}
@@ -324,25 +349,40 @@ def print_profile(config, mode, impl, rows, wall):
               f"{1e6 * seconds / max(runs, 1):9.1f}")
 
 
+class Row(NamedTuple):
+    """One timed implementation: median, min and median CPU seconds per call; paired: fraction of peak."""
+    config: tuple
+    mode: str
+    impl: str
+    flops: int
+    median: float
+    min: float
+    cpu: float
+    paired: float
+
+
 def print_rows(results, peak, header):
     """Print one configuration's rows as soon as it is done (long runs on a shared machine get cut short)."""
     if header:
         print("GFLOP/s and % peak from the median wall time; 'x torch' = median / torch's median (wall and CPU);")
         print("cpu ms = process CPU time per call over all threads (less sensitive to other processes' load).")
         print("cpu GFLOP/s = FLOPs / cpu time; its % peak uses the best matmul rate per cpu-second.")
+        print("paired % = median over rounds of the step's rate over the better GEMM rate timed in the same round.")
         print(f"{'(B, T, I, H)':<22} {'mode':<8} {'impl':<14} {'median ms':>10} {'min ms':>9} {'GFLOP/s':>8} "
-              f"{'% peak':>7} {'x torch':>8} {'cpu ms':>9} {'cpu x torch':>11} {'cpu GFLOP/s':>11} {'% peak':>7}")
+              f"{'% peak':>7} {'paired %':>8} {'x torch':>8} {'cpu ms':>9} {'cpu x torch':>11} {'cpu GFLOP/s':>11} "
+              f"{'% peak':>7}")
     peak_best = max(v for k, v in peak.items() if "cpu" not in k)
     peak_cpu = max((v for k, v in peak.items() if "cpu" in k), default=float("nan"))
-    medians = {(c, m, i): (med, cpu) for c, m, i, med, _, cpu in results}
-    for config, mode, impl, med, best, cpu in results:
-        f = flops(*config, "train" if mode == "products" else mode)
+    medians = {(row.config, row.mode, row.impl): (row.median, row.cpu) for row in results}
+    for row in results:
+        config, mode, impl, med, cpu = row.config, row.mode, row.impl, row.median, row.cpu
+        f = row.flops
         ref = medians.get((config, mode, "torch")) or medians.get((config, "train", "torch"))
         ratio = f"{med / ref[0]:8.2f}" if ref else f"{'-':>8}"
         cpu_ratio = f"{cpu / ref[1]:11.2f}" if ref and mode != "products" else f"{'-':>11}"
-        print(f"{str(config):<22} {mode:<8} {impl:<14} {med * 1e3:10.2f} {best * 1e3:9.2f} "
-              f"{f / med / 1e9:8.1f} {100 * f / med / 1e9 / peak_best:7.1f} {ratio} {cpu * 1e3:9.2f} {cpu_ratio} "
-              f"{f / cpu / 1e9:11.1f} {100 * f / cpu / 1e9 / peak_cpu:7.1f}", flush=True)
+        print(f"{str(config):<22} {mode:<8} {impl:<14} {med * 1e3:10.2f} {row.min * 1e3:9.2f} "
+              f"{f / med / 1e9:8.1f} {100 * f / med / 1e9 / peak_best:7.1f} {100 * row.paired:8.1f} {ratio} "
+              f"{cpu * 1e3:9.2f} {cpu_ratio} {f / cpu / 1e9:11.1f} {100 * f / cpu / 1e9 / peak_cpu:7.1f}", flush=True)
 
 
 def versions():
@@ -399,30 +439,38 @@ def main(argv=None) -> int:
     print("peak fp32 matmul (1024², best of repeats, per wall-s and per cpu-s): "
           + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peak.items()))
 
+    gemms = matmul_fns(args.torch_threads)
+    gemm_inner = {k: calibrate(f, 0.05) for k, f in gemms.items()}
     results = []
     for config in configs:
         B, T, I, H = config
         fns = {}
         for impl in impls:
-            for mode, fn in build(impl, config, modes).items():
+            for mode, fn in build(impl, config, modes, args.params_only).items():
                 fns[(mode, impl)] = fn
         inner = {k: calibrate(fn, args.min_sample_s) for k, fn in fns.items()}
         times = {k: [] for k in fns}
+        gemm_rates = []  # per round: the better of the square GEMMs' rates, GFLOP/s
         for _ in range(args.repeats):
             for k, fn in fns.items():  # round-robin: every implementation once per round
                 times[k].append(sample(fn, inner[k]))
+            gemm_rates.append(max(2 * GEMM_N ** 3 / sample(f, gemm_inner[k])[0] / 1e9 for k, f in gemms.items()))
         for (mode, impl), ts in times.items():
             wall, cpu = [t[0] for t in ts], [t[1] for t in ts]
-            results.append((config, mode, impl, statistics.median(wall), min(wall), statistics.median(cpu)))
+            f = flops(*config, mode, args.params_only)
+            paired = statistics.median(f / t / 1e9 / rate for t, rate in zip(wall, gemm_rates))
+            results.append(Row(config, mode, impl, f, statistics.median(wall), min(wall), statistics.median(cpu),
+                               paired))
         if args.products and "train" in modes:
             parts = product_times(B, T, I, H, args.repeats)
             total = sum(parts.values())
             print(f"products alone at {config}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in parts.items())
                   + f"; sum {total * 1e3:.2f} ms")
-            results.append((config, "products", "sum", total, total, float("nan")))
-        print_rows([row for row in results if row[0] == config], peak, header=config == configs[0])
+            results.append(Row(config, "products", "sum", flops(*config, "train"), total, total, float("nan"),
+                               float("nan")))
+        print_rows([row for row in results if row.config == config], peak, header=config == configs[0])
         if args.profile:
-            medians = {(mode, impl): med for c, mode, impl, med, _, _ in results if c == config}
+            medians = {(row.mode, row.impl): row.median for row in results if row.config == config}
             for (mode, impl), fn in fns.items():
                 if impl != "torch":
                     print_profile(config, mode, impl, profile_ops(fn, args.profile), medians[(mode, impl)])

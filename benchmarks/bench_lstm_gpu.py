@@ -273,7 +273,8 @@ def time_config(config, precision, impls, modes, args):
     for row in rows:
         ref = next((o for o in rows if o["impl"] == "torch" and o["mode"] == row["mode"]), None)
         row["x_torch"] = row["median_ms"] / ref["median_ms"] if ref else None
-        row["tflops"] = flops(*config, row["mode"]) / (row["median_ms"] / 1e3) / 1e12
+        # This step differentiates the parameters only: no input gradient in its FLOP count.
+        row["tflops"] = flops(*config, row["mode"], params_only=True) / (row["median_ms"] / 1e3) / 1e12
     return rows
 
 

@@ -56,3 +56,23 @@ def test_bench_lstm_reuse_freed_memory_reruns_with_glibc_settings(capfd):
                        "--min-sample-s", "0", "--reuse-freed-memory"]) == 0
     out = capfd.readouterr().out
     assert "host memory: glibc keeps freed memory (MALLOC_ARENA_MAX=1" in out and "(2, 5, 3, 4)" in out
+
+
+def test_bench_lstm_counts_the_input_gradient_only_when_it_is_taken():
+    bench = _load("bench_lstm")
+    B, T, I, H = 2, 5, 3, 4
+    forward = 8 * B * T * H * (I + H)
+    assert bench.flops(B, T, I, H, "forward") == forward
+    assert bench.flops(B, T, I, H, "train") == 3 * forward
+    assert bench.flops(B, T, I, H, "train", params_only=True) == 3 * forward - 8 * B * T * H * I
+
+
+def test_bench_lstm_pairs_each_round_with_a_gemm(capfd):
+    bench = _load("bench_lstm")
+    assert bench.main(["--configs", "8:10:16:32", "--impls", "jaxseq", "--modes", "train", "--repeats", "2",
+                       "--min-sample-s", "0"]) == 0
+    out = capfd.readouterr().out
+    assert "paired %" in out
+    row = next(line for line in out.splitlines() if line.startswith("(8, 10, 16, 32)"))
+    paired = float(row.split()[10])  # after the 4-field shape: mode, impl, median, min, GFLOP/s, % peak, paired
+    assert 0 < paired < 100, row
