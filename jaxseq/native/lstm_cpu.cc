@@ -343,10 +343,11 @@ inline void TileProduct(vf (&acc)[R][G], const float* a, int64_t a_row, int64_t 
   }
 }
 
-// acc[r][g] += Σ_k a[r, k] · w[(k·4 + g)·kLanes ..] for R rows of a (row stride lda) and G consecutive gates of
-// one column block of the packed weights ([depth][4 gates][kLanes units]); w points at the first gate's k = 0.
+// acc[r][g] += Σ_k a[r·a_row + k·a_k] · w[(k·4 + g)·kLanes ..] for R rows of a and G consecutive gates of one
+// column block of the packed weights ([depth][4 gates][kLanes units]); w points at the first gate's k = 0.
 template <int R, int G>
-inline void AccumulateGates(vf (&acc)[R][G], const float* a, int64_t lda, const float* w, int64_t depth) {
+inline void AccumulateGates(vf (&acc)[R][G], const float* a, int64_t a_row, int64_t a_k, const float* w,
+                            int64_t depth) {
   if constexpr (R <= 2 && 2 * R * G <= kAccumulatorRegisters) {
     // Few rows: R·G chains of dependent FMAs would wait on the FMA latency; a second set for odd k doubles them.
     vf odd[R][G] = {};
@@ -355,7 +356,7 @@ inline void AccumulateGates(vf (&acc)[R][G], const float* a, int64_t lda, const 
       const float* wk = w + k * 4 * kLanes;
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
-        vf x0 = splat(a[r * lda + k]), x1 = splat(a[r * lda + k + 1]);
+        vf x0 = splat(a[r * a_row + k * a_k]), x1 = splat(a[r * a_row + (k + 1) * a_k]);
 #pragma GCC unroll 4
         for (int g = 0; g < G; ++g) {
           acc[r][g] += x0 * load(wk + g * kLanes);
@@ -369,11 +370,11 @@ inline void AccumulateGates(vf (&acc)[R][G], const float* a, int64_t lda, const 
       for (int g = 0; g < G; ++g) acc[r][g] += odd[r][g];
     }
     if (k == depth) return;
-    a += k;
+    a += k * a_k;
     w += k * 4 * kLanes;
     depth -= k;
   }
-  TileProduct<R, G>(acc, a, lda, 1, w, kLanes, 4 * kLanes, depth);
+  TileProduct<R, G>(acc, a, a_row, a_k, w, kLanes, 4 * kLanes, depth);
 }
 
 struct ForwardArgs {
@@ -398,7 +399,25 @@ struct ForwardArgs {
   // four gates contiguously. In the [I + H, 4H] layout each k row of a block touched four places 4H floats
   // apart, a new page per load at H = 512: the forward step ran at a third of the XLA loop's rate there.
   float* packed;
+  // [2][B][I + H]: step t's [x_t, h_{t-1}] in slot t & 1, by the row blocks of ForEachRowBlock, each [I + H][rows]
+  // (PackedRows), so that a register tile reads its broadcast operand from one contiguous stream. Read from
+  // [T, B, I] and [B, H], the tile's rows lay 4·I and 4·H bytes apart and were re-read from L2 by every chunk of
+  // depth: the forward products took 1.2x the time per FLOP of the backward's (perf, (128, 100, 256, 512)).
+  // x_t is packed in the stage before its step's, a share by each block; h_t by the block that forms it.
+  float* packed_rows;
 };
+
+// Where rows r0 .. r0+rows of step t's packed [x_t, h_{t-1}] start: element (r, k) is at [k·rows + r].
+inline float* PackedRows(const ForwardArgs& a, int64_t t, int64_t r0) {
+  return a.packed_rows + (t & 1) * a.batch * (a.in_size + a.hidden) + r0 * (a.in_size + a.hidden);
+}
+
+// Rows r0 .. r0+rows of a [*, row_stride] matrix's columns 0 .. width into dst as [width][rows].
+inline void PackRowsTransposed(float* dst, const float* src, int64_t row_stride, int rows, int64_t width) {
+  for (int64_t k = 0; k < width; ++k) {
+    for (int r = 0; r < rows; ++r) dst[k * rows + r] = src[r * row_stride + k];
+  }
+}
 
 // k rows of a column block per pass: 96 x 4 x 16 floats = 24 KiB with AVX-512, half of L1 (12 KiB with AVX2). Against whole-depth passes in one
 // interleaved run (forward with its tape): 0.94x the time at (128, 100, 256, 512), 0.96x at (32, 500, 64, 128),
@@ -407,14 +426,9 @@ constexpr int64_t kDepthChunk = 96;
 
 // acc += [x_t, h_{t-1}][rows r0.., k in [k0, k1)] · w[k0 .. k1) for G gates from the one w points at.
 template <int R, int G>
-inline void AccumulateDepthRange(const ForwardArgs& a, int64_t t, int64_t r0, const float* h_prev, const float* w,
-                                 int64_t k0, int64_t k1, vf (&acc)[R][G]) {
-  const int64_t B = a.batch, H = a.hidden, I = a.in_size;
-  if (k0 < I) AccumulateGates<R, G>(acc, a.xs + (t * B + r0) * I + k0, I, w + k0 * 4 * kLanes, std::min(k1, I) - k0);
-  if (k1 > I) {
-    const int64_t from = std::max(k0, I);
-    AccumulateGates<R, G>(acc, h_prev + r0 * H + (from - I), H, w + from * 4 * kLanes, k1 - from);
-  }
+inline void AccumulateDepthRange(const ForwardArgs& a, int64_t t, int64_t r0, const float* w, int64_t k0, int64_t k1,
+                                 vf (&acc)[R][G]) {
+  AccumulateGates<R, G>(acc, PackedRows(a, t, r0) + k0 * R, 1, R, w + k0 * 4 * kLanes, k1 - k0);
 }
 
 // One pass over k in [k0, k1) for rows r0 .. r0+R, gate q, hidden units col .. col+L. The first pass starts
@@ -425,8 +439,8 @@ inline void AccumulateDepthRange(const ForwardArgs& a, int64_t t, int64_t r0, co
 // have the vector registers to themselves (inlined into the elementwise code, GCC spilled some of them).
 template <int R>
 __attribute__((noinline)) bool GatePreactivations(const ForwardArgs& a, int64_t t, int64_t r0, int64_t col,
-                                                  const float* h_prev, int64_t k0, int64_t k1, bool first,
-                                                  float* partial, vf (&z)[R][4]) {
+                                                  int64_t k0, int64_t k1, bool first, float* partial,
+                                                  vf (&z)[R][4]) {
   constexpr int G = TileWidth<R>();
   const int64_t B = a.batch, H = a.hidden, I = a.in_size;
   const bool last = k1 == I + H;
@@ -443,7 +457,7 @@ __attribute__((noinline)) bool GatePreactivations(const ForwardArgs& a, int64_t 
                                   : load(a.b + q * H + col);
       }
     }
-    AccumulateDepthRange<R, G>(a, t, r0, h_prev, w + q0 * kLanes, k0, k1, acc);
+    AccumulateDepthRange<R, G>(a, t, r0, w + q0 * kLanes, k0, k1, acc);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
@@ -463,10 +477,11 @@ void ForwardBlock(const ForwardArgs& a, int64_t t, int64_t r0, int64_t col, int6
   const int64_t B = a.batch, H = a.hidden;
   const float* h_prev = a.h_buffers + (t & 1) * B * H;
   float* h_next = a.h_buffers + ((t + 1) & 1) * B * H;
+  float* h_packed = PackedRows(a, t + 1, r0) + (a.in_size + col) * R;  // the next step's operand
   const int64_t tbh = t * B * H;
   {
     vf acc[R][4];
-    if (!GatePreactivations<R>(a, t, r0, col, h_prev, k0, k1, first, partial, acc)) return;
+    if (!GatePreactivations<R>(a, t, r0, col, k0, k1, first, partial, acc)) return;
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const int64_t row = r0 + r, at = row * H + col;
@@ -482,6 +497,8 @@ void ForwardBlock(const ForwardArgs& a, int64_t t, int64_t r0, int64_t col, int6
       }
       store(a.c + at, c_new);
       store(h_next + at, h_new);
+#pragma GCC unroll 16
+      for (int u = 0; u < kLanes; ++u) h_packed[u * R + r] = h_new[u];
       store(a.ys + tbh + at, y);
       if (a.gates != nullptr) {
         const int64_t plane = a.steps * B * H;
@@ -523,7 +540,7 @@ void ProjectBlock(const ForwardArgs& a, int64_t r0, int64_t col) {
 #pragma GCC unroll 4
       for (int g = 0; g < G; ++g) acc[r][g] = load(a.b + (q0 + g) * H + col);
     }
-    AccumulateGates<R, G>(acc, a.xs + r0 * I, I, w + q0 * kLanes, I);
+    AccumulateGates<R, G>(acc, a.xs + r0 * I, I, 1, w + q0 * kLanes, I);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
@@ -532,13 +549,24 @@ void ProjectBlock(const ForwardArgs& a, int64_t r0, int64_t col) {
   }
 }
 
-// Stage 0 packs each column block's weights, forms its hoisted input product and copies its part of the
-// initial state, stages 1 .. T run the steps, and the last copies out the final h; a block is one column
-// block (L hidden units of every gate).
+// Block `block` of `blocks`'s share of step t's packed x_t (ForwardArgs::packed_rows): whole row blocks.
+void PackInputShare(const ForwardArgs& a, int64_t t, int64_t block, int64_t blocks) {
+  const int64_t B = a.batch, I = a.in_size, row_blocks = (B + kRows - 1) / kRows;
+  for (int64_t j = row_blocks * block / blocks; j < row_blocks * (block + 1) / blocks; ++j) {
+    const int64_t r0 = j * kRows;
+    const int rows = static_cast<int>(std::min<int64_t>(kRows, B - r0));
+    PackRowsTransposed(PackedRows(a, t, r0), a.xs + (t * B + r0) * I, I, rows, I);
+  }
+}
+
+// Stage 0 packs each column block's weights, forms its hoisted input product, copies its part of the initial
+// state and packs its columns of h0 and its share of x_0; stages 1 .. T run the steps (each block also packs
+// its share of the next step's x), and the last copies out the final h; a block is one column block (L hidden
+// units of every gate).
 void RunForward(const ForwardArgs& a, int index, Stages& stages) {
-  const int64_t B = a.batch, H = a.hidden, I = a.in_size, H4 = 4 * H;
+  const int64_t B = a.batch, H = a.hidden, I = a.in_size, H4 = 4 * H, blocks = H / kLanes;
   std::vector<float> partial(B * 4 * kLanes);  // one column block's running sums between depth chunks
-  stages.Execute(index, a.steps + 2, [&](int64_t) { return H / kLanes; }, [&](int64_t s, int64_t block) {
+  stages.Execute(index, a.steps + 2, [&](int64_t) { return blocks; }, [&](int64_t s, int64_t block) {
     const int64_t col = block * kLanes;
     if (s == 0) {
       float* packed = a.packed + block * (I + H) * 4 * kLanes;
@@ -553,6 +581,11 @@ void RunForward(const ForwardArgs& a, int index, Stages& stages) {
         store(a.h_buffers + row * H + col, load(a.h0 + row * H + col));
         store(a.c + row * H + col, load(a.c0 + row * H + col));
       }
+      ForEachRowBlock(B, [&](auto rows, int64_t r0) {
+        constexpr int R = decltype(rows)::value;
+        PackRowsTransposed(PackedRows(a, 0, r0) + (I + col) * R, a.h0 + r0 * H + col, H, R, kLanes);
+      });
+      if (a.projected == nullptr) PackInputShare(a, 0, block, blocks);
     } else if (s <= a.steps) {
       // Chunks of depth outside, rows inside: one chunk of the column block's weights stays in L1 while
       // every row block uses it.
@@ -563,6 +596,7 @@ void RunForward(const ForwardArgs& a, int index, Stages& stages) {
           ForwardBlock<decltype(rows)::value>(a, t, r0, col, k0, k1, k0 == depth_begin, partial.data());
         });
       }
+      if (a.projected == nullptr && t + 1 < a.steps) PackInputShare(a, t + 1, block, blocks);
     } else {
       const float* h_last = a.h_buffers + (a.steps & 1) * B * H;
       for (int64_t row = 0; row < B; ++row) store(a.h + row * H + col, load(h_last + row * H + col));
@@ -907,10 +941,12 @@ ffi::Error LstmForward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> U, ffi::B
                 W.typed_data(), b.typed_data(), h0.typed_data(), c0.typed_data(),
                 has_lengths ? lengths.typed_data() : nullptr, nullptr, h->typed_data(), c->typed_data(),
                 ys->typed_data(), gates->element_count() ? gates->typed_data() : nullptr,
-                cs->element_count() ? cs->typed_data() : nullptr, h_buffers->typed_data(), nullptr};
-  thread_local std::vector<float> packed;  // reused across calls: no fresh pages to fault in
+                cs->element_count() ? cs->typed_data() : nullptr, h_buffers->typed_data(), nullptr, nullptr};
+  thread_local std::vector<float> packed, packed_rows;  // reused across calls: no fresh pages to fault in
   packed.resize((a.in_size + hidden) * 4 * hidden);
   a.packed = packed.data();
+  packed_rows.resize(2 * a.batch * (a.in_size + hidden));
+  a.packed_rows = packed_rows.data();
   // [T, B, 4H], not kept (it may be large); left uninitialised: stage 0 writes every element before use.
   std::unique_ptr<float[]> projected(hoisted ? new float[a.steps * a.batch * 4 * hidden] : nullptr);
   a.projected = projected.get();
