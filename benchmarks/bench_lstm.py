@@ -11,9 +11,11 @@ matmul rate measured in the same run (the better of a square JAX and a square to
 the median to torch's median.
 
 This machine's speed can drift by ±15 % within minutes (a shared VM), and a best-of-run GEMM set against a
-median step mixes a fast moment with an ordinary one. So each round of samples also times the square GEMMs,
-and the "paired % peak" column is the median over rounds of the step's rate over the GEMM rate of the same
-round: the ratio of two measurements taken seconds apart.
+median step mixes a fast moment with an ordinary one. So the square GEMMs are also timed before the first round
+and after every round, and the "paired % peak" column is the median over rounds of the step's rate over the
+better GEMM rate timed just before or just after that round: the ratio of measurements taken seconds apart.
+(A single short GEMM sample that lands in a slow spell would inflate the ratio; taking the better of the two
+that bracket the round keeps it conservative.)
 
 The training step is ``grad`` of ``sum(ys * r)`` with respect to the layer's parameters and its inputs, for a
 fixed random ``r`` — the same loss for every implementation. The input gradient is what a layer inside a
@@ -367,7 +369,8 @@ def print_rows(results, peak, header):
         print("GFLOP/s and % peak from the median wall time; 'x torch' = median / torch's median (wall and CPU);")
         print("cpu ms = process CPU time per call over all threads (less sensitive to other processes' load).")
         print("cpu GFLOP/s = FLOPs / cpu time; its % peak uses the best matmul rate per cpu-second.")
-        print("paired % = median over rounds of the step's rate over the better GEMM rate timed in the same round.")
+        print("paired % = median over rounds of the step's rate over the better GEMM rate timed just before or after "
+              "the round.")
         print(f"{'(B, T, I, H)':<22} {'mode':<8} {'impl':<14} {'median ms':>10} {'min ms':>9} {'GFLOP/s':>8} "
               f"{'% peak':>7} {'paired %':>8} {'x torch':>8} {'cpu ms':>9} {'cpu x torch':>11} {'cpu GFLOP/s':>11} "
               f"{'% peak':>7}")
@@ -450,15 +453,19 @@ def main(argv=None) -> int:
                 fns[(mode, impl)] = fn
         inner = {k: calibrate(fn, args.min_sample_s) for k, fn in fns.items()}
         times = {k: [] for k in fns}
-        gemm_rates = []  # per round: the better of the square GEMMs' rates, GFLOP/s
+        def gemm_rate():  # the better of the square GEMMs' rates now, GFLOP/s
+            return max(2 * GEMM_N ** 3 / sample(f, gemm_inner[k])[0] / 1e9 for k, f in gemms.items())
+
+        gemm_rates = [gemm_rate()]  # before the first round, then after each
         for _ in range(args.repeats):
             for k, fn in fns.items():  # round-robin: every implementation once per round
                 times[k].append(sample(fn, inner[k]))
-            gemm_rates.append(max(2 * GEMM_N ** 3 / sample(f, gemm_inner[k])[0] / 1e9 for k, f in gemms.items()))
+            gemm_rates.append(gemm_rate())
+        bracketing = [max(before, after) for before, after in zip(gemm_rates, gemm_rates[1:])]
         for (mode, impl), ts in times.items():
             wall, cpu = [t[0] for t in ts], [t[1] for t in ts]
             f = flops(*config, mode, args.params_only)
-            paired = statistics.median(f / t / 1e9 / rate for t, rate in zip(wall, gemm_rates))
+            paired = statistics.median(f / t / 1e9 / rate for t, rate in zip(wall, bracketing))
             results.append(Row(config, mode, impl, f, statistics.median(wall), min(wall), statistics.median(cpu),
                                paired))
         if args.products and "train" in modes:
