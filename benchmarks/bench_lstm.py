@@ -12,7 +12,7 @@ the median to torch's median.
 
 This machine's speed can drift by ±15 % within minutes (a shared VM), and a best-of-run GEMM set against a
 median step mixes a fast moment with an ordinary one. So the square GEMMs are also timed before the first round
-and after every round, and the "paired % peak" column is the median over rounds of the step's rate over the
+and after every round, and the "paired %" column is the median over rounds of the step's rate over the
 better GEMM rate timed just before or just after that round: the ratio of measurements taken seconds apart.
 (A single short GEMM sample that lands in a slow spell would inflate the ratio; taking the better of the two
 that bracket the round keeps it conservative.)
@@ -21,7 +21,7 @@ The training step is ``grad`` of ``sum(ys * r)`` with respect to the layer's par
 fixed random ``r`` — the same loss for every implementation. The input gradient is what a layer inside a
 model (over embeddings, or under another layer) must return, and with it the step does the 3× forward FLOPs
 it is credited with; ``--params-only`` drops it (and its 8·B·T·H·I FLOPs from the count), as the tables
-before 2026-11-29 10:00 UTC did.
+before 2026-11-29 09:30 UTC did.
 
 Run (quick): ``KERAS_BACKEND=jax .venv/bin/python benchmarks/bench_lstm.py --configs 0 --repeats 3``
 Full table:   ``KERAS_BACKEND=jax .venv/bin/python benchmarks/bench_lstm.py``
@@ -69,7 +69,7 @@ def parse_args(argv=None):
                         "the batch over them, the way jaxseq.training uses several devices")
     p.add_argument("--params-only", action="store_true",
                    help="differentiate the training step with respect to the parameters only, not the inputs "
-                        "(the step as timed before 2026-11-29; its FLOP count leaves out the input gradient)")
+                        "(the step as timed before 2026-11-29 09:30 UTC; its FLOP count leaves out the input gradient)")
     p.add_argument("--products", action="store_true",
                    help="also time the step's matrix products alone (recurrent chains and the big GEMMs)")
     p.add_argument("--reuse-freed-memory", action="store_true",
@@ -444,6 +444,10 @@ def main(argv=None) -> int:
 
     gemms = matmul_fns(args.torch_threads)
     gemm_inner = {k: calibrate(f, 0.05) for k, f in gemms.items()}
+
+    def gemm_rate():  # the better of the square GEMMs' rates now, GFLOP/s
+        return max(2 * GEMM_N ** 3 / sample(f, gemm_inner[k])[0] / 1e9 for k, f in gemms.items())
+
     results = []
     for config in configs:
         B, T, I, H = config
@@ -453,9 +457,6 @@ def main(argv=None) -> int:
                 fns[(mode, impl)] = fn
         inner = {k: calibrate(fn, args.min_sample_s) for k, fn in fns.items()}
         times = {k: [] for k in fns}
-        def gemm_rate():  # the better of the square GEMMs' rates now, GFLOP/s
-            return max(2 * GEMM_N ** 3 / sample(f, gemm_inner[k])[0] / 1e9 for k, f in gemms.items())
-
         gemm_rates = [gemm_rate()]  # before the first round, then after each
         for _ in range(args.repeats):
             for k, fn in fns.items():  # round-robin: every implementation once per round

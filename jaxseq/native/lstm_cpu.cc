@@ -549,14 +549,16 @@ void ProjectBlock(const ForwardArgs& a, int64_t r0, int64_t col) {
   }
 }
 
-// Block `block` of `blocks`'s share of step t's packed x_t (ForwardArgs::packed_rows): whole row blocks.
+// Block `block` of `blocks`'s share of step t's packed x_t (ForwardArgs::packed_rows): whole row blocks, as
+// ForEachRowBlock cuts them.
 void PackInputShare(const ForwardArgs& a, int64_t t, int64_t block, int64_t blocks) {
   const int64_t B = a.batch, I = a.in_size, row_blocks = (B + kRows - 1) / kRows;
-  for (int64_t j = row_blocks * block / blocks; j < row_blocks * (block + 1) / blocks; ++j) {
-    const int64_t r0 = j * kRows;
-    const int rows = static_cast<int>(std::min<int64_t>(kRows, B - r0));
-    PackRowsTransposed(PackedRows(a, t, r0), a.xs + (t * B + r0) * I, I, rows, I);
-  }
+  const int64_t first = row_blocks * block / blocks, end = row_blocks * (block + 1) / blocks;
+  int64_t j = 0;
+  ForEachRowBlock(B, [&](auto rows, int64_t r0) {
+    if (j >= first && j < end) PackRowsTransposed(PackedRows(a, t, r0), a.xs + (t * B + r0) * I, I, rows, I);
+    ++j;
+  });
 }
 
 // Stage 0 packs each column block's weights, forms its hoisted input product, copies its part of the initial
