@@ -221,20 +221,29 @@ def test_layer_uses_kernel_only_where_it_is_faster(key):
 
 
 def test_two_threads_give_the_same_values_call_after_call(key):
-    # Batch 24, hidden 64: 8·B·(I+H)·H = 1.2M FLOPs per step, so the kernel runs on every CPU (when there are
-    # several); a block claimed twice or skipped, or a stage started early, would change the values.
-    params, xs_t, h0, c0, lengths, dys = _problem(key, 24, 40, 32, 64)
+    # Batch 24, hidden 64: 8·B·(I+H)·H = 1.7M FLOPs per step, so the kernel runs on every CPU (when there are
+    # several); a block claimed twice or skipped, or a stage started early, would change the values. With the
+    # weight and input gradients, the backward's stages mix 2 hidden blocks and 3 input blocks (I = 72).
+    params, xs_t, h0, c0, lengths, dys = _problem(key, 24, 40, 72, 64)
     U, W, b = params["U"], params["W"], params["b"]
     valid = layers._valid(lengths, 40)
     with native.disabled():
         expected = layers._forward_loop("concat", U, W, b, h0, c0, xs_t, valid, True)
         expected_backward = layers._backward_loop(W, expected[3], c0, dys, valid, h0, c0)
+    expected_weight_grads = layers._weight_grads(xs_t, layers._h_prev(h0, expected[2]), expected_backward[2])
+    expected_dxs = expected_backward[2] @ U.T
     forward = jax.jit(lambda: native.lstm_forward(xs_t, U, W, b, h0, c0, lengths, hoisted=False, save=True))
     backward = jax.jit(lambda tape: native.lstm_backward(W, tape, c0, dys, lengths, h0, c0))
+    backward_all = jax.jit(lambda tape, ys: native.lstm_backward(W, tape, c0, dys, lengths, h0, c0,
+                                                                 weight_grads_of=(xs_t, h0, ys), keep_dz=False,
+                                                                 input_kernel=U))
     for _ in range(20):
         got = forward()
         assert_trees_close(got[:3], expected[:3], atol=1e-6)
         assert_trees_close(backward(got[3]), expected_backward, atol=1e-5)
+        dh, dc, _, weight_grads, dxs = backward_all(got[3], got[2])
+        assert_trees_close(((dh, dc), weight_grads, dxs), (expected_backward[:2], expected_weight_grads, expected_dxs),
+                           atol=1e-5)
 
 
 def test_vector_width_matches_the_cpu():

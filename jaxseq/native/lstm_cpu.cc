@@ -216,10 +216,13 @@ class Stages {
  public:
   explicit Stages(int count) : claims_(count) {}
 
+  int threads() const { return static_cast<int>(claims_.size()); }
+
   // Runs stages 0 .. num_stages-1 as thread `index`; blocks(s) is n_s, run(s, b) runs block b of stage s.
-  // Thread 0 (the caller) returns only when every block of every stage has finished.
-  template <typename Blocks, typename Run>
-  void Execute(int index, int64_t num_stages, Blocks blocks, Run run) {
+  // Thread 0 (the caller) returns only when every block of every stage has finished. range_begin(n, range, count)
+  // is where a thread's range starts (range_begin(n, count, count) must be n): equal ranges unless given.
+  template <typename Blocks, typename Run, typename RangeBegin>
+  void Execute(int index, int64_t num_stages, Blocks blocks, Run run, RangeBegin range_begin) {
     const int count = static_cast<int>(claims_.size());
     int64_t before = 0;  // blocks of the stages before s
     for (int64_t s = 0; s < num_stages; ++s) {
@@ -227,7 +230,7 @@ class Stages {
       WaitForDone(before);
       for (int k = 0; k < count; ++k) {
         const int range = (index + k) % count;
-        const int64_t lo = n * range / count, hi = n * (range + 1) / count;
+        const int64_t lo = range_begin(n, range, count), hi = range_begin(n, range + 1, count);
         for (int64_t b; (b = Claim(range, s, hi - lo)) >= 0;) {
           run(s, lo + b);
           done_.fetch_add(1, std::memory_order_acq_rel);
@@ -236,6 +239,10 @@ class Stages {
       before += n;
     }
     if (index == 0) WaitForDone(before);
+  }
+  template <typename Blocks, typename Run>
+  void Execute(int index, int64_t num_stages, Blocks blocks, Run run) {
+    Execute(index, num_stages, blocks, run, [](int64_t n, int range, int count) { return n * range / count; });
   }
 
  private:
@@ -863,14 +870,40 @@ void StoreWeightGradients(const BackwardArgs& a, int64_t lo, int64_t hi) {
   }
 }
 
-// A block is kWide column blocks (4L hidden units). Stage 0 packs their columns of Wᵀ; the stage of step t
+// A backward stage's two kinds of block, and which thread's range each starts in. A hidden block (δh, δz and the
+// weight gradients of kWide·L units) does 2 + (I + H) / H times the products of an input block (kWide·L columns of
+// dxs). Split into equal ranges by position, one thread's range held most of the hidden blocks (at (64, 34, 200, 256):
+// 7.5 against 0.5 and the 7 input blocks), and the other could only take them over whole, one at a time, at the end
+// of every step. Here every range holds an equal share of each kind, hidden blocks first, so that what is left to
+// take over at the end of a step is input blocks.
+struct BackwardBlocks {
+  int64_t hidden, input;  // blocks of each kind
+
+  int64_t RangeBegin(int range, int count) const { return hidden * range / count + input * range / count; }
+
+  // The block at `position`: false and a hidden block's index, or true and an input block's.
+  bool IsInput(int64_t position, int count, int64_t& block) const {
+    int range = 0;
+    while (RangeBegin(range + 1, count) <= position) ++range;
+    const int64_t offset = position - RangeBegin(range, count);
+    const int64_t hidden_first = hidden * range / count, hidden_in_range = hidden * (range + 1) / count - hidden_first;
+    if (offset < hidden_in_range) {
+      block = hidden_first + offset;
+      return false;
+    }
+    block = input * range / count + offset - hidden_in_range;
+    return true;
+  }
+};
+
+// A hidden block is kWide column blocks (4L hidden units). Stage 0 packs their columns of Wᵀ; the stage of step t
 // forms their columns of δh_t = δz_{t+1} Wᵀ (which reads every block's δz_{t+1}, finished in the stage
-// before) and then their δz_t; the last stage forms δh before the first step. With the input gradient, the
-// blocks after those are kWide·L columns of dxs each: stage 0 packs their Uᵀ, the stage of step t forms
-// dxs_{t+1}, the last stage dxs_0.
+// before) and then their δz_t; the last stage forms δh before the first step. With the input gradient, input
+// blocks are kWide·L columns of dxs each: stage 0 packs their Uᵀ, the stage of step t forms dxs_{t+1}, the last
+// stage dxs_0.
 void RunBackward(const BackwardArgs& a, int index, Stages& stages) {
   const int64_t H = a.hidden, H4 = 4 * H, width = kWide * kLanes, T = a.steps, blocks = (H + width - 1) / width;
-  const int64_t input_blocks = a.dxs != nullptr ? (a.in_padded + width - 1) / width : 0;
+  const BackwardBlocks kinds{blocks, a.dxs != nullptr ? (a.in_padded + width - 1) / width : 0};
   std::vector<float> scratch;  // this thread's copy of a block's δz_t for WeightGradients
   // This block's share of the next step's packed inputs (see BackwardArgs::packed_inputs).
   auto pack_share = [&](int64_t t, int64_t block) {
@@ -890,8 +923,10 @@ void RunBackward(const BackwardArgs& a, int index, Stages& stages) {
       InputGradient(a, 0, lo, hi);
     }
   };
-  stages.Execute(index, T + 2, [&](int64_t) { return blocks + input_blocks; }, [&](int64_t s, int64_t block) {
-    if (block >= blocks) return input_block(s, block - blocks);
+  const int count = stages.threads();
+  auto run = [&](int64_t s, int64_t position) {
+    int64_t block;
+    if (kinds.IsInput(position, count, block)) return input_block(s, block);
     const int64_t lo = block * width, hi = std::min(H, lo + width);
     if (s == 0) {
       for (int64_t col = lo; col < hi; col += kLanes) {
@@ -916,7 +951,9 @@ void RunBackward(const BackwardArgs& a, int index, Stages& stages) {
       BackwardProduct(a, 0, lo, hi);
       if (a.dW != nullptr) StoreWeightGradients(a, lo, hi);
     }
-  });
+  };
+  stages.Execute(index, T + 2, [&](int64_t) { return kinds.hidden + kinds.input; }, run,
+                 [&](int64_t, int range, int count) { return kinds.RangeBegin(range, count); });
 }
 
 // Runs job(index, stages) on `count` threads sharing one Stages, or alone if the team is busy.
