@@ -486,6 +486,21 @@ void ForwardBlock(const ForwardArgs& a, int64_t t, int64_t r0, int64_t col, int6
   float* h_next = a.h_buffers + ((t + 1) & 1) * B * H;
   float* h_packed = PackedRows(a, t + 1, r0) + (a.in_size + col) * R;  // the next step's operand
   const int64_t tbh = t * B * H;
+  if (k1 == a.in_size + H) {
+    // While the last pass of the product runs, ask for the lines the elementwise code then reads (c, evicted
+    // by the weights streamed since the last step) and writes (y and the tape: fresh pages, so every store
+    // first read its line from memory and filled the store queue). Forward with its tape at (128, 100, 256,
+    // 512): 0.91x the time, in every round of an in-process A/B; without the prefetch of c, 1.02-1.04x that.
+    for (int r = 0; r < R; ++r) {
+      const int64_t at = tbh + (r0 + r) * H + col;
+      __builtin_prefetch(a.c + (r0 + r) * H + col, 0, 3);
+      __builtin_prefetch(a.ys + at, 1, 3);
+      if (a.gates != nullptr) {
+        for (int q = 0; q < 4; ++q) __builtin_prefetch(a.gates + q * a.steps * B * H + at, 1, 3);
+        __builtin_prefetch(a.cs + at, 1, 3);
+      }
+    }
+  }
   {
     vf acc[R][4];
     if (!GatePreactivations<R>(a, t, r0, col, k0, k1, first, partial, acc)) return;
