@@ -287,22 +287,52 @@ class Stages {
 
 // XLA:CPU allocates a call's large buffers afresh (glibc maps them with mmap and unmaps them after the call),
 // so the kernel's first writes to its outputs page-fault, 4 KiB at a time, on every thread at once. Asking for
-// huge pages and populating the range in one call first cut the fused training step at (32, 500, 64, 128)
-// from about 150 to 100 ms here. Both are hints: where the kernel refuses them, the writes fault as before.
-void Prefault(float* data, int64_t count) {
-  constexpr uintptr_t kHuge = 2 << 20;
-  if (count * static_cast<int64_t>(sizeof(float)) < static_cast<int64_t>(2 * kHuge)) return;
-  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
-  uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + page - 1) & ~(page - 1);
-  uintptr_t end = (reinterpret_cast<uintptr_t>(data + count)) & ~(page - 1);
-  if (end <= begin) return;
-  uintptr_t huge_begin = (begin + kHuge - 1) & ~(kHuge - 1), huge_end = end & ~(kHuge - 1);
-  if (huge_end > huge_begin) madvise(reinterpret_cast<void*>(huge_begin), huge_end - huge_begin, MADV_HUGEPAGE);
+// huge pages and populating the range first cut the fused training step at (32, 500, 64, 128) from about 150
+// to 100 ms here. Both are hints: where the kernel refuses them, the writes fault as before. Populating is
+// split into parts that stage 0's blocks take (PopulatePart): done by the caller alone before the loop, the
+// 170 MB of a training step at (128, 100, 256, 512) took 31 ms while the other core waited.
+struct Prefault {
+  static constexpr uintptr_t kHuge = 2 << 20;
+  uintptr_t begin = 0, end = 0;  // whole pages inside the buffer; empty below two huge pages
+
+  Prefault() = default;
+  Prefault(float* data, int64_t count) {
+    if (count * static_cast<int64_t>(sizeof(float)) < static_cast<int64_t>(2 * kHuge)) return;
+    const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+    begin = (reinterpret_cast<uintptr_t>(data) + page - 1) & ~(page - 1);
+    end = reinterpret_cast<uintptr_t>(data + count) & ~(page - 1);
+    if (end <= begin) begin = end = 0;
+    uintptr_t huge_begin = (begin + kHuge - 1) & ~(kHuge - 1), huge_end = end & ~(kHuge - 1);
+    if (huge_end > huge_begin) madvise(reinterpret_cast<void*>(huge_begin), huge_end - huge_begin, MADV_HUGEPAGE);
+  }
+
+  // Populates part `part` of `parts`, cut at huge-page boundaries so that no huge page is split between two.
+  void PopulatePart(int64_t part, int64_t parts) const {
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23
 #endif
-  madvise(reinterpret_cast<void*>(begin), end - begin, MADV_POPULATE_WRITE);
-}
+    if (end == begin) return;
+    auto cut = [&](int64_t k) {
+      if (k == 0) return begin;
+      if (k == parts) return end;
+      const uintptr_t at = begin + static_cast<uintptr_t>(static_cast<double>(end - begin) * k / parts);
+      return std::min(end, std::max(begin, at & ~(kHuge - 1)));
+    };
+    const uintptr_t lo = cut(part), hi = cut(part + 1);
+    if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_POPULATE_WRITE);
+  }
+};
+
+// The outputs a call populates, block by block in its stage 0.
+struct Prefaults {
+  Prefault ranges[3];
+  int count = 0;
+
+  void Add(float* data, int64_t size) { ranges[count++] = Prefault(data, size); }
+  void PopulatePart(int64_t part, int64_t parts) const {
+    for (int k = 0; k < count; ++k) ranges[k].PopulatePart(part, parts);
+  }
+};
 
 // Threads worth using: every thread needs at least one vector of hidden units, and enough work per step to
 // pay for a stage's synchronisation (about a microsecond with two threads): 2 x 8·B·depth·H FLOPs for two
@@ -412,6 +442,7 @@ struct ForwardArgs {
   // depth: the forward products took 1.2x the time per FLOP of the backward's (perf, (128, 100, 256, 512)).
   // x_t is packed in the stage before its step's, a share by each block; h_t by the block that forms it.
   float* packed_rows;
+  Prefaults prefaults;  // ys, gates, cs
 };
 
 // Where rows r0 .. r0+rows of step t's packed [x_t, h_{t-1}] start: element (r, k) is at [k·rows + r].
@@ -593,6 +624,7 @@ void RunForward(const ForwardArgs& a, int index, Stages& stages) {
   stages.Execute(index, a.steps + 2, [&](int64_t) { return blocks; }, [&](int64_t s, int64_t block) {
     const int64_t col = block * kLanes;
     if (s == 0) {
+      a.prefaults.PopulatePart(block, blocks);
       float* packed = a.packed + block * (I + H) * 4 * kLanes;
       for (int64_t k = 0; k < I + H; ++k) {
         const float* row = k < I ? a.U + k * H4 : a.W + (k - I) * H4;
@@ -668,6 +700,7 @@ struct BackwardArgs {
   const float* UT;         // [4H, Ip]
   float* dxs;              // [T, B, Ip]
   float* packed_UT;        // [Ip/L][4H][L], as packed for Wᵀ
+  Prefaults prefaults;     // dz (when kept), dxs
 };
 
 // δz_t, [B, 4H].
@@ -940,6 +973,7 @@ void RunBackward(const BackwardArgs& a, int index, Stages& stages) {
   };
   const int count = stages.threads();
   auto run = [&](int64_t s, int64_t position) {
+    if (s == 0) a.prefaults.PopulatePart(position, kinds.hidden + kinds.input);
     int64_t block;
     if (kinds.IsInput(position, count, block)) return input_block(s, block);
     const int64_t lo = block * width, hi = std::min(H, lo + width);
@@ -1009,10 +1043,10 @@ ffi::Error LstmForward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> U, ffi::B
     std::memcpy(a.c, a.c0, a.batch * hidden * sizeof(float));
     return ffi::Error::Success();
   }
-  Prefault(a.ys, ys->element_count());
+  a.prefaults.Add(a.ys, ys->element_count());
   if (a.gates != nullptr) {
-    Prefault(a.gates, gates->element_count());
-    Prefault(a.cs, cs->element_count());
+    a.prefaults.Add(a.gates, gates->element_count());
+    a.prefaults.Add(a.cs, cs->element_count());
   }
   RunOnTeam(TeamSize(a.batch, a.in_size + hidden, hidden), [&](int index, Stages& stages) { RunForward(a, index, stages); });
   return ffi::Error::Success();
@@ -1085,8 +1119,8 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::F32> WT, ffi::Buffer<ffi::F32> gates, f
     }
     return ffi::Error::Success();
   }
-  if (keep_dz) Prefault(a.dz, dz->element_count());
-  if (input_grads) Prefault(a.dxs, dxs->element_count());
+  if (keep_dz) a.prefaults.Add(a.dz, dz->element_count());
+  if (input_grads) a.prefaults.Add(a.dxs, dxs->element_count());
   RunOnTeam(TeamSize(a.batch, hidden, hidden), [&](int index, Stages& stages) { RunBackward(a, index, stages); });
   return ffi::Error::Success();
 }
