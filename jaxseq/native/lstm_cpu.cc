@@ -1002,7 +1002,7 @@ void RunBackward(const BackwardArgs& a, int index, Stages& stages) {
     }
   };
   stages.Execute(index, T + 2, [&](int64_t) { return kinds.hidden + kinds.input; }, run,
-                 [&](int64_t, int range, int count) { return kinds.RangeBegin(range, count); });
+                 [&](int64_t, int range, int threads) { return kinds.RangeBegin(range, threads); });
 }
 
 // Runs job(index, stages) on `count` threads sharing one Stages, or alone if the team is busy.
