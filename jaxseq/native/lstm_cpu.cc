@@ -919,9 +919,9 @@ void StoreWeightGradients(const BackwardArgs& a, int64_t lo, int64_t hi) {
 }
 
 // A backward stage's two kinds of block, and which thread's range each starts in. A hidden block (δh, δz and the
-// weight gradients of kWide·L units) does 2 + (I + H) / H times the products of an input block (kWide·L columns of
+// weight gradients of kWide·L units) does 2 + I / H times the products of an input block (kWide·L columns of
 // dxs). Split into equal ranges by position, one thread's range held most of the hidden blocks (at (64, 34, 200, 256):
-// 7.5 against 0.5 and the 7 input blocks), and the other could only take them over whole, one at a time, at the end
+// 7 against 1 and the 7 input blocks), and the other could only take them over whole, one at a time, at the end
 // of every step. Here every range holds an equal share of each kind, hidden blocks first, so that what is left to
 // take over at the end of a step is input blocks.
 struct BackwardBlocks {
