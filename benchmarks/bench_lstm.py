@@ -4,11 +4,12 @@ Peers: torch ``nn.LSTM`` (oneDNN/native CPU kernels, ``--torch-threads`` threads
 ``nn.RNN(nn.OptimizedLSTMCell)``, Keras 3 ``LSTM`` on the JAX backend, and jaxseq's plain ``lax.scan`` layer
 (``impl="scan"``). All run interleaved in one process: for every configuration each implementation is
 compiled and warmed up, then the repeats go round-robin over the implementations, so a load spike from
-other processes hits them all alike. Each sample times ``--inner`` calls (or enough to last ~0.1 s) with
-``block_until_ready``; the table shows the median and min over ``--repeats`` samples, GFLOP/s from the
-FLOP count of THEORY.md §3 (forward 8·B·T·H·(I+H), training step 3× that), the percentage of the peak fp32
-matmul rate measured in the same run (the better of a square JAX and a square torch GEMM), and the ratio of
-the median to torch's median.
+other processes hits them all alike. Each sample times enough calls to last ``--min-sample-s`` (0.1 s) with
+``block_until_ready``, after an untimed one (``--settle-calls``): interleaving puts one runtime's calls right
+after another's, whose worker threads may still be spinning on the other core. The table shows the median
+and min over ``--repeats`` samples, GFLOP/s from the FLOP count of THEORY.md §3 (forward 8·B·T·H·(I+H),
+training step 3× that), the percentage of the peak fp32 matmul rate measured in the same run (the better of a
+square JAX and a square torch GEMM), and the ratio of the median to torch's median.
 
 This machine's speed can drift by ±15 % within minutes (a shared VM), and a best-of-run GEMM set against a
 median step mixes a fast moment with an ordinary one. So the square GEMMs are also timed before the first round
@@ -60,6 +61,12 @@ def parse_args(argv=None):
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
     p.add_argument("--repeats", type=int, default=9, help="timed samples per implementation (median, min)")
     p.add_argument("--min-sample-s", type=float, default=0.1, help="each sample repeats the call to last this long")
+    p.add_argument("--settle-calls", type=int, default=1,
+                   help="untimed calls before every sample (steps and bracketing GEMMs), so that a sample does not "
+                        "time the previous implementation's threads still spinning on the other core: after a "
+                        "torch call its OpenMP workers spin on (libgomp's default wait policy), and jaxseq's first "
+                        "call then took 1.1-1.3x the time of its next one at (64, 34, 200, 256); 0 times from the "
+                        "first call")
     p.add_argument("--torch-threads", type=int, default=2)
     p.add_argument("--single-thread", action="store_true",
                    help="run XLA and torch on one thread each (set before jax starts); with the CPU-time column "
@@ -218,8 +225,10 @@ def calibrate(fn, min_sample_s):
     return max(1, int(min_sample_s / max(once, 1e-6)))
 
 
-def sample(fn, inner):
-    """Wall-clock seconds per call, and process CPU seconds per call (all threads)."""
+def sample(fn, inner, settle=0):
+    """Wall-clock seconds per call, and process CPU seconds per call (all threads), after ``settle`` untimed calls."""
+    for _ in range(settle):
+        fn()
     t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(inner):
         fn()
@@ -446,7 +455,7 @@ def main(argv=None) -> int:
     gemm_inner = {k: calibrate(f, 0.05) for k, f in gemms.items()}
 
     def gemm_rate():  # the better of the square GEMMs' rates now, GFLOP/s
-        return max(2 * GEMM_N ** 3 / sample(f, gemm_inner[k])[0] / 1e9 for k, f in gemms.items())
+        return max(2 * GEMM_N ** 3 / sample(f, gemm_inner[k], args.settle_calls)[0] / 1e9 for k, f in gemms.items())
 
     results = []
     for config in configs:
@@ -460,7 +469,7 @@ def main(argv=None) -> int:
         gemm_rates = [gemm_rate()]  # before the first round, then after each
         for _ in range(args.repeats):
             for k, fn in fns.items():  # round-robin: every implementation once per round
-                times[k].append(sample(fn, inner[k]))
+                times[k].append(sample(fn, inner[k], args.settle_calls))
             gemm_rates.append(gemm_rate())
         bracketing = [max(before, after) for before, after in zip(gemm_rates, gemm_rates[1:])]
         for (mode, impl), ts in times.items():
