@@ -740,7 +740,21 @@ void PackInputs(const BackwardArgs& a, int64_t t, int64_t j0, int64_t j1) {
 
 void BackwardElementwise(const BackwardArgs& a, int64_t t, int64_t lo, int64_t hi) {
   const int64_t B = a.batch, H = a.hidden, plane = a.steps * B * H;
+  // The tape rows of two rows ahead are asked for while this row's are used: the gates, c and c_prev of a row
+  // lie H floats from the last row's, and the rows' first loads stalled (28.8 % of this code's perf samples
+  // at (64, 34, 200, 256), 13.5 % with the prefetch). Training step, in-process A/B against no prefetch:
+  // 0.955x and 0.965x at (128, 100, 256, 512), 0.98x at (32, 500, 64, 128), 0.99-1.00x at (64, 34, 200, 256).
+  constexpr int64_t kAhead = 2, kLineFloats = 64 / sizeof(float);
   for (int64_t row = 0; row < B; ++row) {
+    if (row + kAhead < B) {
+      const int64_t ahead = t * B * H + (row + kAhead) * H;
+      for (int64_t col = lo; col < hi; col += kLineFloats) {
+        for (int q = 0; q < 4; ++q) __builtin_prefetch(a.gates + q * plane + ahead + col, 0, 3);
+        __builtin_prefetch(a.cs + ahead + col, 0, 3);
+        if (t > 0) __builtin_prefetch(a.cs + ahead - B * H + col, 0, 3);
+        __builtin_prefetch(a.dys + ahead + col, 0, 3);
+      }
+    }
     const bool valid = a.lengths == nullptr || t < a.lengths[row];
     float* dz = StepDz(a, t) + row * 4 * H;
     for (int64_t col = lo; col < hi; col += kLanes) {
