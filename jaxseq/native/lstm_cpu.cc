@@ -565,10 +565,20 @@ void ForwardBlock(const ForwardArgs& a, int64_t t, int64_t r0, int64_t col, int6
   }
 }
 
+// Calls rows(R, r0) for blocks of R rows that cover 0 .. batch: kRows at a time, and what is left. A rest of 4
+// or 2 rows is cut again with the last full block, into 5 + 5 or 5 + 3: with AVX2, a 4-row tile holds 8
+// accumulators (4 rows x 2 vectors) and a 2-row one 8 (2 x 4), against 10 for 5 rows and 12 for 3 and 6.
 template <typename Rows>
 void ForEachRowBlock(int64_t batch, Rows rows) {
-  int64_t r0 = 0;
-  for (; r0 + kRows <= batch; r0 += kRows) rows(std::integral_constant<int, kRows>{}, r0);
+  int64_t full = batch / kRows, r0 = 0;
+  const int64_t rest = batch % kRows;
+  const bool recut = full > 0 && (rest == 4 || rest == 2);
+  if (recut) --full;
+  for (int64_t i = 0; i < full; ++i, r0 += kRows) rows(std::integral_constant<int, kRows>{}, r0);
+  if (recut) {
+    rows(std::integral_constant<int, 5>{}, r0);
+    r0 += 5;
+  }
   switch (batch - r0) {
     case 5: rows(std::integral_constant<int, 5>{}, r0); break;
     case 4: rows(std::integral_constant<int, 4>{}, r0); break;
