@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import pathlib
+import time
 
 import pytest
 
@@ -76,3 +77,19 @@ def test_bench_lstm_pairs_each_round_with_a_gemm(capfd):
     row = next(line for line in out.splitlines() if line.startswith("(8, 10, 16, 32)"))
     paired = float(row.split()[10])  # after the 4-field shape: mode, impl, median, min, GFLOP/s, % peak, paired
     assert 0 < paired < 100, row
+
+
+def test_bench_lstm_sample_leaves_the_settle_calls_untimed():
+    bench = _load("bench_lstm")
+    calls = []
+
+    def slow_first():  # like a call that meets the previous implementation's threads still spinning
+        calls.append(None)
+        if len(calls) == 1:
+            time.sleep(0.2)
+
+    wall, _ = bench.sample(slow_first, 2, settle=1)
+    assert len(calls) == 3 and wall < 0.05, wall
+    calls.clear()
+    wall, _ = bench.sample(slow_first, 2)
+    assert len(calls) == 2 and wall >= 0.1, wall
