@@ -615,7 +615,9 @@ void ProjectBlock(const ForwardArgs& a, int64_t r0, int64_t col) {
 // Block `block` of `blocks`'s share of step t's packed x_t (ForwardArgs::packed_rows): whole row blocks, as
 // ForEachRowBlock cuts them.
 void PackInputShare(const ForwardArgs& a, int64_t t, int64_t block, int64_t blocks) {
-  const int64_t B = a.batch, I = a.in_size, row_blocks = (B + kRows - 1) / kRows;
+  const int64_t B = a.batch, I = a.in_size;
+  int64_t row_blocks = 0;  // counted, not computed, so that it follows however ForEachRowBlock cuts the rows
+  ForEachRowBlock(B, [&](auto, int64_t) { ++row_blocks; });
   const int64_t first = row_blocks * block / blocks, end = row_blocks * (block + 1) / blocks;
   int64_t j = 0;
   ForEachRowBlock(B, [&](auto rows, int64_t r0) {
