@@ -903,13 +903,15 @@ void WeightGradients(const BackwardArgs& a, int64_t t, int64_t lo, int64_t hi, s
     d[k] = out;
     const float* dz = StepDz(a, t) + tiles[k].column;
     for (int w = 0; w < tiles[k].width; ++w) {
-      vf sum = load(a.db + tiles[k].column + w * kLanes);
+      // The step's sum first, then the running one: added one by one to the running sum, db's T·B terms lost
+      // up to 1.5e-7 of their absolute sum (1.7e-5 at (24, 40, 72, 64), against 4.5e-6 for XLA's reduction).
+      vf sum = {};
       for (int64_t b = 0; b < B; ++b) {
         vf value = load(dz + b * H4 + w * kLanes);
         store(out + (b * tiles[k].width + w) * kLanes, value);
         sum += value;
       }
-      store(a.db + tiles[k].column + w * kLanes, sum);
+      store(a.db + tiles[k].column + w * kLanes, load(a.db + tiles[k].column + w * kLanes) + sum);
     }
     out += B * tiles[k].width * kLanes;
   }
