@@ -915,20 +915,25 @@ void WeightGradients(const BackwardArgs& a, int64_t t, int64_t lo, int64_t hi, s
     }
     out += B * tiles[k].width * kLanes;
   }
+  // Tiles outside, row blocks inside: a tile's δz_t (B·width·L floats, 16 KiB at B = 64 with AVX-512) stays in L1
+  // while every row block reads it. With the row blocks outside, each row block read all the block's tiles of
+  // δz_t (64 KiB, more than L1) from L2: training step, in-process A/B on the AVX-512 Xeon, 0.94x and 0.97x the
+  // time at (64, 34, 200, 256), 0.99x at (128, 100, 256, 512), 0.98x at (32, 500, 64, 128).
   const float* packed = a.packed_inputs + (t & 1) * (I + H) * B;
-  for (int64_t j = 0, blocks = RowBlockCount(a); j < blocks; ++j) {
-    int64_t first;
-    int rows;
-    RowBlock(a, j, first, rows);
-    ForEachRowBlock(rows, [&](auto r, int64_t) {  // one call, with R = rows
-      constexpr int R = decltype(r)::value;
-      for (int k = 0; k < count; ++k) {
-        const int64_t ldc = tiles[k].width * kLanes;
+  const int64_t blocks = RowBlockCount(a);
+  for (int k = 0; k < count; ++k) {
+    const int64_t ldc = tiles[k].width * kLanes;
+    for (int64_t j = 0; j < blocks; ++j) {
+      int64_t first;
+      int rows;
+      RowBlock(a, j, first, rows);
+      ForEachRowBlock(rows, [&](auto r, int64_t) {  // one call, with R = rows
+        constexpr int R = decltype(r)::value;
         float* c = tiles[k].sums + first * ldc;
         if (tiles[k].width == G) OuterProductTile<R, G>(c, ldc, packed + first * B, R, d[k], B);
         else OuterProductTile<R, 1>(c, ldc, packed + first * B, R, d[k], B);
-      }
-    });
+      });
+    }
   }
 }
 
