@@ -60,9 +60,11 @@ def test_kernel_loops_match_xla_loops(key, batch, steps, in_size, hidden, with_l
                               save=True)
     assert_trees_close(got[:3], (h, c, ys), atol=1e-6)
     hp = native.padded_hidden(hidden)
-    assert got[3].gates.shape == (4, steps, batch, hp)
-    assert_trees_close(got[3].gates[..., :hidden], jnp.stack(gates), atol=1e-6)
-    assert_trees_close(got[3].cs[..., :hidden], cs, atol=1e-6)
+    assert got[3].gates.shape == (steps, hp // native.LANES, batch, 4, native.LANES)
+    kernel_gates, kernel_cs = got[3].unblocked()
+    assert kernel_gates.shape == (4, steps, batch, hp)
+    assert_trees_close(kernel_gates[..., :hidden], jnp.stack(gates), atol=1e-6)
+    assert_trees_close(kernel_cs[..., :hidden], cs, atol=1e-6)
     backward = native.lstm_backward(W, got[3], c0, dys, lengths if with_lengths else None, 0.3 * h0, 0.2 * c0)
     assert_trees_close(backward, expected_backward, atol=1e-5)
     # The weight gradients formed inside the backward loop, step by step, equal one GEMM over all steps after it.
@@ -106,7 +108,7 @@ def test_kernel_gates_match_xla_over_the_whole_range_of_preactivations(key):
         h, c, ys, (gates, cs) = layers._forward_loop("concat", params["U"], params["W"], params["b"], h0, c0, xs_t,
                                                      None, True)
     got = native.lstm_forward(xs_t, params["U"], params["W"], params["b"], h0, c0, None, hoisted=False, save=True)
-    kernel_gates = got[3].gates[..., :32]
+    kernel_gates = got[3].unblocked()[0][..., :32]
     assert_trees_close(got[:3], (h, c, ys), atol=1e-6)
     assert_trees_close(kernel_gates, jnp.stack(gates), atol=1e-6)
     sigmoids, tanh_gate = kernel_gates[jnp.array([0, 1, 3])], kernel_gates[2]

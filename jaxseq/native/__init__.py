@@ -151,10 +151,18 @@ def _lengths_arg(lengths):
 
 
 class Tape(NamedTuple):
-    """What the kernel's forward saves for its backward, in the kernel's layout (hidden padded to ``Hp``)."""
+    """What the kernel's forward saves for its backward, in the kernel's layout: by blocks of ``LANES`` hidden
+    units (hidden padded to ``Hp``), so that a block's rows of one step are contiguous (lstm_cpu.cc, TapeRow)."""
 
-    gates: jax.Array  # [4, T, B, Hp]: the activated gates i, f, g, o
-    cs: jax.Array     # [T, B, Hp]: the carried cell states
+    gates: jax.Array  # [T, Hp/LANES, B, 4, LANES]: the activated gates i, f, g, o
+    cs: jax.Array     # [T, Hp/LANES, B, LANES]: the carried cell states
+
+    def unblocked(self) -> tuple[jax.Array, jax.Array]:
+        """``(gates [4, T, B, Hp], cs [T, B, Hp])``, the layout of ``layers._forward_loop``'s saved values."""
+        steps, blocks, batch = self.cs.shape[:3]
+        gates = jnp.transpose(self.gates, (3, 0, 2, 1, 4)).reshape(4, steps, batch, blocks * LANES)
+        cs = jnp.transpose(self.cs, (0, 2, 1, 3)).reshape(steps, batch, blocks * LANES)
+        return gates, cs
 
 
 def lstm_forward(xs_t, U, W, b, h0, c0, lengths, *, hoisted: bool, save: bool):
@@ -176,8 +184,9 @@ def lstm_forward(xs_t, U, W, b, h0, c0, lengths, *, hoisted: bool, save: bool):
     W = pad_gate_columns(jnp.pad(W, ((0, hp - hidden), (0, 0))), hidden)
     U, b = pad_gate_columns(U, hidden), pad_gate_columns(b, hidden)
     f32 = jnp.float32
-    shapes = [(batch, hp), (batch, hp), (steps, batch, hp), (4, steps, batch, hp) if save else (0,),
-              (steps, batch, hp) if save else (0,), (2, batch, hp)]
+    blocks = hp // LANES
+    shapes = [(batch, hp), (batch, hp), (steps, batch, hp), (steps, blocks, batch, 4, LANES) if save else (0,),
+              (steps, blocks, batch, LANES) if save else (0,), (2, batch, hp)]
     call = jax.ffi.ffi_call("jaxseq_lstm_forward", [jax.ShapeDtypeStruct(s, f32) for s in shapes],
                             vmap_method="sequential")
     args = (xs_t, U, W, b, _pad_last(h0, hidden), _pad_last(c0, hidden), _lengths_arg(lengths))

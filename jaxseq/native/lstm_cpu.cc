@@ -11,7 +11,7 @@
 // Semantics are exactly those of layers._forward_loop / _backward_loop (tests compare them):
 //   forward:  z = x_t U + h W + b (hoisted: x U + b for all steps in the first stage), i f o = σ, g = tanh,
 //             c' = f c + i g, h' = o tanh c'; where t >= length: carry kept, y_t = 0.
-//             Saved: activated gates (unmasked) and the carried c.
+//             Saved: activated gates (unmasked) and the carried c, by blocks of 16 hidden units (TapeRow).
 //   backward: dh += dy_t; dc' = dc + dh o (1 - tanh²c); δz as bptt.lstm_step_backward_parts;
 //             where t >= length: δz_t = 0 and the carry passes through.
 #include <algorithm>
@@ -54,6 +54,30 @@ typedef float vf_unaligned __attribute__((vector_size(kLanes * sizeof(float)), a
 inline vf load(const float* p) { return *reinterpret_cast<const vf_unaligned*>(p); }
 inline void store(float* p, vf v) { *reinterpret_cast<vf_unaligned*>(p) = v; }
 inline vf splat(float x) { return x - vf{}; }  // one broadcast: x - (+0) is x, -0 included
+
+// The tape (what the forward saves for the backward) by blocks of 16 hidden units: gates [T][H/16][B][4][16]
+// (i, f, g, o) and cs [T][H/16][B][16], so that a column block's tape rows of one step are contiguous. In
+// [4, T, B, H] and [T, B, H] they lay 4·H bytes apart in five planes, so that the hardware prefetchers, which
+// stay inside a 4 KiB page, hardly helped. Training step, in-process A/B against that layout (bit-identical; medians
+// of 12-100 alternating rounds, three A/Bs per shape): 0.92-0.97x at (128, 100, 256, 512), 0.94-0.98x at
+// (64, 34, 200, 256), 0.96-1.00x at (32, 500, 64, 128), 0.96-1.02x at (1, 100, 128, 256).
+// 16 is jaxseq.native.LANES (the padding of H), not kLanes, so that the layout does not depend on the build.
+constexpr int64_t kTapeLanes = 16;
+static_assert(kTapeLanes % kLanes == 0, "a tape block holds whole vectors");
+
+// Where hidden unit `col` of batch row `row` at step t starts in the tape, in units of one 16-float row of cs
+// (the gates' offset is 4x this, plus q·16 for gate q).
+inline int64_t TapeRow(int64_t t, int64_t row, int64_t col, int64_t batch, int64_t hidden) {
+  return (t * (hidden / kTapeLanes) + col / kTapeLanes) * batch + row;
+}
+template <typename F>
+inline F* TapeGate(F* gates, int64_t tape_row, int q, int64_t col) {
+  return gates + (tape_row * 4 + q) * kTapeLanes + col % kTapeLanes;
+}
+template <typename F>
+inline F* TapeC(F* cs, int64_t tape_row, int64_t col) {
+  return cs + tape_row * kTapeLanes + col % kTapeLanes;
+}
 
 // The gate nonlinearities cost about a tenth of a forward step at (128, 100, 256, 512) on one AVX2 core: the
 // kernel ran 12-16 % faster with them replaced by multiply-adds. These forms, at about the accuracy of XLA's
@@ -429,8 +453,8 @@ struct ForwardArgs {
   float* h;       // [B, H] final
   float* c;       // [B, H] final
   float* ys;      // [T, B, H]
-  float* gates;   // [4, T, B, H] (i, f, g, o) or nullptr
-  float* cs;      // [T, B, H] or nullptr
+  float* gates;   // [T, H/16, B, 4, 16] (i, f, g, o; see TapeRow) or nullptr
+  float* cs;      // [T, H/16, B, 16] or nullptr
   float* h_buffers;  // [2, B, H] scratch
   // [H/L][I + H][4][L]: [U; W] repacked so that one block of L hidden units reads its weights for all
   // four gates contiguously. In the [I + H, 4H] layout each k row of a block touched four places 4H floats
@@ -527,8 +551,9 @@ void ForwardBlock(const ForwardArgs& a, int64_t t, int64_t r0, int64_t col, int6
       __builtin_prefetch(a.c + (r0 + r) * H + col, 0, 3);
       __builtin_prefetch(a.ys + at, 1, 3);
       if (a.gates != nullptr) {
-        for (int q = 0; q < 4; ++q) __builtin_prefetch(a.gates + q * a.steps * B * H + at, 1, 3);
-        __builtin_prefetch(a.cs + at, 1, 3);
+        const int64_t tape_row = TapeRow(t, r0 + r, col, B, H);
+        for (int q = 0; q < 4; ++q) __builtin_prefetch(TapeGate(a.gates, tape_row, q, col), 1, 3);
+        __builtin_prefetch(TapeC(a.cs, tape_row, col), 1, 3);
       }
     }
   }
@@ -554,12 +579,12 @@ void ForwardBlock(const ForwardArgs& a, int64_t t, int64_t r0, int64_t col, int6
       for (int u = 0; u < kLanes; ++u) h_packed[u * R + r] = h_new[u];
       store(a.ys + tbh + at, y);
       if (a.gates != nullptr) {
-        const int64_t plane = a.steps * B * H;
-        store(a.gates + tbh + at, i);
-        store(a.gates + plane + tbh + at, f);
-        store(a.gates + 2 * plane + tbh + at, g);
-        store(a.gates + 3 * plane + tbh + at, o);
-        store(a.cs + tbh + at, c_new);
+        const int64_t tape_row = TapeRow(t, row, col, B, H);
+        store(TapeGate(a.gates, tape_row, 0, col), i);
+        store(TapeGate(a.gates, tape_row, 1, col), f);
+        store(TapeGate(a.gates, tape_row, 2, col), g);
+        store(TapeGate(a.gates, tape_row, 3, col), o);
+        store(TapeC(a.cs, tape_row, col), c_new);
       }
     }
   }
@@ -675,8 +700,8 @@ void RunForward(const ForwardArgs& a, int index, Stages& stages) {
 struct BackwardArgs {
   int64_t steps, batch, hidden;
   const float* WT;     // [4H, H]
-  const float* gates;  // [4, T, B, H]
-  const float* cs;     // [T, B, H]
+  const float* gates;  // [T, H/16, B, 4, 16] (see TapeRow)
+  const float* cs;     // [T, H/16, B, 16]
   const float* c0;     // [B, H]
   const float* dys;    // [T, B, H]
   const int32_t* lengths;
@@ -751,9 +776,9 @@ void PackInputs(const BackwardArgs& a, int64_t t, int64_t j0, int64_t j1) {
 }
 
 void BackwardElementwise(const BackwardArgs& a, int64_t t, int64_t lo, int64_t hi) {
-  const int64_t B = a.batch, H = a.hidden, plane = a.steps * B * H;
-  // The tape rows of two rows ahead are asked for while this row's are used: the gates, c and c_prev of a row
-  // lie H floats from the last row's, and the rows' first loads stalled (28.8 % of this code's perf samples
+  const int64_t B = a.batch, H = a.hidden, step_rows = (H / kTapeLanes) * B;
+  // The tape rows of two rows ahead are asked for while this row's are used: with the tape in [4, T, B, H] and
+  // [T, B, H], the gates, c and c_prev of a row lay H floats from the last row's, and the rows' first loads stalled (28.8 % of this code's perf samples
   // at (64, 34, 200, 256), 13.5 % with the prefetch). Training step, in-process A/B against no prefetch:
   // 0.955x and 0.965x at (128, 100, 256, 512), 0.98x at (32, 500, 64, 128), 0.99-1.00x at (64, 34, 200, 256).
   constexpr int64_t kAhead = 2, kLineFloats = 64 / sizeof(float);
@@ -761,9 +786,10 @@ void BackwardElementwise(const BackwardArgs& a, int64_t t, int64_t lo, int64_t h
     if (row + kAhead < B) {
       const int64_t ahead = t * B * H + (row + kAhead) * H;
       for (int64_t col = lo; col < hi; col += kLineFloats) {
-        for (int q = 0; q < 4; ++q) __builtin_prefetch(a.gates + q * plane + ahead + col, 0, 3);
-        __builtin_prefetch(a.cs + ahead + col, 0, 3);
-        if (t > 0) __builtin_prefetch(a.cs + ahead - B * H + col, 0, 3);
+        const int64_t tape_row = TapeRow(t, row + kAhead, col, B, H);
+        for (int q = 0; q < 4; ++q) __builtin_prefetch(TapeGate(a.gates, tape_row, q, col), 0, 3);
+        __builtin_prefetch(TapeC(a.cs, tape_row, col), 0, 3);
+        if (t > 0) __builtin_prefetch(TapeC(a.cs, tape_row - step_rows, col), 0, 3);
         __builtin_prefetch(a.dys + ahead + col, 0, 3);
       }
     }
@@ -775,11 +801,11 @@ void BackwardElementwise(const BackwardArgs& a, int64_t t, int64_t lo, int64_t h
         for (int q = 0; q < 4; ++q) store(dz + q * H + col, vf{});
         continue;
       }
-      const int64_t at = t * B * H + row * H + col;
-      vf i = load(a.gates + at), f = load(a.gates + plane + at), g = load(a.gates + 2 * plane + at),
-         o = load(a.gates + 3 * plane + at);
-      vf c = load(a.cs + at);
-      vf c_prev = t > 0 ? load(a.cs + at - B * H) : load(a.c0 + row * H + col);
+      const int64_t at = t * B * H + row * H + col, tape_row = TapeRow(t, row, col, B, H);
+      vf i = load(TapeGate(a.gates, tape_row, 0, col)), f = load(TapeGate(a.gates, tape_row, 1, col)),
+         g = load(TapeGate(a.gates, tape_row, 2, col)), o = load(TapeGate(a.gates, tape_row, 3, col));
+      vf c = load(TapeC(a.cs, tape_row, col));
+      vf c_prev = t > 0 ? load(TapeC(a.cs, tape_row - step_rows, col)) : load(a.c0 + row * H + col);
       vf tanh_c = vtanh(c);
       vf dh = load(a.dh + row * H + col) + load(a.dys + at);
       vf dc = load(a.dc + row * H + col) + dh * o * (1.0f - tanh_c * tanh_c);
@@ -1048,6 +1074,14 @@ void RunOnTeam(int count, const std::function<void(int, Stages&)>& job) {
   job(0, alone);
 }
 
+// Whether the tape's gates are [T, H/16, B, 4, 16] and its cs holds a quarter of their elements.
+template <typename Dims>
+bool IsTape(Dims gates_dims, int64_t cs_count, int64_t steps, int64_t batch, int64_t hidden) {
+  const int64_t expected[] = {steps, hidden / kTapeLanes, batch, 4, kTapeLanes};
+  return std::equal(gates_dims.begin(), gates_dims.end(), std::begin(expected), std::end(expected)) &&
+         cs_count * 4 == steps * hidden * batch * 4;
+}
+
 ffi::Error LstmForward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> U, ffi::Buffer<ffi::F32> W,
                        ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
                        ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> h,
@@ -1057,7 +1091,9 @@ ffi::Error LstmForward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> U, ffi::B
   auto dims = xs.dimensions();
   if (dims.size() != 3) return ffi::Error::InvalidArgument("lstm_forward: xs must be [T, B, F]");
   const int64_t hidden = W.dimensions()[0];
-  if (hidden % kLanes != 0) return ffi::Error::InvalidArgument("lstm_forward: hidden size must be a multiple of the vector width");
+  if (hidden % kTapeLanes != 0) return ffi::Error::InvalidArgument("lstm_forward: hidden size must be a multiple of 16");
+  if (gates->element_count() != 0 && !IsTape(gates->dimensions(), cs->element_count(), dims[0], dims[1], hidden))
+    return ffi::Error::InvalidArgument("lstm_forward: the tape must be gates [T, H/16, B, 4, 16] and cs [T, H/16, B, 16]");
   ForwardArgs a{dims[0], dims[1], dims[2], hidden, xs.typed_data(), U.typed_data(),
                 W.typed_data(), b.typed_data(), h0.typed_data(), c0.typed_data(),
                 has_lengths ? lengths.typed_data() : nullptr, nullptr, h->typed_data(), c->typed_data(),
@@ -1097,7 +1133,9 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::F32> WT, ffi::Buffer<ffi::F32> gates, f
   auto dims = dys.dimensions();
   if (dims.size() != 3) return ffi::Error::InvalidArgument("lstm_backward: dys must be [T, B, H]");
   const int64_t hidden = dims[2];
-  if (hidden % kLanes != 0) return ffi::Error::InvalidArgument("lstm_backward: hidden size must be a multiple of the vector width");
+  if (hidden % kTapeLanes != 0) return ffi::Error::InvalidArgument("lstm_backward: hidden size must be a multiple of 16");
+  if (!IsTape(gates.dimensions(), cs.element_count(), dims[0], dims[1], hidden))
+    return ffi::Error::InvalidArgument("lstm_backward: the tape must be gates [T, H/16, B, 4, 16] and cs [T, H/16, B, 16]");
   BackwardArgs a{dims[0], dims[1], hidden, WT.typed_data(), gates.typed_data(), cs.typed_data(), c0.typed_data(),
                  dys.typed_data(), has_lengths ? lengths.typed_data() : nullptr, dh->typed_data(),
                  dc->typed_data(), dz->typed_data(), nullptr, 0, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
