@@ -116,6 +116,16 @@ def test_kernel_gates_match_xla_over_the_whole_range_of_preactivations(key):
     assert float(jnp.max(jnp.abs(tanh_gate))) <= 1.0 and float(jnp.max(jnp.abs(got[2]))) <= 1.0
 
 
+def test_backward_rejects_a_tape_in_another_layout(key):
+    """A tape in the planar layout ([4, T, B, Hp] and [T, B, Hp]) is refused with a message, not misread."""
+    params, xs_t, h0, c0, _, dys = _problem(key, 4, 3, 5, 32)
+    tape = native.lstm_forward(xs_t, params["U"], params["W"], params["b"], h0, c0, None, hoisted=False,
+                               save=True)[3]
+    planar = native.Tape(*tape.unblocked())
+    with pytest.raises(Exception, match="the tape must be gates"):
+        jax.block_until_ready(native.lstm_backward(params["W"], planar, c0, dys, None, h0, c0))
+
+
 def test_kernel_tanh_coefficients_are_those_of_the_fit():
     """lstm_cpu.cc's rational tanh is what scripts/fit_tanh.py fits (float32 rounding of the same numbers)."""
     spec = importlib.util.spec_from_file_location("fit_tanh", ROOT / "scripts" / "fit_tanh.py")

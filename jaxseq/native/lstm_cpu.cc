@@ -1074,12 +1074,12 @@ void RunOnTeam(int count, const std::function<void(int, Stages&)>& job) {
   job(0, alone);
 }
 
-// Whether the tape's gates are [T, H/16, B, 4, 16] and its cs holds a quarter of their elements.
+// Whether the tape's gates are [T, H/16, B, 4, 16] and its cs holds T·B·H floats ([T, H/16, B, 16]).
 template <typename Dims>
 bool IsTape(Dims gates_dims, int64_t cs_count, int64_t steps, int64_t batch, int64_t hidden) {
   const int64_t expected[] = {steps, hidden / kTapeLanes, batch, 4, kTapeLanes};
   return std::equal(gates_dims.begin(), gates_dims.end(), std::begin(expected), std::end(expected)) &&
-         cs_count * 4 == steps * hidden * batch * 4;
+         cs_count == steps * batch * hidden;
 }
 
 ffi::Error LstmForward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> U, ffi::Buffer<ffi::F32> W,
