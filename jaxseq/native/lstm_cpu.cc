@@ -58,9 +58,9 @@ inline vf splat(float x) { return x - vf{}; }  // one broadcast: x - (+0) is x, 
 // The tape (what the forward saves for the backward) by blocks of 16 hidden units: gates [T][H/16][B][4][16]
 // (i, f, g, o) and cs [T][H/16][B][16], so that a column block's tape rows of one step are contiguous. In
 // [4, T, B, H] and [T, B, H] they lay 4·H bytes apart in five planes, so that the hardware prefetchers, which
-// stay inside a 4 KiB page, hardly helped. Training step, in-process A/B against that layout (bit-identical; medians
-// of 12-100 alternating rounds, three A/Bs per shape): 0.92-0.97x at (128, 100, 256, 512), 0.94-0.98x at
-// (64, 34, 200, 256), 0.96-1.00x at (32, 500, 64, 128), 0.96-1.02x at (1, 100, 128, 256).
+// stay inside a 4 KiB page, hardly helped. Training step, in-process A/B against that layout (bit-identical;
+// medians of 12-100 alternating rounds, three A/Bs per shape): 0.92-0.97x at (128, 100, 256, 512), 0.94-0.98x
+// at (64, 34, 200, 256), 0.96-1.00x at (32, 500, 64, 128), 0.96-1.02x at (1, 100, 128, 256).
 // 16 is jaxseq.native.LANES (the padding of H), not kLanes, so that the layout does not depend on the build.
 constexpr int64_t kTapeLanes = 16;
 static_assert(kTapeLanes % kLanes == 0, "a tape block holds whole vectors");
@@ -777,10 +777,11 @@ void PackInputs(const BackwardArgs& a, int64_t t, int64_t j0, int64_t j1) {
 
 void BackwardElementwise(const BackwardArgs& a, int64_t t, int64_t lo, int64_t hi) {
   const int64_t B = a.batch, H = a.hidden, step_rows = (H / kTapeLanes) * B;
-  // The tape rows of two rows ahead are asked for while this row's are used: with the tape in [4, T, B, H] and
-  // [T, B, H], the gates, c and c_prev of a row lay H floats from the last row's, and the rows' first loads stalled (28.8 % of this code's perf samples
-  // at (64, 34, 200, 256), 13.5 % with the prefetch). Training step, in-process A/B against no prefetch:
-  // 0.955x and 0.965x at (128, 100, 256, 512), 0.98x at (32, 500, 64, 128), 0.99-1.00x at (64, 34, 200, 256).
+  // The tape rows of two rows ahead are asked for while this row's are used. With the tape in [4, T, B, H] and
+  // [T, B, H] (before TapeRow), the gates, c and c_prev of a row lay H floats from the last row's, and the rows'
+  // first loads stalled (28.8 % of this code's perf samples at (64, 34, 200, 256), 13.5 % with the prefetch).
+  // Training step, in-process A/B against no prefetch: 0.955x and 0.965x at (128, 100, 256, 512), 0.98x at
+  // (32, 500, 64, 128), 0.99-1.00x at (64, 34, 200, 256).
   constexpr int64_t kAhead = 2, kLineFloats = 64 / sizeof(float);
   for (int64_t row = 0; row < B; ++row) {
     if (row + kAhead < B) {
