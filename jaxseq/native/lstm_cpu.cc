@@ -718,8 +718,8 @@ struct BackwardArgs {
   float* dU;        // [I, 4H]
   float* dW;        // [H, 4H]
   float* db;        // [4H]
-  // The running sums of dU and dW by block: [H / (kWide·L)][4 gates][I + H][kWide·L] (see WeightTiles), copied
-  // into dU and dW at the end. Summed in place, a tile's rows lay 16·H bytes apart, a new page each: at
+  // The running sums of dU and dW by hidden block (hidden units lo .. hi): at 4·(I + H)·lo, per gate its tiles'
+  // [I + H][width·L] one after another (see WeightTiles), copied into dU and dW at the end. Summed in place, a tile's rows lay 16·H bytes apart, a new page each: at
   // (128, 100, 256, 512) the backward kernel took 761-946 ms against 562-641 with these sums.
   float* weight_sums;
   // [2][I + H][B]: [x_t, h_{t-1}] of two steps by blocks of kRows rows (RowBlock), each [B][rows]: the
@@ -905,8 +905,8 @@ __attribute__((noinline)) void OuterProductTile(float* C, int64_t ldc, const flo
 }
 
 // The column tiles of a backward block (hidden units lo .. hi of each gate): G vectors each (TileWidth<kRows>()),
-// and single vectors for the rest of a gate. `sums` is where the tile's running sums start in the block's part of
-// BackwardArgs::weight_sums: [I + H][width·L].
+// and the rest of a gate as one narrower tile. `sums` is where the tile's running sums start in the block's part
+// of BackwardArgs::weight_sums: [I + H][width·L].
 struct WeightTile {
   int64_t column;  // in dU, dW, db
   int width;       // vectors
@@ -916,11 +916,11 @@ struct WeightTile {
 int WeightTiles(const BackwardArgs& a, int64_t lo, int64_t hi, WeightTile (&tiles)[4 * kWide]) {
   constexpr int G = TileWidth<kRows>();
   const int64_t H = a.hidden, depth = a.in_size + H, vectors = (hi - lo) / kLanes;
-  float* sums = a.weight_sums + (lo / (kWide * kLanes)) * 4 * depth * kWide * kLanes;
+  float* sums = a.weight_sums + 4 * depth * lo;
   int count = 0;
-  for (int q = 0; q < 4; ++q, sums += depth * kWide * kLanes) {
+  for (int q = 0; q < 4; ++q, sums += depth * (hi - lo)) {
     for (int64_t v = 0; v < vectors;) {
-      const int width = v + G <= vectors ? G : 1;
+      const int width = static_cast<int>(std::min<int64_t>(G, vectors - v));
       tiles[count++] = WeightTile{q * H + lo + v * kLanes, width, sums + depth * v * kLanes};
       v += width;
     }
@@ -972,8 +972,11 @@ void WeightGradients(const BackwardArgs& a, int64_t t, int64_t lo, int64_t hi, s
       ForEachRowBlock(rows, [&](auto r, int64_t) {  // one call, with R = rows
         constexpr int R = decltype(r)::value;
         float* c = tiles[k].sums + first * ldc;
-        if (tiles[k].width == G) OuterProductTile<R, G>(c, ldc, packed + first * B, R, d[k], B);
-        else OuterProductTile<R, 1>(c, ldc, packed + first * B, R, d[k], B);
+        const float* inputs = packed + first * B;
+        if (tiles[k].width == G) OuterProductTile<R, G>(c, ldc, inputs, R, d[k], B);
+        else if (G > 3 && tiles[k].width == 3) OuterProductTile<R, (G > 3 ? 3 : 1)>(c, ldc, inputs, R, d[k], B);
+        else if (G > 2 && tiles[k].width == 2) OuterProductTile<R, (G > 2 ? 2 : 1)>(c, ldc, inputs, R, d[k], B);
+        else OuterProductTile<R, 1>(c, ldc, inputs, R, d[k], B);
       });
     }
   }
@@ -1025,12 +1028,20 @@ struct BackwardBlocks {
 // blocks are about kWide·L columns of dxs each: stage 0 packs their Uᵀ, the stage of step t forms dxs_{t+1}, the
 // last stage dxs_0.
 void RunBackward(const BackwardArgs& a, int index, Stages& stages) {
-  const int64_t H = a.hidden, H4 = 4 * H, width = kWide * kLanes, T = a.steps, blocks = (H + width - 1) / width;
+  const int64_t H = a.hidden, H4 = 4 * H, width = kWide * kLanes, T = a.steps, threads = stages.threads();
+  // Hidden blocks of up to kWide vectors, cut as evenly as the count allows, and at least one per thread where
+  // there are vectors enough: at H = 64, one block of four vectors left the other thread only input blocks.
+  // Training step, in-process A/B, bit-identical: 0.908x at (32, 50, 64, 64), 0.94x and 0.99x at
+  // (64, 50, 128, 64). Rounding the count up to a multiple of the threads everywhere cost more than it gained
+  // where it made the tiles narrower: 1.010x and 1.038x at (64, 30, 128, 192) (three blocks of 4 vectors made
+  // four of 3).
+  const int64_t hidden_vectors = H / kLanes;
+  const int64_t blocks = std::min(hidden_vectors, std::max((H + width - 1) / width, threads));
   // Input blocks: a multiple of the thread count where there are vectors enough, so that each thread's range
   // holds as many. At (32, 500, 64, 128) the one input block (I = 64, four vectors) went to one thread, which
   // the other then waited for at the end of every step: two blocks took 0.923x and 0.954x the training time
   // (in-process A/B, 40 rounds each, bit-identical), 0.949x at (32, 100, 192, 256) (three blocks made four).
-  const int64_t in_vectors = a.in_padded / kLanes, threads = stages.threads();
+  const int64_t in_vectors = a.in_padded / kLanes;
   const int64_t input_blocks =
       std::min(in_vectors, ((a.in_padded + width - 1) / width + threads - 1) / threads * threads);
   const BackwardBlocks kinds{blocks, a.dxs != nullptr ? input_blocks : 0};
@@ -1062,15 +1073,14 @@ void RunBackward(const BackwardArgs& a, int index, Stages& stages) {
     if (s == 0) a.prefaults.PopulatePart(position, kinds.hidden + kinds.input);
     int64_t block;
     if (kinds.IsInput(position, count, block)) return input_block(s, block);
-    const int64_t lo = block * width, hi = std::min(H, lo + width);
+    const int64_t lo = hidden_vectors * block / blocks * kLanes, hi = hidden_vectors * (block + 1) / blocks * kLanes;
     if (s == 0) {
       for (int64_t col = lo; col < hi; col += kLanes) {
         float* packed = a.packed + (col / kLanes) * H4 * kLanes;
         for (int64_t k = 0; k < H4; ++k) std::memcpy(packed + k * kLanes, a.WT + k * H + col, sizeof(vf));
       }
       if (a.dW != nullptr) {  // this block's weight-gradient sums start at zero
-        std::memset(a.weight_sums + block * 4 * (a.in_size + H) * width, 0,
-                    4 * (a.in_size + H) * width * sizeof(float));
+        std::memset(a.weight_sums + 4 * (a.in_size + H) * lo, 0, 4 * (a.in_size + H) * (hi - lo) * sizeof(float));
         for (int q = 0; q < 4; ++q) std::memset(a.db + q * H + lo, 0, (hi - lo) * sizeof(float));
         pack_share(T - 1, block);
       }
@@ -1190,7 +1200,6 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::F32> WT, ffi::Buffer<ffi::F32> gates, f
     packed_UT.resize(4 * hidden * a.in_padded);
     a.packed_UT = packed_UT.data();
   }
-  const int64_t blocks = (hidden + kWide * kLanes - 1) / (kWide * kLanes);
   thread_local std::vector<float> weight_sums, packed_inputs, dz_ring;  // reused across calls, as `packed` below
   if (!keep_dz) {
     dz_ring.resize(2 * a.batch * 4 * hidden);
@@ -1198,7 +1207,7 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::F32> WT, ffi::Buffer<ffi::F32> gates, f
     a.dz_steps = 2;
   }
   if (weight_grads) {
-    weight_sums.resize(blocks * 4 * (a.in_size + hidden) * kWide * kLanes);
+    weight_sums.resize(4 * (a.in_size + hidden) * hidden);
     a.weight_sums = weight_sums.data();
     packed_inputs.resize(2 * (a.in_size + hidden) * a.batch);
     a.packed_inputs = packed_inputs.data();
