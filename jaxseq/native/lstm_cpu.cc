@@ -386,6 +386,15 @@ constexpr int TileWidth() {
   return 1;
 }
 
+// Calls f(std::integral_constant<int, width>{}) for a tile width known only at run time, 1 <= width <= Max: the
+// rest of a block narrower than a full tile runs as one tile of its own width (three vectors as a 6x3 tile, not
+// three 6x1 tiles, in which each broadcast feeds a single product).
+template <int Max, typename F>
+inline void WithTileWidth(int width, F f) {
+  if (width == Max) f(std::integral_constant<int, Max>{});
+  else if constexpr (Max > 1) WithTileWidth<Max - 1>(width, f);
+}
+
 // The register tile of every product here: acc[r][g] += Σ_k a[r·a_row + k·a_k] · w[g·w_vector + k·w_k .. + L],
 // R·G accumulators, each loaded vector of w feeding R of them and each broadcast of a feeding G.
 template <int R, int G>
@@ -719,8 +728,9 @@ struct BackwardArgs {
   float* dW;        // [H, 4H]
   float* db;        // [4H]
   // The running sums of dU and dW by hidden block (hidden units lo .. hi): at 4·(I + H)·lo, per gate its tiles'
-  // [I + H][width·L] one after another (see WeightTiles), copied into dU and dW at the end. Summed in place, a tile's rows lay 16·H bytes apart, a new page each: at
-  // (128, 100, 256, 512) the backward kernel took 761-946 ms against 562-641 with these sums.
+  // [I + H][width·L] one after another (see WeightTiles), copied into dU and dW at the end. Summed in place, a
+  // tile's rows lay 16·H bytes apart, a new page each: at (128, 100, 256, 512) the backward kernel took 761-946
+  // ms against 562-641 with these sums.
   float* weight_sums;
   // [2][I + H][B]: [x_t, h_{t-1}] of two steps by blocks of kRows rows (RowBlock), each [B][rows]: the
   // products then read their broadcast operand contiguously (in [T, B, I] and [T, B, H] it lies 4·I and 4·H
@@ -847,31 +857,20 @@ __attribute__((noinline)) void DzProductBlock(const BackwardArgs& a, int64_t t, 
 
 // Columns lo .. hi of δz_t Mᵀ: columns outside, rows inside, as in the forward loop; each row block takes its
 // columns in tiles of TileWidth<R>() column blocks (4 with AVX-512, 2 for 6 rows with AVX2), and the rest in
-// narrower ones.
+// one narrower tile (WithTileWidth).
 void DzProduct(const BackwardArgs& a, int64_t t, int64_t lo, int64_t hi, const float* packed, float* out,
                int64_t ldo, bool keep_finished_rows) {
   for (int64_t col = lo; col < hi; col += kWide * kLanes) {
     const int64_t end = std::min(hi, col + kWide * kLanes);
     ForEachRowBlock(a.batch, [&](auto rows, int64_t r0) {
       constexpr int R = decltype(rows)::value, V = TileWidth<R>();
-      int64_t c = col;
-      for (; c + V * kLanes <= end; c += V * kLanes)
-        DzProductBlock<R, V>(a, t, r0, c, packed, out, ldo, keep_finished_rows);
-      // The rest in as few tiles as fit: three vectors as one 6x3 tile, not three 6x1 ones, in which each
-      // broadcast of δz feeds a single product.
-      if constexpr (V > 3 && R * 3 <= kAccumulatorRegisters) {
-        if (end - c == 3 * kLanes) {
-          DzProductBlock<R, 3>(a, t, r0, c, packed, out, ldo, keep_finished_rows);
-          c = end;
-        }
+      for (int64_t c = col; c < end;) {
+        const int vectors = static_cast<int>(std::min<int64_t>(V, (end - c) / kLanes));
+        WithTileWidth<V>(vectors, [&](auto width) {
+          DzProductBlock<R, decltype(width)::value>(a, t, r0, c, packed, out, ldo, keep_finished_rows);
+        });
+        c += vectors * kLanes;
       }
-      if constexpr (V > 2) {
-        if (end - c >= 2 * kLanes) {
-          DzProductBlock<R, 2>(a, t, r0, c, packed, out, ldo, keep_finished_rows);
-          c += 2 * kLanes;
-        }
-      }
-      for (; c < end; c += kLanes) DzProductBlock<R, 1>(a, t, r0, c, packed, out, ldo, keep_finished_rows);
     });
   }
 }
@@ -972,11 +971,9 @@ void WeightGradients(const BackwardArgs& a, int64_t t, int64_t lo, int64_t hi, s
       ForEachRowBlock(rows, [&](auto r, int64_t) {  // one call, with R = rows
         constexpr int R = decltype(r)::value;
         float* c = tiles[k].sums + first * ldc;
-        const float* inputs = packed + first * B;
-        if (tiles[k].width == G) OuterProductTile<R, G>(c, ldc, inputs, R, d[k], B);
-        else if (G > 3 && tiles[k].width == 3) OuterProductTile<R, (G > 3 ? 3 : 1)>(c, ldc, inputs, R, d[k], B);
-        else if (G > 2 && tiles[k].width == 2) OuterProductTile<R, (G > 2 ? 2 : 1)>(c, ldc, inputs, R, d[k], B);
-        else OuterProductTile<R, 1>(c, ldc, inputs, R, d[k], B);
+        WithTileWidth<G>(tiles[k].width, [&](auto width) {
+          OuterProductTile<R, decltype(width)::value>(c, ldc, packed + first * B, R, d[k], B);
+        });
       });
     }
   }
@@ -1022,6 +1019,12 @@ struct BackwardBlocks {
   }
 };
 
+// Block `block` of `count` over `vectors` vectors of L columns, cut as evenly as the count allows: columns lo .. hi.
+inline void VectorCut(int64_t vectors, int64_t block, int64_t count, int64_t& lo, int64_t& hi) {
+  lo = vectors * block / count * kLanes;
+  hi = vectors * (block + 1) / count * kLanes;
+}
+
 // A hidden block is kWide column blocks (4L hidden units). Stage 0 packs their columns of Wᵀ; the stage of step t
 // forms their columns of δh_t = δz_{t+1} Wᵀ (which reads every block's δz_{t+1}, finished in the stage
 // before) and then their δz_t; the last stage forms δh before the first step. With the input gradient, input
@@ -1056,7 +1059,8 @@ void RunBackward(const BackwardArgs& a, int index, Stages& stages) {
     // Cut as 4, 4, 4, 1, one thread's range held a quarter block less work, and it waited for the other at the
     // end of every step: training step at (64, 34, 200, 256), in-process A/B, 0.974x, 0.972x and 0.978x the time
     // (60, 80 and 60 rounds, with the 6x3 tiles of DzProduct), 0.987x at (64, 50, 100, 256); bit-identical.
-    const int64_t lo = in_vectors * block / kinds.input * kLanes, hi = in_vectors * (block + 1) / kinds.input * kLanes;
+    int64_t lo, hi;
+    VectorCut(in_vectors, block, kinds.input, lo, hi);
     if (s == 0) {
       for (int64_t col = lo; col < hi; col += kLanes) {
         float* packed = a.packed_UT + (col / kLanes) * H4 * kLanes;
@@ -1073,7 +1077,8 @@ void RunBackward(const BackwardArgs& a, int index, Stages& stages) {
     if (s == 0) a.prefaults.PopulatePart(position, kinds.hidden + kinds.input);
     int64_t block;
     if (kinds.IsInput(position, count, block)) return input_block(s, block);
-    const int64_t lo = hidden_vectors * block / blocks * kLanes, hi = hidden_vectors * (block + 1) / blocks * kLanes;
+    int64_t lo, hi;
+    VectorCut(hidden_vectors, block, blocks, lo, hi);
     if (s == 0) {
       for (int64_t col = lo; col < hi; col += kLanes) {
         float* packed = a.packed + (col / kLanes) * H4 * kLanes;
