@@ -46,7 +46,9 @@ def _problem(key, batch, steps, in_size, hidden):
 # (20, 120; hoisted, 120 alone); more row blocks than column blocks (40, 8: one block packs every row block of x_t);
 # input gradients of 1, 2 and 7 vectors (7 is cut 3 + 4: a three-vector tile). The last two have two threads' work
 # (on two cores or more): their input gradients' 4 and 13 vectors are cut into 2 and 4 blocks, a multiple of
-# the threads, and H = 64 (one block of four vectors) into two hidden blocks of two.
+# the threads, and H = 64 (one block of four vectors) into two hidden blocks of two. With the weight and input
+# gradients, (7, 4, 100, 32) has two threads' work in the backward too (its team counts all of a step's products):
+# two hidden blocks of one vector.
 @pytest.mark.parametrize("batch,steps,in_size,hidden", [(11, 9, 7, 32), (3, 5, 4, 5), (8, 6, 16, 40),
                                                          (7, 4, 100, 32), (10, 3, 20, 120), (40, 3, 9, 8),
                                                          (16, 5, 56, 128), (16, 4, 200, 64)])
