@@ -41,15 +41,16 @@ def _problem(key, batch, steps, in_size, hidden):
 
 
 # Hidden sizes on and off the kernel's 16-float vectors (5 and 40 are padded; 40 is five 8-float blocks with
-# AVX2), batches on and off its 6-row register blocks (remainders 1 to 5: 7, 8, 3, 10, 11; 8 and 10 re-cut as 5 + 3, 5 + 5; 26 as
-# 6 + 5 + 5 + 5 + 5, blocks of 6 and as few of 5 as make up the rest), with and without lengths, the input product inside the loop and hoisted; depths I + H past the
-# kernel's 96-row passes, with a pass boundary inside the input part (100, 32) and inside the recurrent part
-# (20, 120; hoisted, 120 alone); more row blocks than column blocks (40, 8: one block packs every row block of x_t);
-# input gradients of 1, 2 and 7 vectors (7 is cut 3 + 4: a three-vector tile). The last two have two threads' work
-# (on two cores or more): their input gradients' 4 and 13 vectors are cut into 2 and 4 blocks, a multiple of
-# the threads, and H = 64 (one block of four vectors) into two hidden blocks of two. With the weight and input
-# gradients, (7, 4, 100, 32) has two threads' work in the backward too (its team counts all of a step's products):
-# two hidden blocks of one vector.
+# AVX2), batches on and off its 6-row register blocks (remainders 1 to 5: 7, 8, 3, 10, 11; 10, 16 and 40 end in
+# 5 + 5, 26 is 6 + 5 + 5 + 5 + 5; 8, too small for that, is cut 5 + 3), with and without lengths, the input
+# product inside the loop and hoisted; depths I + H past the kernel's 96-row passes, with a pass boundary inside
+# the input part (100, 32) and inside the recurrent part (20, 120; hoisted, 120 alone); more row blocks than
+# column blocks (40, 8: one block packs every row block of x_t); input gradients of 1, 2 and 7 vectors (7 is cut
+# 3 + 4: a three-vector tile). (16, 5, 56, 128) and (16, 4, 200, 64) have two threads' work (on two cores or
+# more): their input gradients' 4 and 13 vectors are cut into 2 and 4 blocks, a multiple of the threads, and
+# H = 64 (one block of four vectors) into two hidden blocks of two. With the weight and input gradients,
+# (7, 4, 100, 32) has two threads' work in the backward too (its team counts all of a step's products): two
+# hidden blocks of one vector.
 @pytest.mark.parametrize("batch,steps,in_size,hidden", [(11, 9, 7, 32), (3, 5, 4, 5), (8, 6, 16, 40),
                                                          (7, 4, 100, 32), (10, 3, 20, 120), (40, 3, 9, 8),
                                                          (16, 5, 56, 128), (16, 4, 200, 64), (26, 3, 30, 48)])

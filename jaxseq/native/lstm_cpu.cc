@@ -605,12 +605,12 @@ void ForwardBlock(const ForwardArgs& a, int64_t t, int64_t r0, int64_t col, int6
 }
 
 // Calls rows(R, r0) for blocks of R rows that cover 0 .. batch: blocks of kRows and as few of kRows - 1 as make
-// up the rest (32 = 6 + 6 + 5 + 5 + 5 + 5), where the batch has enough rows for that; small batches take kRows at
-// a time and then what is left, a rest of 4 or 2 cut again with the last full block into 5 + 5 or 5 + 3. A
-// 5-row tile costs about what a 6-row one does per row, a 3-row tile 1.7-1.9x (each loaded vector of weights
-// feeds three products): at (32, 500, 64, 128), cut 6 x 4 + 5 + 3, the 3-row blocks' products took 7 % of the
-// training step's perf samples for 9 % of the rows. With AVX2, a 4-row tile holds 8 accumulators (4 rows x 2
-// vectors) and a 2-row one 8 (2 x 4), against 10 for 5 rows and 12 for 3 and 6.
+// up the rest (32 = 6 + 6 + 5 + 5 + 5 + 5). A 5-row tile costs about what a 6-row one does per row, a 3-row tile
+// 1.7-1.9x (each loaded vector of weights feeds three products): at (32, 500, 64, 128), cut 6 x 4 + 5 + 3, the
+// 3-row blocks' products took 7 % of the training step's perf samples for 9 % of the rows. Batches too small for
+// that (1-4, 7-9, 13, 14, 19) take kRows at a time and then the rest, a rest of 2 after a full block cut again
+// with it into 5 + 3: with AVX2, a 2-row tile holds 8 accumulators (2 rows x 4 vectors), against 10 for 5 rows
+// and 12 for 3 and 6.
 template <typename Rows>
 void ForEachRowBlock(int64_t batch, Rows rows) {
   constexpr int kShort = kRows - 1;
@@ -622,16 +622,14 @@ void ForEachRowBlock(int64_t batch, Rows rows) {
     return;
   }
   int64_t full = batch / kRows;
-  const int64_t rest = batch % kRows;
-  const bool recut = full > 0 && (rest == 4 || rest == 2);
+  const bool recut = full > 0 && batch % kRows == 2;
   if (recut) --full;
   for (int64_t i = 0; i < full; ++i, r0 += kRows) rows(std::integral_constant<int, kRows>{}, r0);
   if (recut) {
     rows(std::integral_constant<int, 5>{}, r0);
     r0 += 5;
   }
-  switch (batch - r0) {
-    case 5: rows(std::integral_constant<int, 5>{}, r0); break;
+  switch (batch - r0) {  // the rest: 1 to 4 rows
     case 4: rows(std::integral_constant<int, 4>{}, r0); break;
     case 3: rows(std::integral_constant<int, 3>{}, r0); break;
     case 2: rows(std::integral_constant<int, 2>{}, r0); break;
@@ -855,8 +853,9 @@ constexpr int kWide = 4;  // column blocks per backward product block
 // which the hardware prefetchers did not keep ahead of: this product ran at 1.48x the weight-gradient tile's time
 // per FLOP. Prefetched 16 lines ahead, 1.20x; training step, in-process A/B, bit-identical: 0.95-0.96x at
 // (64, 34, 200, 256), 0.95x at (128, 100, 256, 512), 0.97x at (32, 500, 64, 128), 0.92x at (1, 100, 128, 256)
-// (8 lines ahead: 0.954x, 32: 0.975x at the first; the AVX2 build on the same CPU: 1.006x). Prefetching δz's rows as well, or the forward's weights, did
-// not help (0.99x, 1.00x; 1.35x for the forward at batch 1, where the prefetches doubled the loop's loads).
+// (8 lines ahead: 0.954x, 32: 0.975x at the first; the AVX2 build on the same CPU: 1.006x). Prefetching δz's
+// rows as well did not help (0.99x, 1.00x), nor the forward's weights (0.99x; 1.35x for the forward at batch 1,
+// where the prefetches doubled the loop's loads).
 constexpr int kPanelAhead = 16;
 template <int R, int V>
 __attribute__((noinline)) void DzProductBlock(const BackwardArgs& a, int64_t t, int64_t r0, int64_t col,
