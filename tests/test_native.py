@@ -243,7 +243,9 @@ def test_layer_uses_kernel_only_where_it_is_faster(key):
 def test_two_threads_give_the_same_values_call_after_call(key):
     # Batch 24, hidden 64: 8·B·(I+H)·H = 1.7M FLOPs per step, so the kernel runs on every CPU (when there are
     # several); a block claimed twice or skipped, or a stage started early, would change the values. With the
-    # weight and input gradients, the backward's stages mix 2 hidden blocks and 3 input blocks (I = 72).
+    # weight and input gradients, the backward's stages have 2 hidden blocks and 2 lagging input blocks (I = 72),
+    # which may still read δz_{t+1} while the next stage runs: a ring of two δz slots, not three, failed here
+    # in two of three runs.
     params, xs_t, h0, c0, lengths, dys = _problem(key, 24, 40, 72, 64)
     U, W, b = params["U"], params["W"], params["b"]
     valid = layers._valid(lengths, 40)

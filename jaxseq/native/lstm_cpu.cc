@@ -236,37 +236,41 @@ class Team {
 // then claims the unclaimed blocks of the other ranges. A thread that is late, or never joins, costs the others
 // only its unclaimed blocks; with a fixed split and a barrier per step, one descheduled thread stalled every
 // step (at (1, 100, 128, 256) after XLA's input GEMM, two threads ran 1.3-1.7x one thread's time).
+// A stage may also have lagging blocks, which only the stage after next waits for (the backward's input
+// gradient): the thread that finishes first goes on with the next step instead of waiting at the barrier for
+// the other's last block. At (64, 34, 200, 256) the input gradient's 13 vectors split 6 : 7 between two
+// threads, and the end of every step waited for the seventh.
 class Stages {
  public:
-  explicit Stages(int count) : claims_(count) {}
+  explicit Stages(int count) : claims_(count), lagging_claims_(count) {}
 
   int threads() const { return static_cast<int>(claims_.size()); }
 
-  // Runs stages 0 .. num_stages-1 as thread `index`; blocks(s) is n_s, run(s, b) runs block b of stage s.
-  // Thread 0 (the caller) returns only when every block of every stage has finished. range_begin(n, range, count)
-  // is where a thread's range starts (range_begin(n, count, count) must be n): equal ranges unless given.
-  template <typename Blocks, typename Run, typename RangeBegin>
-  void Execute(int index, int64_t num_stages, Blocks blocks, Run run, RangeBegin range_begin) {
-    const int count = static_cast<int>(claims_.size());
-    int64_t before = 0;  // blocks of the stages before s
+  // Runs stages 0 .. num_stages-1 as thread `index`. Stage s has blocks(s) blocks that stage s+1 needs, run by
+  // run(s, b), and lagging(s) lagging blocks, run by run_lagging(s, b), that only stage s+2 needs: a thread that
+  // has claimed all of stage s goes on to stage s+1 while the other may still run a lagging block of stage s.
+  // In each stage a thread runs its range of blocks(s), takes over unclaimed ones of other ranges, then the
+  // unclaimed lagging blocks of stage s-1, then its range of lagging(s) and unclaimed ones of other ranges.
+  // Thread 0 (the caller) returns only when every block of every stage has finished.
+  template <typename Blocks, typename Lagging, typename Run, typename RunLagging>
+  void Execute(int index, int64_t num_stages, Blocks blocks, Lagging lagging, Run run, RunLagging run_lagging) {
+    int64_t before = 0, lagging_before = 0, lagging_last = 0;  // blocks of stages < s; lagging of < s-1; of s-1
     for (int64_t s = 0; s < num_stages; ++s) {
-      const int64_t n = blocks(s);
-      WaitForDone(before);
-      for (int k = 0; k < count; ++k) {
-        const int range = (index + k) % count;
-        const int64_t lo = range_begin(n, range, count), hi = range_begin(n, range + 1, count);
-        for (int64_t b; (b = Claim(range, s, hi - lo)) >= 0;) {
-          run(s, lo + b);
-          done_.fetch_add(1, std::memory_order_acq_rel);
-        }
-      }
+      const int64_t n = blocks(s), m = lagging(s);
+      WaitForDone(before, lagging_before);
+      ClaimAndRun(claims_, index, s, n, run, done_);
+      if (s > 0) ClaimAll(s - 1, lagging_last, run_lagging);
+      ClaimAndRun(lagging_claims_, index, s, m, run_lagging, lagging_done_);
       before += n;
+      lagging_before += lagging_last;
+      lagging_last = m;
     }
-    if (index == 0) WaitForDone(before);
+    if (num_stages > 0) ClaimAll(num_stages - 1, lagging_last, run_lagging);
+    if (index == 0) WaitForDone(before, lagging_before + lagging_last);
   }
   template <typename Blocks, typename Run>
   void Execute(int index, int64_t num_stages, Blocks blocks, Run run) {
-    Execute(index, num_stages, blocks, run, [](int64_t n, int range, int count) { return n * range / count; });
+    Execute(index, num_stages, blocks, [](int64_t) { return int64_t{0}; }, run, [](int64_t, int64_t) {});
   }
 
  private:
@@ -274,10 +278,29 @@ class Stages {
     std::atomic<uint64_t> value{0};  // ((stage + 1) << 32) | the next unclaimed block of the range
   };
 
+  static int64_t RangeBegin(int64_t n, int range, int count) { return n * range / count; }
+
+  // Thread `index`'s range of stage s's n blocks first, then the unclaimed blocks of the other ranges.
+  template <typename Run>
+  void ClaimAndRun(std::vector<Claim_>& claims, int index, int64_t s, int64_t n, Run& run, std::atomic<int64_t>& done) {
+    const int count = static_cast<int>(claims.size());
+    for (int k = 0; k < count; ++k) {
+      const int range = (index + k) % count;
+      const int64_t lo = RangeBegin(n, range, count), hi = RangeBegin(n, range + 1, count);
+      for (int64_t b; (b = Claim(claims[range], s, hi - lo)) >= 0;) {
+        run(s, lo + b);
+        done.fetch_add(1, std::memory_order_acq_rel);
+      }
+    }
+  }
+  // The unclaimed lagging blocks of stage s, of every range.
+  template <typename Run>
+  void ClaimAll(int64_t s, int64_t n, Run& run) { ClaimAndRun(lagging_claims_, 0, s, n, run, lagging_done_); }
+
   // The next unclaimed block of `range` in stage s (0 .. size-1), or -1 when all are claimed. A thread still
   // in an earlier stage finds the range's counter moved on and claims nothing.
-  int64_t Claim(int range, int64_t s, int64_t size) {
-    std::atomic<uint64_t>& counter = claims_[range].value;
+  static int64_t Claim(Claim_& range, int64_t s, int64_t size) {
+    std::atomic<uint64_t>& counter = range.value;
     const uint64_t key = static_cast<uint64_t>(s + 1) << 32;
     uint64_t value = counter.load(std::memory_order_acquire);
     for (;;) {
@@ -297,16 +320,18 @@ class Stages {
     }
   }
 
-  void WaitForDone(int64_t target) {
+  void WaitForDone(int64_t target, int64_t lagging_target) {
     int spins = 0;
-    while (done_.load(std::memory_order_acquire) < target) {
+    while (done_.load(std::memory_order_acquire) < target ||
+           lagging_done_.load(std::memory_order_acquire) < lagging_target) {
       if (++spins > 4096) sched_yield();  // another thread holds our core: let it run
       else Team::Relax();
     }
   }
 
-  std::vector<Claim_> claims_;
+  std::vector<Claim_> claims_, lagging_claims_;
   alignas(64) std::atomic<int64_t> done_{0};
+  alignas(64) std::atomic<int64_t> lagging_done_{0};
 };
 
 // XLA:CPU allocates a call's large buffers afresh (glibc maps them with mmap and unmaps them after the call),
@@ -751,9 +776,10 @@ struct BackwardArgs {
   // products then read their broadcast operand contiguously (in [T, B, I] and [T, B, H] it lies 4·I and 4·H
   // bytes apart). Step t's is packed in the stage before (step t+1's), a share by each block.
   float* packed_inputs;
-  // Steps that dz holds: T (the output), or 2, a ring of the last two steps, where the caller needs no δz (no
+  // Steps that dz holds: T (the output), or 3, a ring of the last three steps, where the caller needs no δz (no
   // input gradient) and the weight gradients are formed here. δz_t is read in its own stage (WeightGradients)
-  // and the next one (δh_{t-1}), so two slots suffice. At (32, 500, 64, 128) the output δz is 33 MB that XLA
+  // and the next one (δh_{t-1}, and dxs_t, a lagging block that may still run in the stage after: see Stages),
+  // so three slots suffice. At (32, 500, 64, 128) the output δz is 33 MB that XLA
   // allocates afresh on every call, and populating its pages alone took 5-48 ms of a ~120 ms step.
   int64_t dz_steps;
   // The input gradient inside the loop (nullptr without): dxs_t = δz_t Uᵀ, in the stage after δz_t's, by blocks
@@ -1016,32 +1042,6 @@ void StoreWeightGradients(const BackwardArgs& a, int64_t lo, int64_t hi) {
   }
 }
 
-// A backward stage's two kinds of block, and which thread's range each starts in. A hidden block (δh, δz and the
-// weight gradients of kWide·L units) does 2 + I / H times the products of an input block (kWide·L columns of
-// dxs). Split into equal ranges by position, one thread's range held most of the hidden blocks (at (64, 34, 200, 256):
-// 7 against 1 and the 7 input blocks), and the other could only take them over whole, one at a time, at the end
-// of every step. Here every range holds an equal share of each kind, hidden blocks first, so that what is left to
-// take over at the end of a step is input blocks.
-struct BackwardBlocks {
-  int64_t hidden, input;  // blocks of each kind
-
-  int64_t RangeBegin(int range, int count) const { return hidden * range / count + input * range / count; }
-
-  // The block at `position`: false and a hidden block's index, or true and an input block's.
-  bool IsInput(int64_t position, int count, int64_t& block) const {
-    int range = 0;
-    while (RangeBegin(range + 1, count) <= position) ++range;
-    const int64_t offset = position - RangeBegin(range, count);
-    const int64_t hidden_first = hidden * range / count, hidden_in_range = hidden * (range + 1) / count - hidden_first;
-    if (offset < hidden_in_range) {
-      block = hidden_first + offset;
-      return false;
-    }
-    block = input * range / count + offset - hidden_in_range;
-    return true;
-  }
-};
-
 // Block `block` of `count` over `vectors` vectors of L columns, cut as evenly as the count allows: columns lo .. hi.
 inline void VectorCut(int64_t vectors, int64_t block, int64_t count, int64_t& lo, int64_t& hi) {
   lo = vectors * block / count * kLanes;
@@ -1051,8 +1051,10 @@ inline void VectorCut(int64_t vectors, int64_t block, int64_t count, int64_t& lo
 // A hidden block is kWide column blocks (4L hidden units). Stage 0 packs their columns of Wᵀ; the stage of step t
 // forms their columns of δh_t = δz_{t+1} Wᵀ (which reads every block's δz_{t+1}, finished in the stage
 // before) and then their δz_t; the last stage forms δh before the first step. With the input gradient, input
-// blocks are about kWide·L columns of dxs each: stage 0 packs their Uᵀ, the stage of step t forms dxs_{t+1}, the
-// last stage dxs_0.
+// blocks are about kWide·L columns of dxs each, lagging blocks (Stages), since no later step reads dxs: stage 0
+// packs their Uᵀ, the stage of step t forms dxs_{t+1}, the last stage dxs_0. Against input blocks that every
+// step waited for (training step, in-process A/B, bit-identical): 0.966x and 0.944x at (64, 34, 200, 256), 0.954x
+// at (128, 100, 256, 512), 0.975x at (32, 500, 64, 128), 0.974x at (1, 100, 128, 256).
 void RunBackward(const BackwardArgs& a, int index, Stages& stages) {
   const int64_t H = a.hidden, H4 = 4 * H, width = kWide * kLanes, T = a.steps, threads = stages.threads();
   // Hidden blocks of up to kWide vectors, cut as evenly as the count allows, and at least one per thread where
@@ -1070,7 +1072,7 @@ void RunBackward(const BackwardArgs& a, int index, Stages& stages) {
   const int64_t in_vectors = a.in_padded / kLanes;
   const int64_t input_blocks =
       std::min(in_vectors, ((a.in_padded + width - 1) / width + threads - 1) / threads * threads);
-  const BackwardBlocks kinds{blocks, a.dxs != nullptr ? input_blocks : 0};
+  const int64_t input_count = a.dxs != nullptr ? input_blocks : 0;
   std::vector<float> scratch;  // this thread's copy of a block's δz_t for WeightGradients
   // This block's share of the next step's packed inputs (see BackwardArgs::packed_inputs).
   auto pack_share = [&](int64_t t, int64_t block) {
@@ -1083,7 +1085,7 @@ void RunBackward(const BackwardArgs& a, int index, Stages& stages) {
     // end of every step: training step at (64, 34, 200, 256), in-process A/B, 0.974x, 0.972x and 0.978x the time
     // (60, 80 and 60 rounds, with the 6x3 tiles of DzProduct), 0.987x at (64, 50, 100, 256); bit-identical.
     int64_t lo, hi;
-    VectorCut(in_vectors, block, kinds.input, lo, hi);
+    VectorCut(in_vectors, block, input_count, lo, hi);
     if (s == 0) {
       for (int64_t col = lo; col < hi; col += kLanes) {
         float* packed = a.packed_UT + (col / kLanes) * H4 * kLanes;
@@ -1095,11 +1097,8 @@ void RunBackward(const BackwardArgs& a, int index, Stages& stages) {
       InputGradient(a, 0, lo, hi);
     }
   };
-  const int count = stages.threads();
-  auto run = [&](int64_t s, int64_t position) {
-    if (s == 0) a.prefaults.PopulatePart(position, kinds.hidden + kinds.input);
-    int64_t block;
-    if (kinds.IsInput(position, count, block)) return input_block(s, block);
+  auto run = [&](int64_t s, int64_t block) {
+    if (s == 0) a.prefaults.PopulatePart(block, blocks + input_count);
     int64_t lo, hi;
     VectorCut(hidden_vectors, block, blocks, lo, hi);
     if (s == 0) {
@@ -1125,8 +1124,11 @@ void RunBackward(const BackwardArgs& a, int index, Stages& stages) {
       if (a.dW != nullptr) StoreWeightGradients(a, lo, hi);
     }
   };
-  stages.Execute(index, T + 2, [&](int64_t) { return kinds.hidden + kinds.input; }, run,
-                 [&](int64_t, int range, int threads) { return kinds.RangeBegin(range, threads); });
+  stages.Execute(index, T + 2, [&](int64_t) { return blocks; }, [&](int64_t) { return input_count; }, run,
+                 [&](int64_t s, int64_t block) {
+                   if (s == 0) a.prefaults.PopulatePart(blocks + block, blocks + input_count);
+                   input_block(s, block);
+                 });
 }
 
 // Runs job(index, stages) on `count` threads sharing one Stages, or alone if the team is busy.
@@ -1230,9 +1232,9 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::F32> WT, ffi::Buffer<ffi::F32> gates, f
   }
   thread_local std::vector<float> weight_sums, packed_inputs, dz_ring;  // reused across calls, as `packed` below
   if (!keep_dz) {
-    dz_ring.resize(2 * a.batch * 4 * hidden);
+    dz_ring.resize(3 * a.batch * 4 * hidden);
     a.dz = dz_ring.data();
-    a.dz_steps = 2;
+    a.dz_steps = 3;
   }
   if (weight_grads) {
     weight_sums.resize(4 * (a.in_size + hidden) * hidden);
