@@ -16,7 +16,9 @@ median step mixes a fast moment with an ordinary one. So the square GEMMs are al
 and after every round, and the "paired %" column is the median over rounds of the step's rate over the
 better GEMM rate timed just before or just after that round: the ratio of measurements taken seconds apart.
 (A single short GEMM sample that lands in a slow spell would inflate the ratio; taking the better of the two
-that bracket the round keeps it conservative.)
+that bracket the round keeps it conservative.) Every GEMM sample lasts as long as a step's (``--min-sample-s``,
+at least 0.05 s): the best of many short samples catches fast spells that a longer one averages out.
+"best %" sets the best step sample against the best GEMM sample of the run: the same statistic on both sides.
 
 The training step is ``grad`` of ``sum(ys * r)`` with respect to the layer's parameters and its inputs, for a
 fixed random ``r`` — the same loss for every implementation. The input gradient is what a layer inside a
@@ -258,10 +260,11 @@ def matmul_fns(torch_threads, n=GEMM_N):
     return fns
 
 
-def peak_matmul(repeats, torch_threads, n=GEMM_N):
-    """Best fp32 GFLOP/s of a square n×n GEMM in JAX and in torch (``torch_threads`` threads)."""
+def peak_matmul(repeats, torch_threads, sample_s=0.05, n=GEMM_N):
+    """Best fp32 GFLOP/s of a square n×n GEMM in JAX and in torch (``torch_threads`` threads), over samples
+    of about ``sample_s`` seconds."""
     fns = matmul_fns(torch_threads, n)
-    inner = {k: calibrate(f, 0.05) for k, f in fns.items()}
+    inner = {k: calibrate(f, sample_s) for k, f in fns.items()}
     samples = {k: [sample(f, inner[k]) for _ in range(repeats)] for k, f in fns.items()}
     rates = {k: 2 * n ** 3 / min(t[0] for t in ts) / 1e9 for k, ts in samples.items()}
     # Per CPU-second too: the rate one core reaches when it runs, whatever else shares the machine.
@@ -379,10 +382,10 @@ def print_rows(results, peak, header):
         print("cpu ms = process CPU time per call over all threads (less sensitive to other processes' load).")
         print("cpu GFLOP/s = FLOPs / cpu time; its % peak uses the best matmul rate per cpu-second.")
         print("paired % = median over rounds of the step's rate over the better GEMM rate timed just before or after "
-              "the round.")
+              "the round; best % = the best step sample over the best GEMM sample of the run.")
         print(f"{'(B, T, I, H)':<22} {'mode':<8} {'impl':<14} {'median ms':>10} {'min ms':>9} {'GFLOP/s':>8} "
-              f"{'% peak':>7} {'paired %':>8} {'x torch':>8} {'cpu ms':>9} {'cpu x torch':>11} {'cpu GFLOP/s':>11} "
-              f"{'% peak':>7}")
+              f"{'% peak':>7} {'paired %':>8} {'best %':>7} {'x torch':>8} {'cpu ms':>9} {'cpu x torch':>11} "
+              f"{'cpu GFLOP/s':>11} {'% peak':>7}")
     peak_best = max(v for k, v in peak.items() if "cpu" not in k)
     peak_cpu = max((v for k, v in peak.items() if "cpu" in k), default=float("nan"))
     medians = {(row.config, row.mode, row.impl): (row.median, row.cpu) for row in results}
@@ -393,7 +396,8 @@ def print_rows(results, peak, header):
         ratio = f"{med / ref[0]:8.2f}" if ref else f"{'-':>8}"
         cpu_ratio = f"{cpu / ref[1]:11.2f}" if ref and mode != "products" else f"{'-':>11}"
         print(f"{str(config):<22} {mode:<8} {impl:<14} {med * 1e3:10.2f} {row.min * 1e3:9.2f} "
-              f"{f / med / 1e9:8.1f} {100 * f / med / 1e9 / peak_best:7.1f} {100 * row.paired:8.1f} {ratio} "
+              f"{f / med / 1e9:8.1f} {100 * f / med / 1e9 / peak_best:7.1f} {100 * row.paired:8.1f} "
+              f"{100 * f / row.min / 1e9 / peak_best:7.1f} {ratio} "
               f"{cpu * 1e3:9.2f} {cpu_ratio} {f / cpu / 1e9:11.1f} {100 * f / cpu / 1e9 / peak_cpu:7.1f}", flush=True)
 
 
@@ -447,12 +451,13 @@ def main(argv=None) -> int:
     kept = all(os.environ.get(k) == v for k, v in KEEP_FREED_MEMORY.items())
     print("host memory: " + ("glibc keeps freed memory (" + " ".join(f"{k}={v}" for k, v in KEEP_FREED_MEMORY.items())
                              + ")" if kept else "default malloc (see --reuse-freed-memory)"))
-    peak = peak_matmul(args.repeats, args.torch_threads)
+    gemm_sample_s = max(args.min_sample_s, 0.05)
+    peak = peak_matmul(args.repeats, args.torch_threads, gemm_sample_s)
     print("peak fp32 matmul (1024², best of repeats, per wall-s and per cpu-s): "
           + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peak.items()))
 
     gemms = matmul_fns(args.torch_threads)
-    gemm_inner = {k: calibrate(f, 0.05) for k, f in gemms.items()}
+    gemm_inner = {k: calibrate(f, gemm_sample_s) for k, f in gemms.items()}
 
     def gemm_rate():  # the better of the square GEMMs' rates now, GFLOP/s
         return max(2 * GEMM_N ** 3 / sample(f, gemm_inner[k], args.settle_calls)[0] / 1e9 for k, f in gemms.items())
@@ -495,7 +500,7 @@ def main(argv=None) -> int:
         if len(configs) > 1:
             # Re-measure the peak between configurations and keep the best: on a shared machine one measurement
             # can land in a slow spell and make every "% peak" too high (the final table uses the best).
-            again = peak_matmul(args.repeats, args.torch_threads)
+            again = peak_matmul(args.repeats, args.torch_threads, gemm_sample_s)
             peak = {k: max(v, again.get(k, v)) for k, v in peak.items()}
     if len(configs) > 1:
         print("\nall rows again, % peak against the best matmul rate measured during the run: "

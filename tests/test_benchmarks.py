@@ -73,10 +73,13 @@ def test_bench_lstm_pairs_each_round_with_a_gemm(capfd):
     assert bench.main(["--configs", "8:10:16:32", "--impls", "jaxseq", "--modes", "train", "--repeats", "2",
                        "--min-sample-s", "0"]) == 0
     out = capfd.readouterr().out
-    assert "paired %" in out
+    assert "paired %" in out and "best %" in out
     row = next(line for line in out.splitlines() if line.startswith("(8, 10, 16, 32)"))
-    paired = float(row.split()[10])  # after the 4-field shape: mode, impl, median, min, GFLOP/s, % peak, paired
-    assert 0 < paired < 100, row
+    fields = row.split()  # after the 4-field shape: mode, impl, median, min, GFLOP/s, % peak, paired, best
+    paired, best = float(fields[10]), float(fields[11])
+    assert 0 < paired < 100 and 0 < best < 100, row
+    median_ms, min_ms, percent_of_peak = float(fields[6]), float(fields[7]), float(fields[9])
+    assert best == pytest.approx(percent_of_peak * median_ms / min_ms, rel=0.02, abs=0.15), row  # same peak
 
 
 def test_bench_lstm_sample_leaves_the_settle_calls_untimed():
