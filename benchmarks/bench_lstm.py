@@ -79,6 +79,12 @@ def parse_args(argv=None):
     p.add_argument("--params-only", action="store_true",
                    help="differentiate the training step with respect to the parameters only, not the inputs "
                         "(the step as timed before 2026-11-29 09:30 UTC; its FLOP count leaves out the input gradient)")
+    p.add_argument("--alternate-s", type=float, default=0, metavar="S",
+                   help="after each configuration's table, alternate S-second samples of each implementation's "
+                        "training step with S-second samples of the square GEMMs (--repeats rounds) and print the "
+                        "step's rate over the mean of the two GEMM rates that bracket it (the better GEMM of JAX "
+                        "and torch each time), median over rounds: the same sample length and the same statistic "
+                        "on both sides")
     p.add_argument("--products", action="store_true",
                    help="also time the step's matrix products alone (recurrent chains and the big GEMMs)")
     p.add_argument("--reuse-freed-memory", action="store_true",
@@ -363,6 +369,33 @@ def print_profile(config, mode, impl, rows, wall):
               f"{1e6 * seconds / max(runs, 1):9.1f}")
 
 
+def alternate(config, steps, gemms, seconds, rounds, params_only):
+    """Print each training step's rate over the GEMM rate around it, from samples of ``seconds`` each."""
+    def rate(fn, work):  # GFLOP/s over one sample of about `seconds`
+        fn()  # settle: the previous sample's threads may still spin
+        calls, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            fn()
+            calls += 1
+        return work * calls / (time.perf_counter() - t0) / 1e9
+
+    def gemm_rate():
+        return max(rate(fn, 2 * GEMM_N ** 3) for fn in gemms.values())
+
+    f = flops(*config, "train", params_only)
+    ratios = {impl: [] for impl in steps}
+    before = gemm_rate()
+    for _ in range(rounds):
+        for impl, fn in steps.items():
+            step = rate(fn, f)
+            after = gemm_rate()
+            ratios[impl].append(step / ((before + after) / 2))
+            before = after
+    print(f"alternating {seconds:g} s samples at {config}, training step over the GEMM rate around it (median, "
+          "range over rounds): " + "; ".join(f"{impl} {statistics.median(r):.3f} ({min(r):.3f}-{max(r):.3f})"
+                                           for impl, r in ratios.items()), flush=True)
+
+
 class Row(NamedTuple):
     """One timed implementation: median, min and median CPU seconds per call; paired: fraction of peak."""
     config: tuple
@@ -491,6 +524,9 @@ def main(argv=None) -> int:
             results.append(Row(config, "products", "sum", flops(*config, "train"), total, total, float("nan"),
                                float("nan")))
         print_rows([row for row in results if row.config == config], peak, header=config == configs[0])
+        if args.alternate_s > 0 and "train" in modes:
+            alternate(config, {impl: fn for (mode, impl), fn in fns.items() if mode == "train"}, gemms,
+                      args.alternate_s, args.repeats, args.params_only)
         if args.profile:
             medians = {(row.mode, row.impl): row.median for row in results if row.config == config}
             for (mode, impl), fn in fns.items():

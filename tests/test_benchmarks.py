@@ -71,8 +71,12 @@ def test_bench_lstm_counts_the_input_gradient_only_when_it_is_taken():
 def test_bench_lstm_pairs_each_round_with_a_gemm(capfd):
     bench = _load("bench_lstm")
     assert bench.main(["--configs", "8:10:16:32", "--impls", "jaxseq", "--modes", "train", "--repeats", "2",
-                       "--min-sample-s", "0"]) == 0
+                       "--min-sample-s", "0", "--alternate-s", "0.01"]) == 0
     out = capfd.readouterr().out
+    alternating = next(line for line in out.splitlines() if line.startswith("alternating 0.01 s samples at (8, 10"))
+    median, spread = alternating.split("jaxseq ")[1].split()
+    low, high = (float(v) for v in spread.strip("()").split("-"))
+    assert 0 < low <= float(median) <= high, alternating
     assert "paired %" in out and "best %" in out
     row = next(line for line in out.splitlines() if line.startswith("(8, 10, 16, 32)"))
     fields = row.split()  # after the 4-field shape: mode, impl, median, min, GFLOP/s, % peak, paired, best
