@@ -82,8 +82,7 @@ def test_bench_lstm_pairs_each_round_with_a_gemm(capfd):
     fields = row.split()  # after the 4-field shape: mode, impl, median, min, GFLOP/s, % peak, paired, best
     paired, best = float(fields[10]), float(fields[11])
     assert 0 < paired < 100 and 0 < best < 100, row
-    median_ms, min_ms, percent_of_peak = float(fields[6]), float(fields[7]), float(fields[9])
-    assert best == pytest.approx(percent_of_peak * median_ms / min_ms, rel=0.02, abs=0.15), row  # same peak
+    assert best >= float(fields[9]) - 0.1, row  # the best sample against the same peak as the median's % peak
 
 
 def test_bench_lstm_sample_leaves_the_settle_calls_untimed():

@@ -259,7 +259,7 @@ def test_two_threads_give_the_same_values_call_after_call(key):
     backward_all = jax.jit(lambda tape, ys: native.lstm_backward(W, tape, c0, dys, lengths, h0, c0,
                                                                  weight_grads_of=(xs_t, h0, ys), keep_dz=False,
                                                                  input_kernel=U))
-    for _ in range(20):
+    for _ in range(50):  # a race shows in a few per cent of calls (the lagging blocks' counts, fixed in the kernel)
         got = forward()
         assert_trees_close(got[:3], expected[:3], atol=1e-6)
         assert_trees_close(backward(got[3]), expected_backward, atol=1e-5)

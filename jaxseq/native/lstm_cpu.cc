@@ -254,19 +254,28 @@ class Stages {
   // Thread 0 (the caller) returns only when every block of every stage has finished.
   template <typename Blocks, typename Lagging, typename Run, typename RunLagging>
   void Execute(int index, int64_t num_stages, Blocks blocks, Lagging lagging, Run run, RunLagging run_lagging) {
-    int64_t before = 0, lagging_before = 0, lagging_last = 0;  // blocks of stages < s; lagging of < s-1; of s-1
+    int64_t before = 0, lagging_last = 0;  // blocks of the stages before s; lagging blocks of stage s-1
+    int64_t lagging_before[2] = {0, 0};    // lagging blocks of the stages before s, by the stage's parity
     for (int64_t s = 0; s < num_stages; ++s) {
       const int64_t n = blocks(s), m = lagging(s);
-      WaitForDone(before, lagging_before);
+      // Stage s-2's lagging blocks have finished when the count of its parity's is complete: a lagging block
+      // of stage s-1 may still run (the other parity), and none of stage s has started. One count for both
+      // parities let a thread that ran stage s-1's lagging blocks go on while the other still ran one of
+      // stage s-2's, whose δz slot the next stage then overwrote (tests/test_native.py caught it, in one call
+      // of about twenty).
+      WaitForDone(before, s % 2, lagging_before[s % 2]);
       ClaimAndRun(claims_, index, s, n, run, done_);
       if (s > 0) ClaimAll(s - 1, lagging_last, run_lagging);
-      ClaimAndRun(lagging_claims_, index, s, m, run_lagging, lagging_done_);
+      ClaimAndRun(lagging_claims_, index, s, m, run_lagging, lagging_done_[s % 2].value);
       before += n;
-      lagging_before += lagging_last;
+      lagging_before[s % 2] += m;
       lagging_last = m;
     }
     if (num_stages > 0) ClaimAll(num_stages - 1, lagging_last, run_lagging);
-    if (index == 0) WaitForDone(before, lagging_before + lagging_last);
+    if (index == 0) {
+      WaitForDone(before, 0, lagging_before[0]);
+      WaitForDone(before, 1, lagging_before[1]);
+    }
   }
   template <typename Blocks, typename Run>
   void Execute(int index, int64_t num_stages, Blocks blocks, Run run) {
@@ -295,7 +304,9 @@ class Stages {
   }
   // The unclaimed lagging blocks of stage s, of every range.
   template <typename Run>
-  void ClaimAll(int64_t s, int64_t n, Run& run) { ClaimAndRun(lagging_claims_, 0, s, n, run, lagging_done_); }
+  void ClaimAll(int64_t s, int64_t n, Run& run) {
+    ClaimAndRun(lagging_claims_, 0, s, n, run, lagging_done_[s % 2].value);
+  }
 
   // The next unclaimed block of `range` in stage s (0 .. size-1), or -1 when all are claimed. A thread still
   // in an earlier stage finds the range's counter moved on and claims nothing.
@@ -320,18 +331,22 @@ class Stages {
     }
   }
 
-  void WaitForDone(int64_t target, int64_t lagging_target) {
+  // Until `target` blocks and, of the lagging blocks of stages with parity `parity`, `lagging_target` have finished.
+  void WaitForDone(int64_t target, int parity, int64_t lagging_target) {
     int spins = 0;
     while (done_.load(std::memory_order_acquire) < target ||
-           lagging_done_.load(std::memory_order_acquire) < lagging_target) {
+           lagging_done_[parity].value.load(std::memory_order_acquire) < lagging_target) {
       if (++spins > 4096) sched_yield();  // another thread holds our core: let it run
       else Team::Relax();
     }
   }
 
+  struct alignas(64) Count {
+    std::atomic<int64_t> value{0};
+  };
   std::vector<Claim_> claims_, lagging_claims_;
   alignas(64) std::atomic<int64_t> done_{0};
-  alignas(64) std::atomic<int64_t> lagging_done_{0};
+  Count lagging_done_[2];  // finished lagging blocks of even and of odd stages
 };
 
 // XLA:CPU allocates a call's large buffers afresh (glibc maps them with mmap and unmaps them after the call),
