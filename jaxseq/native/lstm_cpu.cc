@@ -1068,8 +1068,8 @@ inline void VectorCut(int64_t vectors, int64_t block, int64_t count, int64_t& lo
 // before) and then their δz_t; the last stage forms δh before the first step. With the input gradient, input
 // blocks are about kWide·L columns of dxs each, lagging blocks (Stages), since no later step reads dxs: stage 0
 // packs their Uᵀ, the stage of step t forms dxs_{t+1}, the last stage dxs_0. Against input blocks that every
-// step waited for (training step, in-process A/B, bit-identical): 0.966x and 0.944x at (64, 34, 200, 256), 0.954x
-// at (128, 100, 256, 512), 0.975x at (32, 500, 64, 128), 0.974x at (1, 100, 128, 256).
+// step waited for (training step, in-process A/B, bit-identical): 0.974x at (64, 34, 200, 256), 0.981x at
+// (128, 100, 256, 512), 0.963x at (32, 500, 64, 128).
 void RunBackward(const BackwardArgs& a, int index, Stages& stages) {
   const int64_t H = a.hidden, H4 = 4 * H, width = kWide * kLanes, T = a.steps, threads = stages.threads();
   // Hidden blocks of up to kWide vectors, cut as evenly as the count allows, and at least one per thread where
