@@ -371,13 +371,10 @@ def print_profile(config, mode, impl, rows, wall):
 
 def alternate(config, steps, gemms, seconds, rounds, params_only):
     """Print each training step's rate over the GEMM rate around it, from samples of ``seconds`` each."""
-    def rate(fn, work):  # GFLOP/s over one sample of about `seconds`
-        fn()  # settle: the previous sample's threads may still spin
-        calls, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            fn()
-            calls += 1
-        return work * calls / (time.perf_counter() - t0) / 1e9
+    inner = {fn: calibrate(fn, seconds) for fn in (*steps.values(), *gemms.values())}
+
+    def rate(fn, work):  # GFLOP/s over one sample of about `seconds`, after a settle call
+        return work / sample(fn, inner[fn], settle=1)[0] / 1e9
 
     def gemm_rate():
         return max(rate(fn, 2 * GEMM_N ** 3) for fn in gemms.values())

@@ -9,7 +9,7 @@ parameters (``jaxseq.cells.lstm.init``) and the same semantics as ``jaxseq.unrol
   ``Σ_t [x_t, h_{t-1}]ᵀ δz_t`` and the input gradients ``δz_t Uᵀ`` are formed after the loop as single GEMMs
   over all timesteps instead of one thin product per step (which is what autodiff through a scan does).
   In the native CPU kernel at batch >= ``KERNEL_WEIGHT_GRADS_MIN_BATCH`` both are formed inside its backward
-  loop instead, each step's products while ``δz_t`` is in cache, and δz is kept for two steps, not all T.
+  loop instead, each step's products while ``δz_t`` is in cache, and δz is kept for three steps, not all T.
   On the CPU, in float32, its two time loops run in a native multi-threaded kernel (``jaxseq.native``; XLA
   runs a loop body on one thread) where it is faster (``_native_fits``: in training always, forward only at
   batch >= 16 or with two threads' work per step); elsewhere, or without a C++ compiler, in ``lax.scan``.
@@ -308,7 +308,7 @@ def _backward_and_grads(U, W, saved, c0, dys, valid_t, dh, dc, steps_per_iterati
 
     ``xs_t`` ``[T, B, I]`` and ``ys`` ``[T, B, H]`` are the stretch's inputs and outputs, ``h0`` the hidden state
     before it. At batch ≥ ``KERNEL_WEIGHT_GRADS_MIN_BATCH`` the native kernel forms both gradients inside its loop
-    and keeps only two steps of δz; otherwise they are GEMMs over all steps after it.
+    and keeps only three steps of δz; otherwise they are GEMMs over all steps after it.
     """
     if isinstance(saved, native.Tape) and xs_t.shape[1] >= KERNEL_WEIGHT_GRADS_MIN_BATCH:
         dh, dc, _, grads, *dxs_t = native.lstm_backward(W, saved, c0, dys, _lengths_of(valid_t), dh, dc,

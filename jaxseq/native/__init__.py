@@ -213,7 +213,7 @@ def lstm_backward(W, tape: Tape, c0, dys, lengths, dh, dc, *, weight_grads_of=No
     ``W`` is the recurrent kernel ``[H, 4H]``, ``tape`` what ``lstm_forward`` saved, ``dys`` ``[T, B, H]``.
     ``weight_grads_of=(xs_t [T, B, I], h0 [B, H], ys [T, B, H])``: the kernel also forms the weight gradients
     ``(dU [I, 4H], dW [H, 4H], db [4H])`` step by step and returns ``(dh, dc, dz, (dU, dW, db))``. With them,
-    ``keep_dz=False`` returns ``dz=None``: the kernel keeps only the last two steps' δz, and nothing of
+    ``keep_dz=False`` returns ``dz=None``: the kernel keeps only the last three steps' δz, and nothing of
     ``[T, B, 4H]`` is allocated or written. ``input_kernel=U`` ``[I, 4H]``: the kernel also forms the input
     gradient ``dxs_t = δz_t Uᵀ`` step by step and appends ``dxs`` ``[T, B, I]`` to the result.
     """

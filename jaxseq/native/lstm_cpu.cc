@@ -261,8 +261,8 @@ class Stages {
       // Stage s-2's lagging blocks have finished when the count of its parity's is complete: a lagging block
       // of stage s-1 may still run (the other parity), and none of stage s has started. One count for both
       // parities let a thread that ran stage s-1's lagging blocks go on while the other still ran one of
-      // stage s-2's, whose δz slot the next stage then overwrote (tests/test_native.py caught it, in one call
-      // of about twenty).
+      // stage s-2's, whose δz slot the next stage then overwrote (tests/test_native.py caught it, in about one
+      // call in twenty-five).
       WaitForDone(before, s % 2, lagging_before[s % 2]);
       ClaimAndRun(claims_, index, s, n, run, done_);
       if (s > 0) ClaimAll(s - 1, lagging_last, run_lagging);
@@ -771,7 +771,7 @@ struct BackwardArgs {
   const int32_t* lengths;
   float* dh;  // [B, H]: in, the carry's cotangent after the last step; out, before the first
   float* dc;  // [B, H]: likewise
-  float* dz;  // [T, B, 4H], or [2, B, 4H] (see dz_steps)
+  float* dz;  // [T, B, 4H], or [3, B, 4H] (see dz_steps)
   float* packed;  // [H/L][4H][L]: Wᵀ by blocks of L columns, each contiguous (see ForwardArgs::packed)
   // Weight gradients inside the loop (all nullptr without): dU += x_tᵀ δz_t, dW += h_{t-1}ᵀ δz_t, db += Σ δz_t,
   // each block its own columns, at the step that formed δz_t (see WeightGradients).
