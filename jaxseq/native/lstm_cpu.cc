@@ -492,9 +492,21 @@ inline void AccumulateGates(vf (&acc)[R][G], const float* a, int64_t a_row, int6
   TileProduct<R, G>(acc, a, a_row, a_k, w, kLanes, 4 * kLanes, depth);
 }
 
+// Where row b of step t starts in the sequence operands (xs, ys, dys, dxs): data + t·step + b·row. They are
+// [B, T, F] (batch_major: step F, row T·F), the order of the layer's own inputs and outputs, so that XLA need not
+// transpose xs, ys and their cotangents into time-major order and back around every call; or [T, B, F] (step
+// B·F, row F).
+struct TimeRows {
+  int64_t step, row;
+  static TimeRows Of(bool batch_major, int64_t steps, int64_t batch, int64_t features) {
+    return batch_major ? TimeRows{features, steps * features} : TimeRows{batch * features, features};
+  }
+  int64_t at(int64_t t, int64_t b) const { return t * step + b * row; }
+};
+
 struct ForwardArgs {
   int64_t steps, batch, in_size, hidden;
-  const float* xs;  // [T, B, I]
+  const float* xs;  // [T, B, I] or [B, T, I] (x_rows)
   const float* U;   // [I, 4H]
   const float* W;   // [H, 4H]
   const float* b;   // [4H]
@@ -506,7 +518,7 @@ struct ForwardArgs {
   float* projected;
   float* h;       // [B, H] final
   float* c;       // [B, H] final
-  float* ys;      // [T, B, H]
+  float* ys;      // [T, B, H] or [B, T, H] (y_rows)
   float* gates;   // [T, H/16, B, 4, 16] (i, f, g, o; see TapeRow) or nullptr
   float* cs;      // [T, H/16, B, 16] or nullptr
   float* h_buffers;  // [2, B, H] scratch
@@ -516,11 +528,12 @@ struct ForwardArgs {
   float* packed;
   // [2][B][I + H]: step t's [x_t, h_{t-1}] in slot t & 1, by the row blocks of ForEachRowBlock, each [I + H][rows]
   // (PackedRows), so that a register tile reads its broadcast operand from one contiguous stream. Read from
-  // [T, B, I] and [B, H], the tile's rows lay 4·I and 4·H bytes apart and were re-read from L2 by every chunk of
+  // xs and [B, H], the tile's rows lay 4·I (or more) and 4·H bytes apart and were re-read from L2 by every chunk of
   // depth: the forward products took 1.2x the time per FLOP of the backward's (perf, (128, 100, 256, 512)).
   // x_t is packed in the stage before its step's, a share by each block; h_t by the block that forms it.
   float* packed_rows;
   Prefaults prefaults;  // ys, gates, cs
+  TimeRows x_rows{}, y_rows{};  // of xs and ys
 };
 
 // Where rows r0 .. r0+rows of step t's packed [x_t, h_{t-1}] start: element (r, k) is at [k·rows + r].
@@ -594,16 +607,14 @@ void ForwardBlock(const ForwardArgs& a, int64_t t, int64_t r0, int64_t col, int6
   const float* h_prev = a.h_buffers + (t & 1) * B * H;
   float* h_next = a.h_buffers + ((t + 1) & 1) * B * H;
   float* h_packed = PackedRows(a, t + 1, r0) + (a.in_size + col) * R;  // the next step's operand
-  const int64_t tbh = t * B * H;
   if (k1 == a.in_size + H) {
     // While the last pass of the product runs, ask for the lines the elementwise code then reads (c, evicted
     // by the weights streamed since the last step) and writes (y and the tape: fresh pages, so every store
     // first read its line from memory and filled the store queue). Forward with its tape at (128, 100, 256,
     // 512): 0.91x the time, in every round of an in-process A/B; without the prefetch of c, 1.02-1.04x that.
     for (int r = 0; r < R; ++r) {
-      const int64_t at = tbh + (r0 + r) * H + col;
       __builtin_prefetch(a.c + (r0 + r) * H + col, 0, 3);
-      __builtin_prefetch(a.ys + at, 1, 3);
+      __builtin_prefetch(a.ys + a.y_rows.at(t, r0 + r) + col, 1, 3);
       if (a.gates != nullptr) {
         const int64_t tape_row = TapeRow(t, r0 + r, col, B, H);
         for (int q = 0; q < 4; ++q) __builtin_prefetch(TapeGate(a.gates, tape_row, q, col), 1, 3);
@@ -631,7 +642,7 @@ void ForwardBlock(const ForwardArgs& a, int64_t t, int64_t r0, int64_t col, int6
       store(h_next + at, h_new);
 #pragma GCC unroll 16
       for (int u = 0; u < kLanes; ++u) h_packed[u * R + r] = h_new[u];
-      store(a.ys + tbh + at, y);
+      store(a.ys + a.y_rows.at(t, row) + col, y);
       if (a.gates != nullptr) {
         const int64_t tape_row = TapeRow(t, row, col, B, H);
         store(TapeGate(a.gates, tape_row, 0, col), i);
@@ -678,13 +689,17 @@ void ForEachRowBlock(int64_t batch, Rows rows) {
   }
 }
 
-// The hoisted input product of rows r0 .. r0+R of all T·B for the column block at col: x U + b.
+// The hoisted input product of xs's rows r0 .. r0+R (of all T·B, in memory order) for the column block at col:
+// x U + b, stored by step (row t·B + b of the column block's [T·B][4][L]).
 template <int R>
 void ProjectBlock(const ForwardArgs& a, int64_t r0, int64_t col) {
   constexpr int G = TileWidth<R>();
-  const int64_t H = a.hidden, I = a.in_size, TB = a.steps * a.batch;
+  const int64_t H = a.hidden, I = a.in_size, T = a.steps, B = a.batch;
   const float* w = a.packed + (col / kLanes) * (I + H) * 4 * kLanes;
-  float* out = a.projected + ((col / kLanes) * TB + r0) * 4 * kLanes;
+  float* out = a.projected + (col / kLanes) * T * B * 4 * kLanes;
+  const bool by_step = a.x_rows.row == I;  // rows in step order already (or T = 1)
+  int64_t out_row[R];
+  for (int r = 0; r < R; ++r) out_row[r] = by_step ? r0 + r : (r0 + r) % T * B + (r0 + r) / T;
   for (int q0 = 0; q0 < 4; q0 += G) {
     vf acc[R][G];
 #pragma GCC unroll 8
@@ -696,7 +711,7 @@ void ProjectBlock(const ForwardArgs& a, int64_t r0, int64_t col) {
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
-      for (int g = 0; g < G; ++g) store(out + (r * 4 + q0 + g) * kLanes, acc[r][g]);
+      for (int g = 0; g < G; ++g) store(out + (out_row[r] * 4 + q0 + g) * kLanes, acc[r][g]);
     }
   }
 }
@@ -710,7 +725,8 @@ void PackInputShare(const ForwardArgs& a, int64_t t, int64_t block, int64_t bloc
   const int64_t first = row_blocks * block / blocks, end = row_blocks * (block + 1) / blocks;
   int64_t j = 0;
   ForEachRowBlock(B, [&](auto rows, int64_t r0) {
-    if (j >= first && j < end) PackRowsTransposed(PackedRows(a, t, r0), a.xs + (t * B + r0) * I, I, rows, I);
+    if (j >= first && j < end)
+      PackRowsTransposed(PackedRows(a, t, r0), a.xs + a.x_rows.at(t, r0), a.x_rows.row, rows, I);
     ++j;
   });
 }
@@ -767,7 +783,7 @@ struct BackwardArgs {
   const float* gates;  // [T, H/16, B, 4, 16] (see TapeRow)
   const float* cs;     // [T, H/16, B, 16]
   const float* c0;     // [B, H]
-  const float* dys;    // [T, B, H]
+  const float* dys;    // [T, B, H] or [B, T, H] (y_rows)
   const int32_t* lengths;
   float* dh;  // [B, H]: in, the carry's cotangent after the last step; out, before the first
   float* dc;  // [B, H]: likewise
@@ -776,8 +792,8 @@ struct BackwardArgs {
   // Weight gradients inside the loop (all nullptr without): dU += x_tᵀ δz_t, dW += h_{t-1}ᵀ δz_t, db += Σ δz_t,
   // each block its own columns, at the step that formed δz_t (see WeightGradients).
   int64_t in_size;
-  const float* xs;  // [T, B, I]
-  const float* ys;  // [T, B, H]: h_t at valid steps
+  const float* xs;  // [T, B, I] or [B, T, I] (x_rows)
+  const float* ys;  // [T, B, H] or [B, T, H] (y_rows): h_t at valid steps
   const float* h0;  // [B, H]
   float* dU;        // [I, 4H]
   float* dW;        // [H, 4H]
@@ -788,8 +804,8 @@ struct BackwardArgs {
   // ms against 562-641 with these sums.
   float* weight_sums;
   // [2][I + H][B]: [x_t, h_{t-1}] of two steps by blocks of kRows rows (RowBlock), each [B][rows]: the
-  // products then read their broadcast operand contiguously (in [T, B, I] and [T, B, H] it lies 4·I and 4·H
-  // bytes apart). Step t's is packed in the stage before (step t+1's), a share by each block.
+  // products then read their broadcast operand contiguously (in xs and ys it lies 4·I and 4·H bytes apart, or
+  // T times that batch-major). Step t's is packed in the stage before (step t+1's), a share by each block.
   float* packed_inputs;
   // Steps that dz holds: T (the output), or 3, a ring of the last three steps, where the caller needs no δz (no
   // input gradient) and the weight gradients are formed here. δz_t is read in its own stage (WeightGradients)
@@ -801,9 +817,11 @@ struct BackwardArgs {
   // of kWide·L of its Ip columns (I padded to L), so that δz need not be kept for a product after the loop.
   int64_t in_padded;       // Ip
   const float* UT;         // [4H, Ip]
-  float* dxs;              // [T, B, Ip]
+  float* dxs;              // [T, B, I] or [B, T, I] (dx_rows; the products form Ip columns and store the first I)
   float* packed_UT;        // [Ip/L][4H][L], as packed for Wᵀ
   Prefaults prefaults;     // dz (when kept), dxs
+  TimeRows x_rows{}, y_rows{}, dx_rows{};  // of xs, of ys and dys, of dxs
+  int64_t dx_width = 0;                    // I: dxs's columns
 };
 
 // δz_t, [B, 4H].
@@ -825,15 +843,15 @@ void RowBlock(const BackwardArgs& a, int64_t j, int64_t& first, int& count) {
 // Packs row blocks j0 .. j1 of step t's [x_t, h_{t-1}]ᵀ into packed_inputs[t & 1].
 void PackInputs(const BackwardArgs& a, int64_t t, int64_t j0, int64_t j1) {
   const int64_t B = a.batch, H = a.hidden, I = a.in_size;
-  const float* x = a.xs + t * B * I;
-  const float* h_prev = t > 0 ? a.ys + (t - 1) * B * H : a.h0;
+  const float* x = a.xs + a.x_rows.at(t, 0);
+  const float* h_prev = t > 0 ? a.ys + a.y_rows.at(t - 1, 0) : a.h0;
   float* packed = a.packed_inputs + (t & 1) * (I + H) * B;
   for (int64_t j = j0; j < j1; ++j) {
     int64_t first;
     int count;
     RowBlock(a, j, first, count);
     const float* source = first < I ? x + first : h_prev + (first - I);
-    const int64_t stride = first < I ? I : H;
+    const int64_t stride = first < I ? a.x_rows.row : t > 0 ? a.y_rows.row : H;
     float* out = packed + first * B;
     for (int64_t b = 0; b < B; ++b) {
       for (int r = 0; r < count; ++r) out[b * count + r] = source[b * stride + r];
@@ -851,13 +869,13 @@ void BackwardElementwise(const BackwardArgs& a, int64_t t, int64_t lo, int64_t h
   constexpr int64_t kAhead = 2, kLineFloats = 64 / sizeof(float);
   for (int64_t row = 0; row < B; ++row) {
     if (row + kAhead < B) {
-      const int64_t ahead = t * B * H + (row + kAhead) * H;
+      const float* dys_ahead = a.dys + a.y_rows.at(t, row + kAhead);
       for (int64_t col = lo; col < hi; col += kLineFloats) {
         const int64_t tape_row = TapeRow(t, row + kAhead, col, B, H);
         for (int q = 0; q < 4; ++q) __builtin_prefetch(TapeGate(a.gates, tape_row, q, col), 0, 3);
         __builtin_prefetch(TapeC(a.cs, tape_row, col), 0, 3);
         if (t > 0) __builtin_prefetch(TapeC(a.cs, tape_row - step_rows, col), 0, 3);
-        __builtin_prefetch(a.dys + ahead + col, 0, 3);
+        __builtin_prefetch(dys_ahead + col, 0, 3);
       }
     }
     const bool valid = a.lengths == nullptr || t < a.lengths[row];
@@ -868,13 +886,13 @@ void BackwardElementwise(const BackwardArgs& a, int64_t t, int64_t lo, int64_t h
         for (int q = 0; q < 4; ++q) store(dz + q * H + col, vf{});
         continue;
       }
-      const int64_t at = t * B * H + row * H + col, tape_row = TapeRow(t, row, col, B, H);
+      const int64_t tape_row = TapeRow(t, row, col, B, H);
       vf i = load(TapeGate(a.gates, tape_row, 0, col)), f = load(TapeGate(a.gates, tape_row, 1, col)),
          g = load(TapeGate(a.gates, tape_row, 2, col)), o = load(TapeGate(a.gates, tape_row, 3, col));
       vf c = load(TapeC(a.cs, tape_row, col));
       vf c_prev = t > 0 ? load(TapeC(a.cs, tape_row - step_rows, col)) : load(a.c0 + row * H + col);
       vf tanh_c = vtanh(c);
-      vf dh = load(a.dh + row * H + col) + load(a.dys + at);
+      vf dh = load(a.dh + row * H + col) + load(a.dys + a.y_rows.at(t, row) + col);
       vf dc = load(a.dc + row * H + col) + dh * o * (1.0f - tanh_c * tanh_c);
       store(dz + col, dc * g * i * (1.0f - i));
       store(dz + H + col, dc * c_prev * f * (1.0f - f));
@@ -900,7 +918,8 @@ constexpr int kWide = 4;  // column blocks per backward product block
 constexpr int kPanelAhead = 16;
 template <int R, int V>
 __attribute__((noinline)) void DzProductBlock(const BackwardArgs& a, int64_t t, int64_t r0, int64_t col,
-                                              const float* packed, float* out, int64_t ldo, bool keep_finished_rows) {
+                                              const float* packed, float* out, int64_t ldo, int64_t out_width,
+                                              bool keep_finished_rows) {
   const int64_t H4 = 4 * a.hidden;
   const float* dz = StepDz(a, t) + r0 * H4;
   vf acc[R][V];
@@ -915,15 +934,23 @@ __attribute__((noinline)) void DzProductBlock(const BackwardArgs& a, int64_t t, 
     const int64_t row = r0 + r;
     if (keep_finished_rows && a.lengths != nullptr && t >= a.lengths[row]) continue;
 #pragma GCC unroll 8
-    for (int v = 0; v < V; ++v) store(out + row * ldo + col + v * kLanes, acc[r][v]);
+    for (int v = 0; v < V; ++v) {
+      float* at = out + row * ldo + col + v * kLanes;
+      const int64_t left = out_width - col - v * kLanes;  // out's columns from here: a padded vector's are fewer
+      if (left >= kLanes) {
+        store(at, acc[r][v]);
+      } else {
+        for (int64_t u = 0; u < left; ++u) at[u] = acc[r][v][u];
+      }
+    }
   }
 }
 
-// Columns lo .. hi of δz_t Mᵀ: columns outside, rows inside, as in the forward loop; each row block takes its
-// columns in tiles of TileWidth<R>() column blocks (4 with AVX-512, 2 for 6 rows with AVX2), and the rest in
-// one narrower tile (WithTileWidth).
+// Columns lo .. hi of δz_t Mᵀ into out's first out_width columns: columns outside, rows inside, as in the forward
+// loop; each row block takes its columns in tiles of TileWidth<R>() column blocks (4 with AVX-512, 2 for 6 rows
+// with AVX2), and the rest in one narrower tile (WithTileWidth).
 void DzProduct(const BackwardArgs& a, int64_t t, int64_t lo, int64_t hi, const float* packed, float* out,
-               int64_t ldo, bool keep_finished_rows) {
+               int64_t ldo, int64_t out_width, bool keep_finished_rows) {
   for (int64_t col = lo; col < hi; col += kWide * kLanes) {
     const int64_t end = std::min(hi, col + kWide * kLanes);
     ForEachRowBlock(a.batch, [&](auto rows, int64_t r0) {
@@ -931,7 +958,7 @@ void DzProduct(const BackwardArgs& a, int64_t t, int64_t lo, int64_t hi, const f
       for (int64_t c = col; c < end;) {
         const int vectors = static_cast<int>(std::min<int64_t>(V, (end - c) / kLanes));
         WithTileWidth<V>(vectors, [&](auto width) {
-          DzProductBlock<R, decltype(width)::value>(a, t, r0, c, packed, out, ldo, keep_finished_rows);
+          DzProductBlock<R, decltype(width)::value>(a, t, r0, c, packed, out, ldo, out_width, keep_finished_rows);
         });
         c += vectors * kLanes;
       }
@@ -941,12 +968,12 @@ void DzProduct(const BackwardArgs& a, int64_t t, int64_t lo, int64_t hi, const f
 
 // δh_{t-1} = δz_t Wᵀ, hidden units lo .. hi.
 void BackwardProduct(const BackwardArgs& a, int64_t t, int64_t lo, int64_t hi) {
-  DzProduct(a, t, lo, hi, a.packed, a.dh, a.hidden, true);
+  DzProduct(a, t, lo, hi, a.packed, a.dh, a.hidden, a.hidden, true);
 }
 
-// dxs_t = δz_t Uᵀ, input columns lo .. hi (of Ip).
+// dxs_t = δz_t Uᵀ, input columns lo .. hi (of Ip; those past I are not stored).
 void InputGradient(const BackwardArgs& a, int64_t t, int64_t lo, int64_t hi) {
-  DzProduct(a, t, lo, hi, a.packed_UT, a.dxs + t * a.batch * a.in_padded, a.in_padded, false);
+  DzProduct(a, t, lo, hi, a.packed_UT, a.dxs + a.dx_rows.at(t, 0), a.dx_rows.row, a.dx_width, false);
 }
 
 // C[r, 0 .. G·L] += Σ_b A[b, r] · D[b, 0 .. G·L] for R rows: C row stride ldc, A [depth][lda], D [depth][G·L].
@@ -1169,18 +1196,22 @@ ffi::Error LstmForward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> U, ffi::B
                        ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> h,
                        ffi::ResultBuffer<ffi::F32> c, ffi::ResultBuffer<ffi::F32> ys,
                        ffi::ResultBuffer<ffi::F32> gates, ffi::ResultBuffer<ffi::F32> cs,
-                       ffi::ResultBuffer<ffi::F32> h_buffers, int64_t hoisted, int64_t has_lengths) {
+                       ffi::ResultBuffer<ffi::F32> h_buffers, int64_t hoisted, int64_t has_lengths,
+                       int64_t batch_major) {
   auto dims = xs.dimensions();
-  if (dims.size() != 3) return ffi::Error::InvalidArgument("lstm_forward: xs must be [T, B, F]");
+  if (dims.size() != 3) return ffi::Error::InvalidArgument("lstm_forward: xs must be [T, B, F] or [B, T, F]");
+  const int64_t steps = dims[batch_major ? 1 : 0], batch = dims[batch_major ? 0 : 1];
   const int64_t hidden = W.dimensions()[0];
   if (hidden % kTapeLanes != 0) return ffi::Error::InvalidArgument("lstm_forward: hidden size must be a multiple of 16");
-  if (gates->element_count() != 0 && !IsTape(gates->dimensions(), cs->element_count(), dims[0], dims[1], hidden))
+  if (gates->element_count() != 0 && !IsTape(gates->dimensions(), cs->element_count(), steps, batch, hidden))
     return ffi::Error::InvalidArgument("lstm_forward: the tape must be gates [T, H/16, B, 4, 16] and cs [T, H/16, B, 16]");
-  ForwardArgs a{dims[0], dims[1], dims[2], hidden, xs.typed_data(), U.typed_data(),
+  ForwardArgs a{steps, batch, dims[2], hidden, xs.typed_data(), U.typed_data(),
                 W.typed_data(), b.typed_data(), h0.typed_data(), c0.typed_data(),
                 has_lengths ? lengths.typed_data() : nullptr, nullptr, h->typed_data(), c->typed_data(),
                 ys->typed_data(), gates->element_count() ? gates->typed_data() : nullptr,
                 cs->element_count() ? cs->typed_data() : nullptr, h_buffers->typed_data(), nullptr, nullptr};
+  a.x_rows = TimeRows::Of(batch_major, a.steps, a.batch, a.in_size);
+  a.y_rows = TimeRows::Of(batch_major, a.steps, a.batch, hidden);
   thread_local std::vector<float> packed, packed_rows;  // reused across calls: no fresh pages to fault in
   packed.resize((a.in_size + hidden) * 4 * hidden);
   a.packed = packed.data();
@@ -1211,23 +1242,26 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::F32> WT, ffi::Buffer<ffi::F32> gates, f
                         ffi::ResultBuffer<ffi::F32> dz, ffi::ResultBuffer<ffi::F32> dU,
                         ffi::ResultBuffer<ffi::F32> dW, ffi::ResultBuffer<ffi::F32> db,
                         ffi::ResultBuffer<ffi::F32> dxs, int64_t has_lengths, int64_t weight_grads,
-                        int64_t keep_dz, int64_t input_grads) {
+                        int64_t keep_dz, int64_t input_grads, int64_t batch_major) {
   auto dims = dys.dimensions();
-  if (dims.size() != 3) return ffi::Error::InvalidArgument("lstm_backward: dys must be [T, B, H]");
+  if (dims.size() != 3) return ffi::Error::InvalidArgument("lstm_backward: dys must be [T, B, H] or [B, T, H]");
+  const int64_t steps = dims[batch_major ? 1 : 0], batch = dims[batch_major ? 0 : 1];
   const int64_t hidden = dims[2];
   if (hidden % kTapeLanes != 0) return ffi::Error::InvalidArgument("lstm_backward: hidden size must be a multiple of 16");
-  if (!IsTape(gates.dimensions(), cs.element_count(), dims[0], dims[1], hidden))
+  if (!IsTape(gates.dimensions(), cs.element_count(), steps, batch, hidden))
     return ffi::Error::InvalidArgument("lstm_backward: the tape must be gates [T, H/16, B, 4, 16] and cs [T, H/16, B, 16]");
-  BackwardArgs a{dims[0], dims[1], hidden, WT.typed_data(), gates.typed_data(), cs.typed_data(), c0.typed_data(),
+  BackwardArgs a{steps, batch, hidden, WT.typed_data(), gates.typed_data(), cs.typed_data(), c0.typed_data(),
                  dys.typed_data(), has_lengths ? lengths.typed_data() : nullptr, dh->typed_data(),
                  dc->typed_data(), dz->typed_data(), nullptr, 0, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
-                 nullptr, nullptr, dims[0]};
+                 nullptr, nullptr, steps};
+  a.y_rows = TimeRows::Of(batch_major, a.steps, a.batch, hidden);
   if (!keep_dz && !weight_grads)
     return ffi::Error::InvalidArgument("lstm_backward: without weight_grads, dz is the result and must be kept");
   if (weight_grads) {
     if (xs.dimensions().size() != 3 || xs.dimensions()[0] != dims[0] || xs.dimensions()[1] != dims[1])
-      return ffi::Error::InvalidArgument("lstm_backward: xs must be [T, B, I] with the steps and batch of dys");
+      return ffi::Error::InvalidArgument("lstm_backward: xs must be [T, B, I] (or [B, T, I]) like dys");
     a.in_size = xs.dimensions()[2];
+    a.x_rows = TimeRows::Of(batch_major, a.steps, a.batch, a.in_size);
     a.xs = xs.typed_data();
     a.ys = ys.typed_data();
     a.h0 = h0.typed_data();
@@ -1240,6 +1274,12 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::F32> WT, ffi::Buffer<ffi::F32> gates, f
     if (UT.dimensions().size() != 2 || UT.dimensions()[0] != 4 * hidden || UT.dimensions()[1] % kLanes != 0)
       return ffi::Error::InvalidArgument("lstm_backward: UT must be [4H, Ip], Ip a multiple of the vector width");
     a.in_padded = UT.dimensions()[1];
+    auto dxs_dims = dxs->dimensions();
+    if (dxs_dims.size() != 3 || dxs_dims[0] != dims[0] || dxs_dims[1] != dims[1] || dxs_dims[2] > a.in_padded)
+      return ffi::Error::InvalidArgument(
+          "lstm_backward: dxs must be [T, B, I] (or [B, T, I]) like dys, UT [4H, Ip] with I padded to Ip");
+    a.dx_width = dxs_dims[2];
+    a.dx_rows = TimeRows::Of(batch_major, a.steps, a.batch, a.dx_width);
     a.UT = UT.typed_data();
     a.dxs = dxs->typed_data();
     packed_UT.resize(4 * hidden * a.in_padded);
@@ -1302,7 +1342,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxseqLstmForward, LstmForward,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("hoisted")
-                                  .Attr<int64_t>("has_lengths"));
+                                  .Attr<int64_t>("has_lengths")
+                                  .Attr<int64_t>("batch_major"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxseqLstmBackward, LstmBackward,
                               ffi::Ffi::Bind()
@@ -1328,4 +1369,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxseqLstmBackward, LstmBackward,
                                   .Attr<int64_t>("has_lengths")
                                   .Attr<int64_t>("weight_grads")
                                   .Attr<int64_t>("keep_dz")
-                                  .Attr<int64_t>("input_grads"));
+                                  .Attr<int64_t>("input_grads")
+                                  .Attr<int64_t>("batch_major"));
