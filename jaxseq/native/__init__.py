@@ -237,7 +237,8 @@ def lstm_backward(W, tape: Tape, c0, dys, lengths, dh, dc, *, weight_grads_of=No
     steps, batch, hidden = dys.shape
     hp = padded_hidden(hidden)
     pad = functools.partial(_pad_last, hidden=hidden)
-    WT = pad_gate_columns(jnp.pad(W, ((0, hp - hidden), (0, 0))), hidden).T  # [4Hp, Hp]
+    # The kernel packs Wᵀ and Uᵀ itself: a transpose here was a copy of each in XLA before every call.
+    W_padded = pad_gate_columns(jnp.pad(W, ((0, hp - hidden), (0, 0))), hidden)  # [Hp, 4Hp]
     f32 = jnp.float32
     shapes = [(batch, hp), (batch, hp), (steps, batch, 4 * hp) if keep_dz else (0,)]
     time_rows = functools.partial(_swap_time, batch_major=batch_major)
@@ -249,16 +250,15 @@ def lstm_backward(W, tape: Tape, c0, dys, lengths, dh, dc, *, weight_grads_of=No
         operands = (xs_t, pad(h0), pad(ys))
         shapes += [(xs_t.shape[-1], 4 * hp), (hp, 4 * hp), (4 * hp,)]
     if input_kernel is None:
-        UT = jnp.zeros((0,), f32)
+        U_padded = jnp.zeros((0,), f32)
         shapes.append((0,))
     else:
         in_size = input_kernel.shape[0]
-        in_padded = -(-in_size // LANES) * LANES
-        UT = jnp.pad(pad_gate_columns(input_kernel, hidden), ((0, in_padded - in_size), (0, 0))).T  # [4Hp, Ip]
+        U_padded = pad_gate_columns(input_kernel, hidden)  # [I, 4Hp]
         shapes.append((batch, steps, in_size) if batch_major else (steps, batch, in_size))
     xs_arg, h0_arg, ys_arg = operands
-    args = (WT, tape.gates, tape.cs, pad(c0), time_rows(pad(dys)), _lengths_arg(lengths), pad(dh), pad(dc),
-            time_rows(xs_arg), time_rows(ys_arg), h0_arg, UT)
+    args = (W_padded, tape.gates, tape.cs, pad(c0), time_rows(pad(dys)), _lengths_arg(lengths), pad(dh), pad(dc),
+            time_rows(xs_arg), time_rows(ys_arg), h0_arg, U_padded)
     call = jax.ffi.ffi_call("jaxseq_lstm_backward", [jax.ShapeDtypeStruct(s, f32) for s in shapes],
                             vmap_method="sequential")
     dh, dc, dz, dU, dW, db, dxs = vary_like(call(*args, has_lengths=np.int64(lengths is not None),

@@ -779,7 +779,7 @@ void RunForward(const ForwardArgs& a, int index, Stages& stages) {
 
 struct BackwardArgs {
   int64_t steps, batch, hidden;
-  const float* WT;     // [4H, H]
+  const float* W;      // [H, 4H], the recurrent kernel (packed as Wᵀ panels in stage 0)
   const float* gates;  // [T, H/16, B, 4, 16] (see TapeRow)
   const float* cs;     // [T, H/16, B, 16]
   const float* c0;     // [B, H]
@@ -816,7 +816,7 @@ struct BackwardArgs {
   // The input gradient inside the loop (nullptr without): dxs_t = δz_t Uᵀ, in the stage after δz_t's, by blocks
   // of kWide·L of its Ip columns (I padded to L), so that δz need not be kept for a product after the loop.
   int64_t in_padded;       // Ip
-  const float* UT;         // [4H, Ip]
+  const float* U;          // [I, 4H], the input kernel (packed as Uᵀ panels, zero past I)
   float* dxs;              // [T, B, I] or [B, T, I] (dx_rows; the products form Ip columns and store the first I)
   float* packed_UT;        // [Ip/L][4H][L], as packed for Wᵀ
   Prefaults prefaults;     // dz (when kept), dxs
@@ -1098,6 +1098,26 @@ inline void VectorCut(int64_t vectors, int64_t block, int64_t count, int64_t& lo
   hi = vectors * (block + 1) / count * kLanes;
 }
 
+// Columns col .. col+L of Mᵀ, that is rows col .. col+L of M [rows][H4] (zero past `rows`), as the panel
+// packed[k][L], k < H4, that DzProductBlock reads. XLA transposed W and U for the kernel before every call
+// (with the padding of U's rows, 1.4 % of the training step's perf samples at (64, 34, 200, 256)); here each
+// 16 x L tile of the transpose is read and written in L1. H4 is a multiple of 64 (H of 16).
+void PackTransposedPanel(float* packed, const float* M, int64_t rows, int64_t col, int64_t H4) {
+  constexpr int kDepth = 16;
+  const int valid = static_cast<int>(std::min<int64_t>(kLanes, rows - col));
+  for (int64_t k0 = 0; k0 < H4; k0 += kDepth) {
+    for (int u = 0; u < kLanes; ++u) {
+      const float* src = M + (col + u) * H4 + k0;
+      float* dst = packed + k0 * kLanes + u;
+      if (u < valid) {
+        for (int j = 0; j < kDepth; ++j) dst[j * kLanes] = src[j];
+      } else {
+        for (int j = 0; j < kDepth; ++j) dst[j * kLanes] = 0.0f;
+      }
+    }
+  }
+}
+
 // A hidden block is kWide column blocks (4L hidden units). Stage 0 packs their columns of Wᵀ; the stage of step t
 // forms their columns of δh_t = δz_{t+1} Wᵀ (which reads every block's δz_{t+1}, finished in the stage
 // before) and then their δz_t; the last stage forms δh before the first step. With the input gradient, input
@@ -1138,8 +1158,7 @@ void RunBackward(const BackwardArgs& a, int index, Stages& stages) {
     VectorCut(in_vectors, block, input_count, lo, hi);
     if (s == 0) {
       for (int64_t col = lo; col < hi; col += kLanes) {
-        float* packed = a.packed_UT + (col / kLanes) * H4 * kLanes;
-        for (int64_t k = 0; k < H4; ++k) std::memcpy(packed + k * kLanes, a.UT + k * a.in_padded + col, sizeof(vf));
+        PackTransposedPanel(a.packed_UT + (col / kLanes) * H4 * kLanes, a.U, a.dx_width, col, H4);
       }
     } else if (s <= T) {
       if (T - s + 1 < T) InputGradient(a, T - s + 1, lo, hi);
@@ -1153,8 +1172,7 @@ void RunBackward(const BackwardArgs& a, int index, Stages& stages) {
     VectorCut(hidden_vectors, block, blocks, lo, hi);
     if (s == 0) {
       for (int64_t col = lo; col < hi; col += kLanes) {
-        float* packed = a.packed + (col / kLanes) * H4 * kLanes;
-        for (int64_t k = 0; k < H4; ++k) std::memcpy(packed + k * kLanes, a.WT + k * H + col, sizeof(vf));
+        PackTransposedPanel(a.packed + (col / kLanes) * H4 * kLanes, a.W, H, col, H4);
       }
       if (a.dW != nullptr) {  // this block's weight-gradient sums start at zero
         std::memset(a.weight_sums + 4 * (a.in_size + H) * lo, 0, 4 * (a.in_size + H) * (hi - lo) * sizeof(float));
@@ -1242,10 +1260,10 @@ ffi::Error LstmForward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> U, ffi::B
   return ffi::Error::Success();
 }
 
-ffi::Error LstmBackward(ffi::Buffer<ffi::F32> WT, ffi::Buffer<ffi::F32> gates, ffi::Buffer<ffi::F32> cs,
+ffi::Error LstmBackward(ffi::Buffer<ffi::F32> W, ffi::Buffer<ffi::F32> gates, ffi::Buffer<ffi::F32> cs,
                         ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> dys, ffi::Buffer<ffi::S32> lengths,
                         ffi::Buffer<ffi::F32> dh_in, ffi::Buffer<ffi::F32> dc_in, ffi::Buffer<ffi::F32> xs,
-                        ffi::Buffer<ffi::F32> ys, ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> UT,
+                        ffi::Buffer<ffi::F32> ys, ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> U,
                         ffi::ResultBuffer<ffi::F32> dh, ffi::ResultBuffer<ffi::F32> dc,
                         ffi::ResultBuffer<ffi::F32> dz, ffi::ResultBuffer<ffi::F32> dU,
                         ffi::ResultBuffer<ffi::F32> dW, ffi::ResultBuffer<ffi::F32> db,
@@ -1258,7 +1276,9 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::F32> WT, ffi::Buffer<ffi::F32> gates, f
   if (hidden % kTapeLanes != 0) return ffi::Error::InvalidArgument("lstm_backward: hidden size must be a multiple of 16");
   if (!IsTape(gates.dimensions(), cs.element_count(), steps, batch, hidden))
     return ffi::Error::InvalidArgument("lstm_backward: the tape must be gates [T, H/16, B, 4, 16] and cs [T, H/16, B, 16]");
-  BackwardArgs a{steps, batch, hidden, WT.typed_data(), gates.typed_data(), cs.typed_data(), c0.typed_data(),
+  if (W.dimensions().size() != 2 || W.dimensions()[0] != hidden || W.dimensions()[1] != 4 * hidden)
+    return ffi::Error::InvalidArgument("lstm_backward: W must be [H, 4H] with the H of dys");
+  BackwardArgs a{steps, batch, hidden, W.typed_data(), gates.typed_data(), cs.typed_data(), c0.typed_data(),
                  dys.typed_data(), has_lengths ? lengths.typed_data() : nullptr, dh->typed_data(),
                  dc->typed_data(), dz->typed_data(), nullptr, 0, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
                  nullptr, nullptr, steps};
@@ -1279,16 +1299,16 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::F32> WT, ffi::Buffer<ffi::F32> gates, f
   }
   thread_local std::vector<float> packed_UT;
   if (input_grads) {
-    if (UT.dimensions().size() != 2 || UT.dimensions()[0] != 4 * hidden || UT.dimensions()[1] % kLanes != 0)
-      return ffi::Error::InvalidArgument("lstm_backward: UT must be [4H, Ip], Ip a multiple of the vector width");
-    a.in_padded = UT.dimensions()[1];
+    if (U.dimensions().size() != 2 || U.dimensions()[1] != 4 * hidden ||
+        (weight_grads && U.dimensions()[0] != a.in_size))
+      return ffi::Error::InvalidArgument("lstm_backward: U must be [I, 4H], with the I of xs");
+    a.dx_width = U.dimensions()[0];
+    a.in_padded = (a.dx_width + kLanes - 1) / kLanes * kLanes;
     auto dxs_dims = dxs->dimensions();
-    if (dxs_dims.size() != 3 || dxs_dims[0] != dims[0] || dxs_dims[1] != dims[1] || dxs_dims[2] > a.in_padded)
-      return ffi::Error::InvalidArgument(
-          "lstm_backward: dxs must be [T, B, I] (or [B, T, I]) like dys, UT [4H, Ip] with I padded to Ip");
-    a.dx_width = dxs_dims[2];
+    if (dxs_dims.size() != 3 || dxs_dims[0] != dims[0] || dxs_dims[1] != dims[1] || dxs_dims[2] != a.dx_width)
+      return ffi::Error::InvalidArgument("lstm_backward: dxs must be [T, B, I] (or [B, T, I]) like dys, I of U");
     a.dx_rows = TimeRows::Of(batch_major, a.steps, a.batch, a.dx_width);
-    a.UT = UT.typed_data();
+    a.U = U.typed_data();
     a.dxs = dxs->typed_data();
     packed_UT.resize(4 * hidden * a.in_padded);
     a.packed_UT = packed_UT.data();
@@ -1366,7 +1386,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxseqLstmBackward, LstmBackward,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // xs, ys, h0: empty without weight_grads
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // UT: empty without input_grads
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // U: empty without input_grads
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dz: empty without keep_dz
