@@ -104,25 +104,6 @@ def test_kernel_loops_match_xla_loops(key, batch, steps, in_size, hidden, with_l
     assert no_tape[3] is None
 
 
-@pytest.mark.parametrize("batch,steps,in_size,hidden", [(11, 9, 7, 32), (8, 6, 16, 40), (16, 4, 200, 64)])
-def test_time_major_operands_give_the_same_values_as_batch_major(key, batch, steps, in_size, hidden):
-    # The kernel reads xs, ys and dys and writes ys and dxs in either order (row strides per operand); the layer
-    # hands it batch-major arrays. Same arithmetic in the same order: the values must be identical.
-    params, xs_t, h0, c0, lengths, dys = _problem(key, batch, steps, in_size, hidden)
-    U, W, b = params["U"], params["W"], params["b"]
-    results = []
-    for batch_major in (False, True):
-        forward = native.lstm_forward(xs_t, U, W, b, h0, c0, lengths, hoisted=False, save=True,
-                                      batch_major=batch_major)
-        forward_hoisted = native.lstm_forward(xs_t, U, W, b, h0, c0, lengths, hoisted=True, save=False,
-                                              batch_major=batch_major)
-        backward = native.lstm_backward(W, forward[3], c0, dys, lengths, h0, c0, weight_grads_of=(xs_t, h0, forward[2]),
-                                        keep_dz=False, input_kernel=U, batch_major=batch_major)
-        results.append((forward[:3], forward_hoisted[:3], backward))
-    assert results[1][2][-1].shape == xs_t.shape
-    assert all(bool(jnp.array_equal(a, b)) for a, b in zip(*map(jax.tree.leaves, results)))
-
-
 def test_kernel_gates_match_xla_over_the_whole_range_of_preactivations(key):
     """The kernel's own sigmoid and tanh (lstm_cpu.cc) against XLA's, pre-activations spread over ±150: the
     exp clamps, the rational tanh's clamp at ±9, and its result kept inside [-1, 1]."""

@@ -165,14 +165,15 @@ class Tape(NamedTuple):
         return gates, cs
 
 
-def _swap_time(a, batch_major: bool):
-    """``[T, B, F]`` <-> ``[B, T, F]`` where the kernel takes the sequences batch-major. The layer's own arrays are
-    ``[B, T, F]``: its time-major view and this swap cancel in XLA, where a time-major operand (or result) of the
-    custom call made XLA copy xs, ys, their cotangents and dxs into the other order around every call."""
-    return jnp.swapaxes(a, 0, 1) if batch_major and a.ndim == 3 else a
+def _swap_time(a):
+    """``[T, B, F]`` <-> ``[B, T, F]`` (empty placeholders pass): the kernel takes and returns the sequences
+    batch-major. The layer's own arrays are ``[B, T, F]``, so its time-major view and this swap cancel in XLA;
+    time-major operands and results of the custom call made XLA copy xs, ys, their cotangents and dxs into the
+    other order around every call."""
+    return jnp.swapaxes(a, 0, 1) if a.ndim == 3 else a
 
 
-def lstm_forward(xs_t, U, W, b, h0, c0, lengths, *, hoisted: bool, save: bool, batch_major: bool = True):
+def lstm_forward(xs_t, U, W, b, h0, c0, lengths, *, hoisted: bool, save: bool):
     """The forward loop of ``jaxseq.layers._forward_loop`` in the kernel.
 
     Args:
@@ -181,8 +182,6 @@ def lstm_forward(xs_t, U, W, b, h0, c0, lengths, *, hoisted: bool, save: bool, b
       h0, c0: ``[B, H]``; lengths: ``int[B]`` valid steps per row, or None.
       hoisted: form ``x_t U + b`` for all steps first (inside the kernel, one product over all ``T·B`` rows),
         then only ``h W`` in the loop; else ``[x_t, h] [U; W]`` in the loop.
-      batch_major: hand the kernel ``xs`` and take ``ys`` as ``[B, T, F]`` (see ``_swap_time``); the results are
-        time-major either way.
 
     Returns:
       ``(h, c, ys [T, B, H], tape)``: the ``Tape`` for ``lstm_backward`` when ``save``, else None.
@@ -194,17 +193,17 @@ def lstm_forward(xs_t, U, W, b, h0, c0, lengths, *, hoisted: bool, save: bool, b
     U, b = pad_gate_columns(U, hidden), pad_gate_columns(b, hidden)
     f32 = jnp.float32
     blocks = hp // LANES
-    shapes = [(batch, hp), (batch, hp), (batch, steps, hp) if batch_major else (steps, batch, hp),
+    shapes = [(batch, hp), (batch, hp), (batch, steps, hp),
               (steps, blocks, batch, 4, LANES) if save else (0,),
               (steps, blocks, batch, LANES) if save else (0,), (2, batch, hp)]
     call = jax.ffi.ffi_call("jaxseq_lstm_forward", [jax.ShapeDtypeStruct(s, f32) for s in shapes],
                             vmap_method="sequential")
-    args = (_swap_time(xs_t, batch_major), U, W, b, _pad_last(h0, hidden), _pad_last(c0, hidden),
+    args = (_swap_time(xs_t), U, W, b, _pad_last(h0, hidden), _pad_last(c0, hidden),
             _lengths_arg(lengths))
     # Inside shard_map a custom call's results are per-shard values: they vary like its inputs.
-    h, c, ys, gates, cs, _ = vary_like(call(*args, hoisted=np.int64(hoisted), has_lengths=np.int64(lengths is not None),
-                                            batch_major=np.int64(batch_major)), *args)
-    ys = _swap_time(ys, batch_major)
+    h, c, ys, gates, cs, _ = vary_like(call(*args, hoisted=np.int64(hoisted), has_lengths=np.int64(lengths is not None)),
+                                       *args)
+    ys = _swap_time(ys)
     if hp != hidden:
         h, c, ys = h[:, :hidden], c[:, :hidden], ys[..., :hidden]
     return h, c, ys, Tape(gates, cs) if save else None
@@ -219,7 +218,7 @@ def unpad_gate_columns(a, hidden: int):
 
 
 def lstm_backward(W, tape: Tape, c0, dys, lengths, dh, dc, *, weight_grads_of=None, keep_dz: bool = True,
-                  input_kernel=None, batch_major: bool = True):
+                  input_kernel=None):
     """The BPTT loop of ``jaxseq.layers._backward_loop`` in the kernel: ``(dh, dc, dz [T, B, 4H])``.
 
     ``W`` is the recurrent kernel ``[H, 4H]``, ``tape`` what ``lstm_forward`` saved, ``dys`` ``[T, B, H]``.
@@ -228,8 +227,7 @@ def lstm_backward(W, tape: Tape, c0, dys, lengths, dh, dc, *, weight_grads_of=No
     ``keep_dz=False`` returns ``dz=None``: the kernel keeps only the last three steps' δz, and nothing of
     ``[T, B, 4H]`` is allocated or written. ``input_kernel=U`` ``[I, 4H]``: the kernel also forms the input
     gradient ``dxs_t = δz_t Uᵀ`` step by step and appends ``dxs`` ``[T, B, I]`` to the result.
-    ``batch_major``: hand the kernel ``dys``, ``xs_t`` and ``ys`` and take ``dxs`` as ``[B, T, F]``, as in
-    ``lstm_forward``; the arguments and results are time-major either way.
+    The kernel takes ``dys``, ``xs_t`` and ``ys`` and returns ``dxs`` batch-major (see ``_swap_time``).
     """
     if not keep_dz and weight_grads_of is None:
         raise ValueError("lstm_backward: keep_dz=False needs weight_grads_of; without it dz is the only result "
@@ -241,7 +239,6 @@ def lstm_backward(W, tape: Tape, c0, dys, lengths, dh, dc, *, weight_grads_of=No
     W_padded = pad_gate_columns(jnp.pad(W, ((0, hp - hidden), (0, 0))), hidden)  # [Hp, 4Hp]
     f32 = jnp.float32
     shapes = [(batch, hp), (batch, hp), (steps, batch, 4 * hp) if keep_dz else (0,)]
-    time_rows = functools.partial(_swap_time, batch_major=batch_major)
     if weight_grads_of is None:
         operands = (jnp.zeros((0,), f32),) * 3
         shapes += [(0,)] * 3
@@ -255,17 +252,16 @@ def lstm_backward(W, tape: Tape, c0, dys, lengths, dh, dc, *, weight_grads_of=No
     else:
         in_size = input_kernel.shape[0]
         U_padded = pad_gate_columns(input_kernel, hidden)  # [I, 4Hp]
-        shapes.append((batch, steps, in_size) if batch_major else (steps, batch, in_size))
+        shapes.append((batch, steps, in_size))
     xs_arg, h0_arg, ys_arg = operands
-    args = (W_padded, tape.gates, tape.cs, pad(c0), time_rows(pad(dys)), _lengths_arg(lengths), pad(dh), pad(dc),
-            time_rows(xs_arg), time_rows(ys_arg), h0_arg, U_padded)
+    args = (W_padded, tape.gates, tape.cs, pad(c0), _swap_time(pad(dys)), _lengths_arg(lengths), pad(dh), pad(dc),
+            _swap_time(xs_arg), _swap_time(ys_arg), h0_arg, U_padded)
     call = jax.ffi.ffi_call("jaxseq_lstm_backward", [jax.ShapeDtypeStruct(s, f32) for s in shapes],
                             vmap_method="sequential")
     dh, dc, dz, dU, dW, db, dxs = vary_like(call(*args, has_lengths=np.int64(lengths is not None),
                                                 weight_grads=np.int64(weight_grads_of is not None),
                                                 keep_dz=np.int64(keep_dz),
-                                                input_grads=np.int64(input_kernel is not None),
-                                                batch_major=np.int64(batch_major)), *args)
+                                                input_grads=np.int64(input_kernel is not None)), *args)
     if hp != hidden:
         dh, dc = dh[:, :hidden], dc[:, :hidden]
         dz = unpad_gate_columns(dz, hidden) if keep_dz else dz
@@ -276,5 +272,5 @@ def lstm_backward(W, tape: Tape, c0, dys, lengths, dh, dc, *, weight_grads_of=No
         result += ((unpad_gate_columns(dU, hidden), unpad_gate_columns(dW[:hidden], hidden),
                     unpad_gate_columns(db, hidden)),)
     if input_kernel is not None:
-        result += (time_rows(dxs),)
+        result += (_swap_time(dxs),)
     return result

@@ -492,21 +492,18 @@ inline void AccumulateGates(vf (&acc)[R][G], const float* a, int64_t a_row, int6
   TileProduct<R, G>(acc, a, a_row, a_k, w, kLanes, 4 * kLanes, depth);
 }
 
-// Where row b of step t starts in the sequence operands (xs, ys, dys, dxs): data + t·step + b·row. They are
-// [B, T, F] (batch_major: step F, row T·F), the order of the layer's own inputs and outputs, so that XLA need not
-// transpose xs, ys and their cotangents into time-major order and back around every call; or [T, B, F] (step
-// B·F, row F).
+// Where row b of step t starts in a sequence operand (xs, ys, dys, dxs): data + t·step + b·row. They are
+// [B, T, F] (step F, row T·F), the layer's own order, so that XLA need not transpose xs, ys and their cotangents
+// into time-major order and back around every call (it did, when the kernel took [T, B, F]).
 struct TimeRows {
   int64_t step, row;
-  static TimeRows Of(bool batch_major, int64_t steps, int64_t batch, int64_t features) {
-    return batch_major ? TimeRows{features, steps * features} : TimeRows{batch * features, features};
-  }
+  static TimeRows Of(int64_t steps, int64_t features) { return TimeRows{features, steps * features}; }
   int64_t at(int64_t t, int64_t b) const { return t * step + b * row; }
 };
 
 struct ForwardArgs {
   int64_t steps, batch, in_size, hidden;
-  const float* xs;  // [T, B, I] or [B, T, I] (x_rows)
+  const float* xs;  // [B, T, I] (x_rows)
   const float* U;   // [I, 4H]
   const float* W;   // [H, 4H]
   const float* b;   // [4H]
@@ -518,7 +515,7 @@ struct ForwardArgs {
   float* projected;
   float* h;       // [B, H] final
   float* c;       // [B, H] final
-  float* ys;      // [T, B, H] or [B, T, H] (y_rows)
+  float* ys;      // [B, T, H] (y_rows)
   float* gates;   // [T, H/16, B, 4, 16] (i, f, g, o; see TapeRow) or nullptr
   float* cs;      // [T, H/16, B, 16] or nullptr
   float* h_buffers;  // [2, B, H] scratch
@@ -689,17 +686,16 @@ void ForEachRowBlock(int64_t batch, Rows rows) {
   }
 }
 
-// The hoisted input product of xs's rows r0 .. r0+R (of all T·B, in memory order) for the column block at col:
-// x U + b, stored by step (row t·B + b of the column block's [T·B][4][L]).
+// The hoisted input product of xs's rows r0 .. r0+R (of all B·T, in memory order: row b·T + t) for the column
+// block at col: x U + b, stored by step (row t·B + b of the column block's [T·B][4][L]).
 template <int R>
 void ProjectBlock(const ForwardArgs& a, int64_t r0, int64_t col) {
   constexpr int G = TileWidth<R>();
   const int64_t H = a.hidden, I = a.in_size, T = a.steps, B = a.batch;
   const float* w = a.packed + (col / kLanes) * (I + H) * 4 * kLanes;
   float* out = a.projected + (col / kLanes) * T * B * 4 * kLanes;
-  const bool by_step = a.x_rows.row == I;  // rows in step order already (or T = 1)
   int64_t out_row[R];
-  for (int r = 0; r < R; ++r) out_row[r] = by_step ? r0 + r : (r0 + r) % T * B + (r0 + r) / T;
+  for (int r = 0; r < R; ++r) out_row[r] = (r0 + r) % T * B + (r0 + r) / T;
   for (int q0 = 0; q0 < 4; q0 += G) {
     vf acc[R][G];
 #pragma GCC unroll 8
@@ -783,7 +779,7 @@ struct BackwardArgs {
   const float* gates;  // [T, H/16, B, 4, 16] (see TapeRow)
   const float* cs;     // [T, H/16, B, 16]
   const float* c0;     // [B, H]
-  const float* dys;    // [T, B, H] or [B, T, H] (y_rows)
+  const float* dys;    // [B, T, H] (y_rows)
   const int32_t* lengths;
   float* dh;  // [B, H]: in, the carry's cotangent after the last step; out, before the first
   float* dc;  // [B, H]: likewise
@@ -791,9 +787,9 @@ struct BackwardArgs {
   float* packed;  // [H/L][4H][L]: Wᵀ by blocks of L columns, each contiguous (see ForwardArgs::packed)
   // Weight gradients inside the loop (all nullptr without): dU += x_tᵀ δz_t, dW += h_{t-1}ᵀ δz_t, db += Σ δz_t,
   // each block its own columns, at the step that formed δz_t (see WeightGradients).
-  int64_t in_size;
-  const float* xs;  // [T, B, I] or [B, T, I] (x_rows)
-  const float* ys;  // [T, B, H] or [B, T, H] (y_rows): h_t at valid steps
+  int64_t in_size;  // I, with the weight or the input gradients
+  const float* xs;  // [B, T, I] (x_rows)
+  const float* ys;  // [B, T, H] (y_rows): h_t at valid steps
   const float* h0;  // [B, H]
   float* dU;        // [I, 4H]
   float* dW;        // [H, 4H]
@@ -817,11 +813,10 @@ struct BackwardArgs {
   // of kWide·L of its Ip columns (I padded to L), so that δz need not be kept for a product after the loop.
   int64_t in_padded;       // Ip
   const float* U;          // [I, 4H], the input kernel (packed as Uᵀ panels, zero past I)
-  float* dxs;              // [T, B, I] or [B, T, I] (dx_rows; the products form Ip columns and store the first I)
+  float* dxs;              // [B, T, I] (x_rows; the products form Ip columns and store the first I)
   float* packed_UT;        // [Ip/L][4H][L], as packed for Wᵀ
   Prefaults prefaults;     // dz (when kept), dxs
-  TimeRows x_rows{}, y_rows{}, dx_rows{};  // of xs, of ys and dys, of dxs
-  int64_t dx_width = 0;                    // I: dxs's columns
+  TimeRows x_rows{}, y_rows{};  // of xs and dxs, of ys and dys
 };
 
 // δz_t, [B, 4H].
@@ -981,7 +976,7 @@ void BackwardProduct(const BackwardArgs& a, int64_t t, int64_t lo, int64_t hi) {
 
 // dxs_t = δz_t Uᵀ, input columns lo .. hi (of Ip; those past I are not stored).
 void InputGradient(const BackwardArgs& a, int64_t t, int64_t lo, int64_t hi) {
-  DzProduct(a, t, lo, hi, a.packed_UT, a.dxs + a.dx_rows.at(t, 0), a.dx_rows.row, a.dx_width, false);
+  DzProduct(a, t, lo, hi, a.packed_UT, a.dxs + a.x_rows.at(t, 0), a.x_rows.row, a.in_size, false);
 }
 
 // C[r, 0 .. G·L] += Σ_b A[b, r] · D[b, 0 .. G·L] for R rows: C row stride ldc, A [depth][lda], D [depth][G·L].
@@ -1158,7 +1153,7 @@ void RunBackward(const BackwardArgs& a, int index, Stages& stages) {
     VectorCut(in_vectors, block, input_count, lo, hi);
     if (s == 0) {
       for (int64_t col = lo; col < hi; col += kLanes) {
-        PackTransposedPanel(a.packed_UT + (col / kLanes) * H4 * kLanes, a.U, a.dx_width, col, H4);
+        PackTransposedPanel(a.packed_UT + (col / kLanes) * H4 * kLanes, a.U, a.in_size, col, H4);
       }
     } else if (s <= T) {
       if (T - s + 1 < T) InputGradient(a, T - s + 1, lo, hi);
@@ -1222,11 +1217,10 @@ ffi::Error LstmForward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> U, ffi::B
                        ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> h,
                        ffi::ResultBuffer<ffi::F32> c, ffi::ResultBuffer<ffi::F32> ys,
                        ffi::ResultBuffer<ffi::F32> gates, ffi::ResultBuffer<ffi::F32> cs,
-                       ffi::ResultBuffer<ffi::F32> h_buffers, int64_t hoisted, int64_t has_lengths,
-                       int64_t batch_major) {
+                       ffi::ResultBuffer<ffi::F32> h_buffers, int64_t hoisted, int64_t has_lengths) {
   auto dims = xs.dimensions();
-  if (dims.size() != 3) return ffi::Error::InvalidArgument("lstm_forward: xs must be [T, B, F] or [B, T, F]");
-  const int64_t steps = dims[batch_major ? 1 : 0], batch = dims[batch_major ? 0 : 1];
+  if (dims.size() != 3) return ffi::Error::InvalidArgument("lstm_forward: xs must be [B, T, F]");
+  const int64_t batch = dims[0], steps = dims[1];
   const int64_t hidden = W.dimensions()[0];
   if (hidden % kTapeLanes != 0) return ffi::Error::InvalidArgument("lstm_forward: hidden size must be a multiple of 16");
   if (gates->element_count() != 0 && !IsTape(gates->dimensions(), cs->element_count(), steps, batch, hidden))
@@ -1236,8 +1230,8 @@ ffi::Error LstmForward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> U, ffi::B
                 has_lengths ? lengths.typed_data() : nullptr, nullptr, h->typed_data(), c->typed_data(),
                 ys->typed_data(), gates->element_count() ? gates->typed_data() : nullptr,
                 cs->element_count() ? cs->typed_data() : nullptr, h_buffers->typed_data(), nullptr, nullptr};
-  a.x_rows = TimeRows::Of(batch_major, a.steps, a.batch, a.in_size);
-  a.y_rows = TimeRows::Of(batch_major, a.steps, a.batch, hidden);
+  a.x_rows = TimeRows::Of(a.steps, a.in_size);
+  a.y_rows = TimeRows::Of(a.steps, hidden);
   thread_local std::vector<float> packed, packed_rows;  // reused across calls: no fresh pages to fault in
   packed.resize((a.in_size + hidden) * 4 * hidden);
   a.packed = packed.data();
@@ -1268,10 +1262,10 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::F32> W, ffi::Buffer<ffi::F32> gates, ff
                         ffi::ResultBuffer<ffi::F32> dz, ffi::ResultBuffer<ffi::F32> dU,
                         ffi::ResultBuffer<ffi::F32> dW, ffi::ResultBuffer<ffi::F32> db,
                         ffi::ResultBuffer<ffi::F32> dxs, int64_t has_lengths, int64_t weight_grads,
-                        int64_t keep_dz, int64_t input_grads, int64_t batch_major) {
+                        int64_t keep_dz, int64_t input_grads) {
   auto dims = dys.dimensions();
-  if (dims.size() != 3) return ffi::Error::InvalidArgument("lstm_backward: dys must be [T, B, H] or [B, T, H]");
-  const int64_t steps = dims[batch_major ? 1 : 0], batch = dims[batch_major ? 0 : 1];
+  if (dims.size() != 3) return ffi::Error::InvalidArgument("lstm_backward: dys must be [B, T, H]");
+  const int64_t batch = dims[0], steps = dims[1];
   const int64_t hidden = dims[2];
   if (hidden % kTapeLanes != 0) return ffi::Error::InvalidArgument("lstm_backward: hidden size must be a multiple of 16");
   if (!IsTape(gates.dimensions(), cs.element_count(), steps, batch, hidden))
@@ -1282,14 +1276,13 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::F32> W, ffi::Buffer<ffi::F32> gates, ff
                  dys.typed_data(), has_lengths ? lengths.typed_data() : nullptr, dh->typed_data(),
                  dc->typed_data(), dz->typed_data(), nullptr, 0, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
                  nullptr, nullptr, steps};
-  a.y_rows = TimeRows::Of(batch_major, a.steps, a.batch, hidden);
+  a.y_rows = TimeRows::Of(a.steps, hidden);
   if (!keep_dz && !weight_grads)
     return ffi::Error::InvalidArgument("lstm_backward: without weight_grads, dz is the result and must be kept");
   if (weight_grads) {
     if (xs.dimensions().size() != 3 || xs.dimensions()[0] != dims[0] || xs.dimensions()[1] != dims[1])
-      return ffi::Error::InvalidArgument("lstm_backward: xs must be [T, B, I] (or [B, T, I]) like dys");
+      return ffi::Error::InvalidArgument("lstm_backward: xs must be [B, T, I] like dys");
     a.in_size = xs.dimensions()[2];
-    a.x_rows = TimeRows::Of(batch_major, a.steps, a.batch, a.in_size);
     a.xs = xs.typed_data();
     a.ys = ys.typed_data();
     a.h0 = h0.typed_data();
@@ -1302,17 +1295,17 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::F32> W, ffi::Buffer<ffi::F32> gates, ff
     if (U.dimensions().size() != 2 || U.dimensions()[1] != 4 * hidden ||
         (weight_grads && U.dimensions()[0] != a.in_size))
       return ffi::Error::InvalidArgument("lstm_backward: U must be [I, 4H], with the I of xs");
-    a.dx_width = U.dimensions()[0];
-    a.in_padded = (a.dx_width + kLanes - 1) / kLanes * kLanes;
+    a.in_size = U.dimensions()[0];
+    a.in_padded = (a.in_size + kLanes - 1) / kLanes * kLanes;
     auto dxs_dims = dxs->dimensions();
-    if (dxs_dims.size() != 3 || dxs_dims[0] != dims[0] || dxs_dims[1] != dims[1] || dxs_dims[2] != a.dx_width)
-      return ffi::Error::InvalidArgument("lstm_backward: dxs must be [T, B, I] (or [B, T, I]) like dys, I of U");
-    a.dx_rows = TimeRows::Of(batch_major, a.steps, a.batch, a.dx_width);
+    if (dxs_dims.size() != 3 || dxs_dims[0] != dims[0] || dxs_dims[1] != dims[1] || dxs_dims[2] != a.in_size)
+      return ffi::Error::InvalidArgument("lstm_backward: dxs must be [B, T, I] like dys, I of U");
     a.U = U.typed_data();
     a.dxs = dxs->typed_data();
     packed_UT.resize(4 * hidden * a.in_padded);
     a.packed_UT = packed_UT.data();
   }
+  a.x_rows = TimeRows::Of(a.steps, a.in_size);  // of xs and dxs, where there are
   thread_local std::vector<float> weight_sums, packed_inputs, dz_ring;  // reused across calls, as `packed` below
   if (!keep_dz) {
     dz_ring.resize(3 * a.batch * 4 * hidden);
@@ -1370,8 +1363,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxseqLstmForward, LstmForward,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("hoisted")
-                                  .Attr<int64_t>("has_lengths")
-                                  .Attr<int64_t>("batch_major"));
+                                  .Attr<int64_t>("has_lengths"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxseqLstmBackward, LstmBackward,
                               ffi::Ffi::Bind()
@@ -1397,5 +1389,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxseqLstmBackward, LstmBackward,
                                   .Attr<int64_t>("has_lengths")
                                   .Attr<int64_t>("weight_grads")
                                   .Attr<int64_t>("keep_dz")
-                                  .Attr<int64_t>("input_grads")
-                                  .Attr<int64_t>("batch_major"));
+                                  .Attr<int64_t>("input_grads"));
