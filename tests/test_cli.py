@@ -48,9 +48,10 @@ def test_floats_must_be_finite(argv, flag, capsys):
 def test_library_checks_sizes_too():
     from jaxseq.models import captioning as cap
     from jaxseq.models import forecasting as fc
+    from jaxseq.tasks import forecast
 
     with pytest.raises(ValueError, match="hidden_size must be a positive integer, got 0"):
-        fc.ForecastConfig(hidden_size=0)
+        forecast.ForecastConfig(hidden_size=0)
     with pytest.raises(ValueError, match="num_layers must be a positive integer, got 0"):
         fc.make_model("lstm", num_layers=0)
     with pytest.raises(ValueError, match="CaptionConfig.embed_dim must be a positive integer, got 0"):

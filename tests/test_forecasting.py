@@ -12,6 +12,7 @@ import pytest
 from jaxseq import metrics
 from jaxseq.data import timeseries as ts
 from jaxseq.models import forecasting as fc
+from jaxseq.tasks import forecast
 
 HEADER = "Date,Open,Close,Volume\n"
 
@@ -218,7 +219,7 @@ def test_baselines_on_known_series():
     # On a straight line the drift forecast is exact and persistence is off by h steps.
     data = ts.prepare(series_of(10 + 0.5 * np.arange(100)), target="price", lookback=4, horizon=3)
     origins = data.origins("test")
-    b = fc.baseline_forecasts(data, origins)
+    b = forecast.baseline_forecasts(data, origins)
     actual = data.actual_prices(origins)
     np.testing.assert_allclose(b["drift"], actual)
     np.testing.assert_allclose(b["linear_ar"], actual, rtol=1e-6)
@@ -229,7 +230,7 @@ def test_baselines_on_known_series():
         z.append(1.2 * z[-1] - 0.5 * z[-2])
     data = ts.prepare(series_of(np.array(z) + 5), target="price", lookback=2, horizon=1)
     origins = data.origins("test")
-    np.testing.assert_allclose(fc.baseline_forecasts(data, origins)["linear_ar"], data.actual_prices(origins),
+    np.testing.assert_allclose(forecast.baseline_forecasts(data, origins)["linear_ar"], data.actual_prices(origins),
                                atol=1e-8)
 
 
@@ -295,15 +296,15 @@ def test_residual_head_starts_from_the_last_value(initialised):
 
 def test_recursive_forecast_feeds_forecasts_back():
     # "tomorrow = sum of the window": windows [1, 2] -> 3, then [2, 3] -> 5, then [3, 5] -> 8.
-    out = fc.recursive_forecast(lambda w: w.sum(axis=1), np.array([[[1.0], [2.0]]]), 3)
+    out = forecast.recursive_forecast(lambda w: w.sum(axis=1), np.array([[[1.0], [2.0]]]), 3)
     np.testing.assert_array_equal(out, [[3, 5, 8]])
     # A multi-step head is rolled a whole horizon at a time: [1, 2] -> (3, 4), then [3, 4] -> (5, 6).
-    out = fc.recursive_forecast(lambda w: w[:, :, 0] + 2, np.array([[[1.0], [2.0]]]), 3)
+    out = forecast.recursive_forecast(lambda w: w[:, :, 0] + 2, np.array([[[1.0], [2.0]]]), 3)
     np.testing.assert_array_equal(out, [[3, 4, 5]])
     with pytest.raises(ValueError, match=r"recursive forecasts need windows \[N, lookback, 1\]"):
-        fc.recursive_forecast(lambda w: w[:, -1], np.zeros((1, 2, 2)), 2)
+        forecast.recursive_forecast(lambda w: w[:, -1], np.zeros((1, 2, 2)), 2)
     with pytest.raises(ValueError, match="cannot use extra features"):
-        fc.ForecastConfig(multi_step="recursive", features=("Volume",))
+        forecast.ForecastConfig(multi_step="recursive", features=("Volume",))
 
 
 # --- real data --------------------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ def register(subparsers) -> None:
 
 
 def run_train(args) -> int:
-    from jaxseq.models.forecasting import ForecastConfig, train_and_evaluate
+    from jaxseq.tasks.forecast import ForecastConfig, train_and_evaluate
     from jaxseq.training import TrainConfig
 
     features = tuple(name.strip() for name in args.features.split(",") if name.strip())
@@ -78,10 +78,10 @@ def run_train(args) -> int:
     train_config = TrainConfig(out_dir=str(pathlib.Path(out).resolve()), seed=args.seed, epochs=args.epochs, batch_size=args.batch_size,
                                learning_rate=args.lr, restart=args.restart, progress=not args.no_progress)
     try:
-        results = train_and_evaluate(config, train_config)
+        result = train_and_evaluate(config, train_config)
     except ValueError as error:
         raise reword(error) from None
-    print(format_table(results))
+    print(format_table(result.metrics))
     print(f"wrote {out}/metrics.json and {out}/forecast.png")
     return 0
 
@@ -102,11 +102,9 @@ def format_table(results: dict) -> str:
 
 
 def run_predict(args) -> int:
-    from jaxseq.models.forecasting import forecast_ahead
+    from jaxseq.tasks import forecast
 
-    if not pathlib.Path(args.run_dir).is_dir():
-        raise FileNotFoundError(f"--run: no run folder {args.run_dir}")
-    dates, values = forecast_ahead(str(pathlib.Path(args.run_dir).resolve()), args.steps, args.csv)
+    dates, values = forecast.predict(forecast.load_run(args.run_dir), args.steps, args.csv)
     print("date,forecast")
     for date, value in zip(dates, values):
         print(f"{date},{value:.6g}")

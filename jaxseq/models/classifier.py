@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxseq import nn as jnn
-from jaxseq.cells import Cell, LSTMState
+from jaxseq.cells import Cell
+from jaxseq.models.common import hidden_state
 
 POOLINGS = ("last", "mean", "max")
 _ORDERS = list(itertools.permutations(range(3)))  # class k = the k-th ordering of the three events
@@ -57,10 +58,6 @@ def _masked_pool(ys, lengths, pooling: str):
     return jnp.where(valid, ys, -jnp.inf).max(-2)
 
 
-def _hidden(carry):
-    return carry.h if isinstance(carry, LSTMState) else carry
-
-
 class SequenceClassifier(nn.Module):
     """Recurrent many-to-one classifier: ``logits [batch, classes] = model(xs [batch, time, F], lengths)``."""
 
@@ -78,10 +75,10 @@ class SequenceClassifier(nn.Module):
         if self.bidirectional:
             (c_f, c_b), ys = jnn.Bidirectional(self.cell, self.hidden_size, param_dtype=self.param_dtype)(
                 xs, lengths=lengths)
-            last = jnp.concatenate([_hidden(c_f), _hidden(c_b)], axis=-1)
+            last = jnp.concatenate([hidden_state(c_f), hidden_state(c_b)], axis=-1)
         else:
             carry, ys = jnn.RNN(self.cell, self.hidden_size, param_dtype=self.param_dtype)(xs, lengths=lengths)
-            last = _hidden(carry)
+            last = hidden_state(carry)
         features = last if self.pooling == "last" else _masked_pool(ys, lengths, self.pooling)
         return nn.Dense(self.num_classes, param_dtype=self.param_dtype, name="output")(features)
 

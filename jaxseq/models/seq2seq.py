@@ -27,7 +27,7 @@ import optax
 
 from jaxseq import attention as attn
 from jaxseq import cells, scan
-from jaxseq.cells import LSTMState
+from jaxseq.models.common import dropout, hidden_state
 
 CELLS = {"lstm": cells.lstm, "gru": cells.gru}
 ATTENTIONS = ("none",) + attn.SCORES
@@ -94,17 +94,6 @@ def init_params(config: Seq2SeqConfig, key) -> dict:
     return params
 
 
-def _dropout(x, rate, key):
-    if key is None or rate == 0.0:
-        return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0.0)
-
-
-def _top_hidden(carry):
-    return carry.h if isinstance(carry, LSTMState) else carry
-
-
 def _merge_directions(carry):
     """Concatenate a bidirectional layer's (forward, backward) final carries into one width-D carry."""
     fwd, bwd = carry
@@ -126,7 +115,7 @@ def encode(config: Seq2SeqConfig, params, src, src_len, *, key=None) -> dict:
     if src.ndim != 2:
         raise ValueError(f"src must be int [batch, source], got shape {src.shape}")
     k_emb, k_layers = (None, None) if key is None else jax.random.split(key)
-    x = _dropout(params["src_embed"][src], config.dropout, k_emb)
+    x = dropout(params["src_embed"][src], config.dropout, k_emb)
     finals, states = scan.stacked(CELLS[config.cell], params["encoder"], x, lengths=src_len,
                                   bidirectional=config.bidirectional, dropout_rate=config.dropout, key=k_layers)
     if config.bidirectional:
@@ -142,10 +131,10 @@ def step(config: Seq2SeqConfig, params, state: dict, tokens, *, key=None):
     """
     cell = CELLS[config.cell]
     keys = (None,) * 3 if key is None else jax.random.split(key, 3)
-    x = _dropout(params["tgt_embed"][tokens], config.dropout, keys[0])
+    x = dropout(params["tgt_embed"][tokens], config.dropout, keys[0])
     carry = state["carry"]
     if config.attention != "none":
-        context, weights = attn.attend(config.attention, params["score"], _top_hidden(carry[-1]),
+        context, weights = attn.attend(config.attention, params["score"], hidden_state(carry[-1]),
                                        state["keys"], mask=state["mask"])
         x = jnp.concatenate([x, context], axis=-1)
     else:
@@ -153,12 +142,12 @@ def step(config: Seq2SeqConfig, params, state: dict, tokens, *, key=None):
     new_carry = []
     for l, (layer, c) in enumerate(zip(params["decoder"], carry)):
         if l > 0:
-            x = _dropout(x, config.dropout, None if key is None else jax.random.fold_in(keys[1], l))
+            x = dropout(x, config.dropout, None if key is None else jax.random.fold_in(keys[1], l))
         c, x = cell.apply(layer, c, x)
         new_carry.append(c)
     if config.attention != "none":
         x = jnp.tanh(jnp.concatenate([x, context], axis=-1) @ params["combine"]["W"] + params["combine"]["b"])
-    x = _dropout(x, config.dropout, keys[2])
+    x = dropout(x, config.dropout, keys[2])
     logits = x @ params["output"]["W"] + params["output"]["b"]
     return logits, {**state, "carry": new_carry}, weights
 
