@@ -7,7 +7,7 @@ Expect: (T=20, 3,000 training sequences, 15 epochs, about a minute per model on 
 import argparse
 import json
 
-from jaxseq.models import classifier
+from jaxseq.tasks import classify
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--out", default="runs/classify")
@@ -16,6 +16,6 @@ parser.add_argument("--epochs", type=int, default=15)
 parser.add_argument("--models", default="bag,rnn,lstm")
 parser.add_argument("--seed", type=int, default=0)
 args = parser.parse_args()
-results = classifier.run_order_comparison(args.out, models=args.models.split(","), num_steps=args.steps,
-                                          epochs=args.epochs, seed=args.seed)
+results = classify.compare(args.out, models=args.models.split(","), num_steps=args.steps, epochs=args.epochs,
+                           seed=args.seed)
 print(json.dumps({"test_accuracy": results, "num_steps": args.steps, "chance": 1 / 6}, indent=2))

@@ -6,10 +6,11 @@ import pytest
 
 from jaxseq import cells
 from jaxseq.models import classifier
+from jaxseq.tasks import classify, forecast
 
 
 def test_order_dataset_classes_differ_only_in_order():
-    data = classifier.make_order_dataset(200, num_steps=10, num_features=4, noise=0.0, seed=1)
+    data = classify.make_order_dataset(200, num_steps=10, num_features=4, noise=0.0, seed=1)
     assert data["xs"].shape == (200, 10, 4) and set(np.unique(data["labels"])) <= set(range(6))
     assert (data["lengths"] >= 5).all() and (data["lengths"] <= 10).all()
     # Without noise, the sum of frames (what a bag of frames sees) is the same for every sequence.
@@ -18,7 +19,7 @@ def test_order_dataset_classes_differ_only_in_order():
     for n in range(5):  # padded frames are zero
         assert not data["xs"][n, data["lengths"][n]:].any()
     with pytest.raises(ValueError, match="num_steps must be at least 6"):
-        classifier.make_order_dataset(3, num_steps=4)
+        classify.make_order_dataset(3, num_steps=4)
 
 
 @pytest.mark.parametrize("pooling", classifier.POOLINGS)
@@ -35,7 +36,13 @@ def test_pooling_ignores_padding(pooling, key):
 
 
 def test_lstm_learns_order_where_bag_of_frames_cannot(tmp_path):
-    results = classifier.run_order_comparison(tmp_path, models=("bag", "lstm"), num_train=1000, num_test=300,
-                                              num_steps=10, hidden_size=24, epochs=6, progress=False)
+    results = classify.compare(tmp_path, models=("bag", "lstm"), num_train=1000, num_test=300, num_steps=10,
+                               hidden_size=24, epochs=6, progress=False)
     assert results["bag"] < 0.3  # chance is 1/6
     assert results["lstm"] > 0.8
+    # The saved run predicts what the trained one scored.
+    run = classify.load_run(tmp_path / "lstm")
+    test = classify.make_order_dataset(300, num_steps=10, seed=1)
+    assert classify.evaluate(run, test) == pytest.approx(results["lstm"])
+    with pytest.raises(ValueError, match="holds a classify run .*expected a forecast run"):
+        forecast.load_run(tmp_path / "lstm")
