@@ -37,8 +37,8 @@ from jaxseq.models import seq2seq
 
 def _train_variants(args):
     corpus = tr.load_tatoeba(max_len=args.max_len)
-    src_vocab = tr.Vocab.build([tr.tokenize(p.source) for p in corpus.train], min_count=2)
-    tgt_vocab = tr.Vocab.build([tr.tokenize(p.target) for p in corpus.train], min_count=2)
+    src_vocab = tr.build_vocab([tr.tokenize(p.source) for p in corpus.train], min_count=2)
+    tgt_vocab = tr.build_vocab([tr.tokenize(p.target) for p in corpus.train], min_count=2)
     data = tr.EncodedPairs.from_pairs(corpus.train, src_vocab, tgt_vocab)
     widths = tuple(int(w) for w in args.widths.split(","))
     variants = {"bucketed": tr.BucketedBatches(data, args.batch_size, seed=0, widths=widths),
@@ -99,7 +99,7 @@ def _beam_latency(args):
         label = f"trained run {args.run}"
     else:
         corpus = tr.load_tatoeba(max_len=args.max_len)
-        src_vocab = tr.Vocab.build([tr.tokenize(p.source) for p in corpus.train], min_count=2)
+        src_vocab = tr.build_vocab([tr.tokenize(p.source) for p in corpus.train], min_count=2)
         config = seq2seq.Seq2SeqConfig(len(src_vocab), 1600, embed=64, hidden=64, attention="additive")
         params = seq2seq.init_params(config, jax.random.PRNGKey(0))
         label = "random model (decodes to max length)"

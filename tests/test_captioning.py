@@ -11,7 +11,8 @@ import pytest
 from helpers import assert_trees_close
 from jaxseq import metrics
 from jaxseq.data import flickr8k, glove, synthetic_captions as sc
-from jaxseq.data.text import Vocab, clean_caption, wrap
+from jaxseq.data.text import caption_vocab, clean_caption, wrap
+from jaxseq.data.vocab import Vocab
 from jaxseq.models import captioning as cap
 
 
@@ -26,17 +27,20 @@ def test_clean_caption_follows_the_chapter():
 
 def test_vocab_threshold_padding_and_unknown_policy():
     texts = ["startseq dog runs endseq", "startseq dog sits endseq", "startseq cat runs endseq"]
-    vocab = Vocab.build(texts, min_count=2)
-    assert vocab.words[0] == "" and len(vocab) == 1 + 4  # startseq endseq dog runs, + padding
+    vocab = caption_vocab(texts, min_count=2)
+    assert vocab.tokens[0] == "" and len(vocab) == 1 + 4  # startseq endseq dog runs, + padding
     assert "cat" not in vocab and "" not in vocab
     assert vocab.encode("startseq cat runs endseq") == [vocab.index(w) for w in ("startseq", "runs", "endseq")]
-    with_unk = Vocab.build(texts, min_count=2, unknown="unk")
+    with_unk = caption_vocab(texts, min_count=2, unknown="unk")
     assert len(with_unk) == 6 and with_unk.index("unk") == 1
     assert with_unk.encode("cat runs") == [1, with_unk.index("runs")]
     tokens = vocab.encode_batch(texts)
     assert tokens.shape == (3, 4) and tokens.dtype == np.int32
-    assert vocab.decode(tokens[0]) == "dog runs"
+    assert vocab.decode(tokens[0]) == ["dog", "runs"]
     assert Vocab.from_json(json.loads(json.dumps(vocab.to_json()))) == vocab
+    # Caption runs saved before the one Vocab ({"words", ...}) still load, with startseq/endseq as markers.
+    old = Vocab.from_json({"words": ["", "startseq", "endseq", "dog"], "counts": [0, 3, 3, 2], "unknown": None})
+    assert old.start_index == 1 and old.decode([1, 3, 2, 3]) == ["dog"] and old.encode("cat dog") == [3]
     with pytest.raises(ValueError, match="max_len"):
         vocab.encode_batch(texts, max_len=2)
 
@@ -52,8 +56,8 @@ def test_the_chapters_figures_on_the_real_file(shared_data):
     assert len(train_ids) == 6000
     train_texts = [wrap(c) for k in train_ids for c in cleaned[k]]
     assert len(train_texts) == 30000
-    assert len(Vocab.build(train_texts, min_count=1)) - 1 == 7578
-    vocab = Vocab.build(train_texts, min_count=10)
+    assert len(caption_vocab(train_texts, min_count=1)) - 1 == 7578
+    vocab = caption_vocab(train_texts, min_count=10)
     assert len(vocab) == 1652  # 1,651 words + padding
     assert max(len(t.split()) for t in train_texts) == 34
     data = flickr8k.load(root)  # the shared copy has 2 images: everything else is listed, not a crash
@@ -83,7 +87,7 @@ def test_loader_reports_malformed_lines_and_missing_images(tmp_path):
     with pytest.raises(ValueError, match="line 3"):
         flickr8k.load_captions(token, strict=True)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("error")  # load lists skipped lines in its report, once, and does not warn too
         data = flickr8k.load(tmp_path)
     assert sorted(data.splits["train"]) == ["a_1", "b_2"]
     assert data.report.split_without_captions["train"] == ["z_9"]
@@ -94,7 +98,7 @@ def test_loader_reports_malformed_lines_and_missing_images(tmp_path):
 
 def test_glove_matrix_unknown_words_are_zero(shared_data, tmp_path):
     path = shared_data / "glove" / "glove.6B.50d.top2445.txt"
-    vocab = Vocab.build(["startseq the man of xqzzy endseq"])
+    vocab = caption_vocab(["startseq the man of xqzzy endseq"])
     matrix, found = glove.embedding_matrix(path, vocab)
     assert matrix.shape == (len(vocab), 50) and found == 3  # the, man, of
     np.testing.assert_allclose(matrix[vocab.index("the")][:4], [0.418, 0.24968, -0.41242, 0.1217])
@@ -107,8 +111,8 @@ def test_glove_matrix_unknown_words_are_zero(shared_data, tmp_path):
 
 
 def test_vocab_lookups_name_the_word_or_index_and_the_range():
-    vocab = Vocab.build(["startseq dog runs endseq"])
-    assert vocab.decode([vocab.start_index, vocab.index("dog"), vocab.end_index]) == "dog"
+    vocab = caption_vocab(["startseq dog runs endseq"])
+    assert vocab.decode([vocab.start_index, vocab.index("dog"), vocab.end_index]) == ["dog"]
     for bad in (99999, -1):
         with pytest.raises(ValueError, match=rf"index {bad} is not in the vocabulary: valid indices are 0\.\.4"):
             vocab.decode([bad])
@@ -117,7 +121,7 @@ def test_vocab_lookups_name_the_word_or_index_and_the_range():
     with pytest.raises(ValueError, match="word 'zzzz'"):  # a ValueError too: the CLI reports it in one line
         vocab.index("zzzz")
     with pytest.raises(KeyError, match="the vocabulary has no 'startseq'"):
-        Vocab.build(["a b"]).start_index
+        caption_vocab(["a b"]).start_index
 
 
 def test_empty_flickr8k_files_are_named(tmp_path):
@@ -133,7 +137,7 @@ def test_glove_non_finite_vector_names_file_line_and_word(tmp_path):
     path = tmp_path / "glove_nan.txt"
     path.write_text("the 1 2\ndog nan 2\ncat 3 4\n")
     with pytest.raises(ValueError, match=rf"{path} line 2: the vector of 'dog' holds a non-finite value"):
-        glove.embedding_matrix(path, Vocab.build(["startseq the dog endseq"]))
+        glove.embedding_matrix(path, caption_vocab(["startseq the dog endseq"]))
     path.write_text("the 1 2\ndog 1 x\n")
     with pytest.raises(ValueError, match=rf"{path} line 2: the vector of 'dog' holds a field that is not a number"):
         glove.load_vectors(path)

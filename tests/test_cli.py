@@ -149,12 +149,12 @@ def test_translate_compare_rejects_other_runs_and_bad_json(tmp_path, capsys):
 
 @pytest.mark.parametrize("content", [b"", b"not an image"])
 def test_caption_predict_names_an_unreadable_image(tmp_path, content):
-    from jaxseq.commands import caption
+    from jaxseq.tasks import caption
 
     bad = tmp_path / "text.png"
     bad.write_bytes(content)
     with pytest.raises(ValueError, match=f"image '{bad}' cannot be read as an image"):
-        caption._image_features([str(bad)], {"data": {"kind": "synthetic"}})
+        caption.image_features([str(bad)], {"data": {"kind": "synthetic"}})
 
 
 def test_caption_train_says_min_count_emptied_the_vocabulary(tmp_path, capsys):
@@ -166,7 +166,7 @@ def test_caption_train_says_min_count_emptied_the_vocabulary(tmp_path, capsys):
 
 
 def test_caption_features_npz_nan_and_garbage(tmp_path):
-    from jaxseq.commands import caption
+    from jaxseq.tasks import caption
 
     feats = np.ones((3, 4), np.float32)
     feats[1, 2] = np.nan
@@ -176,11 +176,11 @@ def test_caption_features_npz_nan_and_garbage(tmp_path):
         caption.load_npz_features(path)
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"this is not a zip archive at all" * 4)
-    with pytest.raises(ValueError, match=f"--features '{garbage}' is not a readable .npz"):
+    with pytest.raises(ValueError, match=f"features file '{garbage}' is not a readable .npz"):
         caption.load_npz_features(garbage)
     one_array = tmp_path / "one.npz"
     with open(one_array, "wb") as f:
         np.save(f, feats)
-    with pytest.raises(ValueError, match=f"--features '{one_array}' is not a readable .npz"):
+    with pytest.raises(ValueError, match=f"features file '{one_array}' is not a readable .npz"):
         caption.load_npz_features(one_array)
 

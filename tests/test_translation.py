@@ -126,10 +126,10 @@ def test_empty_files_are_named(tmp_path):
 
 
 def test_vocab_decode_and_batch_index_name_the_range():
-    vocab = tr.Vocab(["hello"])
+    vocab = tr.vocab_from_tokens(["hello"])
     assert vocab.decode([4, tr.EOS_ID, 999]) == ["hello"]  # stops at </s>
     for bad in (999, -1):
-        with pytest.raises(ValueError, match=rf"token id {bad} is not in the vocabulary: valid ids are 0\.\.4"):
+        with pytest.raises(ValueError, match=rf"index {bad} is not in the vocabulary: valid indices are 0\.\.4"):
             vocab.decode([bad])
     source = tr.BucketedBatches(_toy_data(), 8, seed=0)
     with pytest.raises(IndexError, match=rf"batch index 99 out of range: epoch 0 has {source.num_batches(0)} "):
@@ -142,18 +142,18 @@ def test_vocab_decode_and_batch_index_name_the_range():
 
 def test_vocab_min_count_max_size_and_specials(tmp_path):
     sents = [["a", "b", "a"], ["c", "a", "b"], ["d"]]
-    v = tr.Vocab.build(sents, min_count=2)
-    assert v.itos == ["<pad>", "<unk>", "<s>", "</s>", "a", "b"]
-    assert tr.Vocab.build(sents, max_size=5).itos[4:] == ["a"]
-    assert v.encode(["a", "zzz"], add_bos=True, add_eos=True) == [tr.BOS_ID, 4, tr.UNK_ID, tr.EOS_ID]
+    v = tr.build_vocab(sents, min_count=2)
+    assert v.tokens == ("<pad>", "<unk>", "<s>", "</s>", "a", "b")
+    assert tr.build_vocab(sents, max_size=5).tokens[4:] == ("a",)
+    assert v.encode(["a", "zzz"], add_start=True, add_end=True) == [tr.BOS_ID, 4, tr.UNK_ID, tr.EOS_ID]
     assert v.decode([tr.BOS_ID, 4, 5, tr.EOS_ID, 4]) == ["a", "b"]
     v.save(tmp_path / "v.txt")
-    assert tr.Vocab.load(tmp_path / "v.txt").itos == v.itos
+    assert tr.load_vocab(tmp_path / "v.txt").tokens == v.tokens
     # A Stanford vocabulary starts "<unk> <s> </s>" without <pad>: the specials are put in front.
     (tmp_path / "vocab.vi").write_text("<unk>\n<s>\n</s>\nKhoa\nhọc\n", encoding="utf-8")
-    assert tr.Vocab.load(tmp_path / "vocab.vi").itos == ["<pad>", "<unk>", "<s>", "</s>", "Khoa", "học"]
+    assert tr.load_vocab(tmp_path / "vocab.vi").tokens == ("<pad>", "<unk>", "<s>", "</s>", "Khoa", "học")
     with pytest.raises(ValueError, match="min_count"):
-        tr.Vocab.build(sents, min_count=0)
+        tr.build_vocab(sents, min_count=0)
 
 
 def _toy_data(n=50, seed=0):
@@ -331,7 +331,7 @@ def test_iwslt_dev_set_reads_aligned_and_unescaped(shared_data):
     pairs = tr.read_parallel(folder / "tst2012.en", folder / "tst2012.vi", empty="error")
     assert len(pairs) == 1553
     assert not any("&apos;" in p.source or "&quot;" in p.target for p in pairs)
-    vocab = tr.Vocab.load(folder / "vocab.vi")
+    vocab = tr.load_vocab(folder / "vocab.vi")
     # Stanford's 7,709 lines + <pad>, less line 6511: a lone U+200B token, which cleaning removes.
-    assert len(vocab) == 7709 + 1 - 1 and vocab.itos[:4] == list(tr.SPECIALS)
-    assert "\u200b" not in vocab.stoi
+    assert len(vocab) == 7709 + 1 - 1 and vocab.tokens[:4] == tr.SPECIALS
+    assert "\u200b" not in vocab.tokens

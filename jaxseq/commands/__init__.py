@@ -38,7 +38,11 @@ _FLAG_WORDS = ((re.compile(r"\brestart=True\b"), "--restart"),
                (re.compile(r"\bTrainConfig\.out_dir="), "--out "),
                (re.compile(r"; lower batch_size or pass drop_remainder=False"), "; lower --batch-size"),
                (re.compile(r"(?<![.\w])batch_size=(?=\d)"), "--batch-size "),
-               (re.compile(r"\bsmaller batch_size\b"), "smaller --batch-size"))
+               (re.compile(r"\bsmaller batch_size\b"), "smaller --batch-size"),
+               (re.compile(r"\blower min_count\b"), "lower --min-count"),
+               (re.compile(r"\bvariant 'attention'"), "--variant attention"))
+# Task config fields that are also flags, written `name=value` in library messages.
+_FIELD_FLAGS = re.compile(r"(?<![.\w])(min_count|synthetic_images|features|data|glove|beam)=")
 
 
 def reword(error: Exception) -> ValueError:
@@ -46,5 +50,6 @@ def reword(error: Exception) -> ValueError:
     message = str(error)
     for pattern, flag in _FLAG_WORDS:
         message = pattern.sub(flag, message)
+    message = _FIELD_FLAGS.sub(lambda m: f"--{m.group(1).replace('_', '-')} ", message)
     return ValueError(message)
 

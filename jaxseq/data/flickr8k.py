@@ -72,8 +72,8 @@ class Report:
         return out
 
 
-def _complain(problems: list, strict: bool) -> None:
-    if not problems:
+def _complain(problems: list, strict: bool, warn: bool) -> None:
+    if not problems or not (strict or warn):
         return
     message = "; ".join(f"{os.path.basename(f)} line {n}: {why}: {line!r}" for f, n, line, why in problems[:20])
     if len(problems) > 20:
@@ -83,13 +83,15 @@ def _complain(problems: list, strict: bool) -> None:
     warnings.warn(f"skipped {len(problems)} malformed line(s): {message}", stacklevel=3)
 
 
-def load_captions(token_file, *, strict: bool = False, report: Report | None = None) -> dict[str, list[str]]:
+def load_captions(token_file, *, strict: bool = False, report: Report | None = None,
+                  warn: bool = True) -> dict[str, list[str]]:
     """Read the token file into ``{image_id: [caption, ...]}`` (raw captions, file order).
 
     Args:
       token_file: path of ``Flickr8k.token.txt``.
       strict: raise ``ValueError`` on malformed lines instead of skipping them with a warning.
       report: filled with the malformed lines and odd ids, if given.
+      warn: warn about skipped lines (``load`` does not: its report lists them, and callers show it once).
     """
     path = pathlib.Path(token_file)
     if not path.is_file():
@@ -118,15 +120,15 @@ def load_captions(token_file, *, strict: bool = False, report: Report | None = N
                     report.odd_ids.append(file_name)
                 captions.setdefault(image_id(file_name), []).append(caption)
     report.malformed.extend(problems)
-    _complain(problems, strict)
+    _complain(problems, strict, warn)
     if not captions:
         what = "is empty" if not problems else f"has no valid caption line ({len(problems)} malformed)"
         raise ValueError(f"token file {str(path)!r} {what}: expected lines '<image>.jpg#<n><TAB><caption>'")
     return captions
 
 
-def load_split(list_file, *, strict: bool = False, report: Report | None = None) -> set[str]:
-    """Read a split list (one image file name a line) into a set of image ids."""
+def load_split(list_file, *, strict: bool = False, report: Report | None = None, warn: bool = True) -> set[str]:
+    """Read a split list (one image file name a line) into a set of image ids (``warn``: as ``load_captions``)."""
     path = pathlib.Path(list_file)
     if not path.is_file():
         raise FileNotFoundError(f"list_file {str(path)!r} does not exist")
@@ -142,7 +144,7 @@ def load_split(list_file, *, strict: bool = False, report: Report | None = None)
             ids.add(image_id(name))
     if report is not None:
         report.malformed.extend(problems)
-    _complain(problems, strict)
+    _complain(problems, strict, warn)
     if not ids:
         what = "is empty" if not problems else f"has no valid image name ({len(problems)} malformed line(s))"
         raise ValueError(f"split list {str(path)!r} {what}: expected one image file name a line, e.g. "
@@ -184,15 +186,17 @@ def load(root, *, available_ids=None, strict: bool = False) -> Flickr8k:
       root: the Flickr8k folder (text files directly in it or in ``Flickr8k_text/``).
       available_ids: ids that have an image (or feature vector); captions of other ids are dropped and listed
         in ``report.missing_images``. Default: the image folder's files if there is one, else no filtering.
+
+    Skipped lines are listed in the result's ``report`` (``report.lines()``), not warned about.
     """
     report = Report()
-    captions = load_captions(find_file(root, TOKEN_FILE), strict=strict, report=report)
+    captions = load_captions(find_file(root, TOKEN_FILE), strict=strict, report=report, warn=False)
     images_dir = find_images_dir(root)
     if available_ids is None and images_dir is not None:
         available_ids = {image_id(p.name) for p in images_dir.iterdir() if _NAME.match(p.name)}
     splits = {}
     for split, name in SPLIT_FILES.items():
-        ids = load_split(find_file(root, name), strict=strict, report=report)
+        ids = load_split(find_file(root, name), strict=strict, report=report, warn=False)
         report.split_without_captions[split] = sorted(i for i in ids if i not in captions)
         chosen = {}
         for i in sorted(ids):

@@ -1,6 +1,6 @@
 """GloVe text vectors (``glove.6B.<d>d.txt``: ``word v1 v2 ... vd`` a line) into a frozen embedding matrix.
 
-As in the chapter (section 18.5), row ``i`` of the matrix is the GloVe vector of ``vocab.words[i]``; words
+As in the chapter (section 18.5), row ``i`` of the matrix is the GloVe vector of ``vocab.tokens[i]``; words
 GloVe does not know, and the padding row 0, stay zero. The model keeps the matrix frozen (no gradient).
 """
 from __future__ import annotations
@@ -55,11 +55,11 @@ def embedding_matrix(path, vocab) -> tuple[np.ndarray, int]:
     """``(float32[len(vocab), d], found)``: GloVe rows in vocabulary order, zeros for unknown words.
 
     Args:
-      vocab: a ``jaxseq.data.text.Vocab`` (or any sequence of words, index 0 being padding).
+      vocab: a ``jaxseq.data.vocab.Vocab`` (or any sequence of words, index 0 being padding).
     Returns:
       The matrix and how many vocabulary words GloVe knew.
     """
-    words = list(getattr(vocab, "words", vocab))
+    words = list(getattr(vocab, "tokens", vocab))
     vectors = load_vectors(path, words=words)
     if vectors:
         dim = len(next(iter(vectors.values())))

@@ -24,6 +24,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from jaxseq.data.vocab import Vocab
+
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 SPECIALS = (PAD, UNK, BOS, EOS)
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -251,61 +253,25 @@ def split_by_source(pairs: Sequence[Pair], *, dev: int, test: int, seed: int = 0
     return pick(order[dev + test:]), pick(order[:dev]), pick(order[dev:dev + test])
 
 
-class Vocab:
-    """Token <-> id map with ``<pad>=0 <unk>=1 <s>=2 </s>=3`` first."""
+def build_vocab(sentences: Iterable[Sequence[str]], *, min_count: int = 1, max_size: int | None = None) -> Vocab:
+    """Tokens seen at least ``min_count`` times, most frequent first (ties by first appearance), after
+    ``<pad> <unk> <s> </s>``; at most ``max_size`` entries including those four."""
+    return Vocab.build(sentences, min_count=min_count, max_size=max_size, pad=PAD, reserved=SPECIALS[1:],
+                       unknown=UNK, start=BOS, end=EOS)
 
-    def __init__(self, tokens: Sequence[str]):
-        tokens = list(tokens)
-        if tuple(tokens[:4]) != SPECIALS:
-            tokens = list(SPECIALS) + [t for t in tokens if t not in SPECIALS]
-        if len(set(tokens)) != len(tokens):
-            raise ValueError("vocabulary tokens must be unique")
-        self.itos = tokens
-        self.stoi = {t: i for i, t in enumerate(tokens)}
 
-    @classmethod
-    def build(cls, sentences: Iterable[Sequence[str]], *, min_count: int = 1,
-              max_size: int | None = None) -> "Vocab":
-        """Tokens seen at least ``min_count`` times, most frequent first (ties alphabetical), at most
-        ``max_size`` entries including the four specials."""
-        if min_count < 1:
-            raise ValueError(f"min_count must be >= 1, got {min_count}")
-        if max_size is not None and max_size < len(SPECIALS):
-            raise ValueError(f"max_size must be >= {len(SPECIALS)} (the specials), got {max_size}")
-        counts = collections.Counter(t for s in sentences for t in s)
-        ranked = sorted((t for t, c in counts.items() if c >= min_count and t not in SPECIALS),
-                        key=lambda t: (-counts[t], t))
-        if max_size is not None:
-            ranked = ranked[:max_size - len(SPECIALS)]
-        return cls(list(SPECIALS) + ranked)
+def vocab_from_tokens(tokens: Sequence[str]) -> Vocab:
+    """A translation vocabulary of ``tokens`` in order, with the four specials put in front if they are not."""
+    tokens = list(tokens)
+    if tuple(tokens[:4]) != SPECIALS:
+        tokens = list(SPECIALS) + [t for t in tokens if t not in SPECIALS]
+    return Vocab(tuple(tokens), unknown=UNK, start=BOS, end=EOS)
 
-    @classmethod
-    def load(cls, path) -> "Vocab":
-        """One token per line (Stanford ``vocab.vi`` files start ``<unk> <s> </s>``; ``<pad>`` is added)."""
-        return cls([clean(t) for t in read_lines(pathlib.Path(path)) if clean(t)])
 
-    def save(self, path) -> None:
-        pathlib.Path(path).write_text("\n".join(self.itos) + "\n", encoding="utf-8")
-
-    def __len__(self) -> int:
-        return len(self.itos)
-
-    def encode(self, tokens: Sequence[str], *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        ids = [self.stoi.get(t, UNK_ID) for t in tokens]
-        return ([BOS_ID] if add_bos else []) + ids + ([EOS_ID] if add_eos else [])
-
-    def decode(self, ids: Iterable[int]) -> list[str]:
-        """Tokens up to (not including) the first ``</s>``; ``<pad>`` and ``<s>`` are skipped."""
-        out = []
-        for i in ids:
-            i = int(i)
-            if not 0 <= i < len(self.itos):
-                raise ValueError(f"token id {i} is not in the vocabulary: valid ids are 0..{len(self.itos) - 1}")
-            if i == EOS_ID:
-                break
-            if i not in (PAD_ID, BOS_ID):
-                out.append(self.itos[i])
-        return out
+def load_vocab(path) -> Vocab:
+    """One token a line, as ``Vocab.save`` writes (Stanford ``vocab.vi`` files start ``<unk> <s> </s>``;
+    ``<pad>`` is added)."""
+    return vocab_from_tokens([clean(t) for t in read_lines(pathlib.Path(path)) if clean(t)])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,7 +285,7 @@ class EncodedPairs:
     def from_pairs(cls, pairs: Sequence[Pair], src_vocab: Vocab, tgt_vocab: Vocab,
                    *, tokenizer=tokenize) -> "EncodedPairs":
         return cls([src_vocab.encode(tokenizer(p.source)) for p in pairs],
-                   [tgt_vocab.encode(tokenizer(p.target), add_eos=True) for p in pairs])
+                   [tgt_vocab.encode(tokenizer(p.target), add_end=True) for p in pairs])
 
     def __len__(self) -> int:
         return len(self.source)
@@ -494,6 +460,6 @@ def load_vocabs(out_dir) -> tuple[Vocab, Vocab]:
     for name in ("vocab.src", "vocab.tgt"):
         if not (out_dir / name).is_file():
             raise FileNotFoundError(f"{out_dir / name} not found: is {out_dir} a 'jaxseq translate train' run?")
-    return Vocab.load(out_dir / "vocab.src"), Vocab.load(out_dir / "vocab.tgt")
+    return load_vocab(out_dir / "vocab.src"), load_vocab(out_dir / "vocab.tgt")
 
 
