@@ -92,9 +92,9 @@ def _train_variants(args):
 
 def _beam_latency(args):
     if args.run:
-        from jaxseq.commands.translate import Translator
+        from jaxseq.tasks import translate
 
-        translator = Translator.load(args.run)
+        translator = translate.load_run(args.run)
         config, params, src_vocab = translator.config, translator.params, translator.src_vocab
         label = f"trained run {args.run}"
     else:
