@@ -184,3 +184,138 @@ def test_caption_features_npz_nan_and_garbage(tmp_path):
     with pytest.raises(ValueError, match=f"features file '{one_array}' is not a readable .npz"):
         caption.load_npz_features(one_array)
 
+
+
+# --- run folders of the wrong kind ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fake_runs(tmp_path_factory):
+    """Run folders whose checkpoints hold the run config each task writes (enough to tell the kinds apart)."""
+    import jax.numpy as jnp
+
+    from jaxseq import training
+
+    root = tmp_path_factory.mktemp("runs")
+    configs = {"forecast": {"forecast": {"model": "lstm"}, "scaler": {}},
+               "caption": {"task": "caption", "model": {}},
+               "translate": {"model": {}, "tokenizer": "regex"}}
+    for kind, run_config in configs.items():
+        training.fit(training.TrainConfig(out_dir=str(root / kind), epochs=1, batch_size=2, progress=False),
+                     init_params=lambda key: {"w": jnp.zeros(1)},
+                     loss_fn=lambda p, b, k: ((p["w"] ** 2).sum(), {}),
+                     train=training.ArrayBatches({"x": np.zeros((2, 1), np.float32)}, 2, seed=0),
+                     run_config=run_config)
+    return root
+
+
+@pytest.mark.parametrize("argv, got, expected", [
+    (["forecast", "predict", "--run", "{caption}"], "caption", "forecast"),
+    (["forecast", "predict", "--run", "{translate}"], "translate", "forecast"),
+    (["caption", "eval", "--run", "{forecast}"], "forecast", "caption"),
+    (["caption", "predict", "--run", "{translate}", "image.png"], "translate", "caption"),
+    (["translate", "predict", "--run", "{caption}", "hello"], "caption", "translate"),
+    (["translate", "eval", "--run", "{forecast}", "--src", "{text}", "--ref", "{text}"], "forecast", "translate"),
+])
+def test_run_folders_of_another_task_are_named(argv, got, expected, fake_runs, tmp_path, capsys):
+    text = tmp_path / "one.txt"
+    text.write_text("hello\n")
+    argv = [a.format(text=text, **{k: fake_runs / k for k in ("forecast", "caption", "translate")}) for a in argv]
+    assert cli.main(argv) == 2
+    line = _one_line(capsys)
+    assert f"holds a {got} run" in line and f"expected a {expected} run" in line, line
+
+
+# --- hostile or broken weights ----------------------------------------------------------------------------------
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def _images(folder):
+    from PIL import Image
+
+    folder.mkdir()
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(folder / "red.png")
+    return folder
+
+
+def test_caption_features_refuses_evil_and_garbage_weights_in_one_line(tmp_path, capsys):
+    import pickle
+
+    from jaxseq.encoders import torch_pickle
+
+    images, marker, evil, garbage = _images(tmp_path / "imgs"), tmp_path / "pwned", tmp_path / "evil.pth", \
+        tmp_path / "garbage.pth"
+    with open(evil, "wb") as f:
+        for header in (torch_pickle.LEGACY_MAGIC_NUMBER, torch_pickle.LEGACY_PROTOCOL_VERSION,
+                       {"protocol_version": 1001, "little_endian": True}):
+            pickle.dump(header, f, protocol=2)
+        pickle.dump({"w": _RunsCode(marker)}, f, protocol=2)
+    garbage.write_bytes(b"\x80\x02 these bytes are no pickle" * 8)
+    for weights, why in ((evil, "refusing to load global"), (garbage, "not a readable PyTorch weights file")):
+        assert cli.main(["caption", "features", "--images", str(images), "--encoder", "efficientnet_lite0",
+                         "--weights", str(weights), "--out", str(tmp_path / "f.npz")]) == 2
+        line = _one_line(capsys)
+        assert line.startswith("jaxseq caption: error: ") and str(weights) in line and why in line, line
+    assert not marker.exists()
+
+
+# --- Flickr8k problems are reported once ------------------------------------------------------------------------
+
+def test_malformed_flickr8k_line_is_reported_once(tmp_path, capsys):
+    import warnings
+
+    root = tmp_path / "flickr"
+    root.mkdir()
+    (root / "Flickr8k.token.txt").write_text("a_1.jpg#0\tA dog runs .\nbroken line without a tab\n"
+                                             "b_2.jpg#0\tA cat sits .\nc_3.jpg#0\tA bird flies .\n")
+    for split, name in (("train", "a_1"), ("dev", "b_2"), ("test", "c_3")):
+        (root / f"Flickr_8k.{split}Images.txt").write_text(f"{name}.jpg\n")
+    feats = tmp_path / "f.npz"
+    np.savez(feats, ids=np.array(["a_1", "b_2", "c_3"]), features=np.ones((3, 4), np.float32))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # --min-count 1000 stops the run right after the data is read.
+        assert cli.main(["caption", "train", "--data", str(root), "--features", str(feats), "--min-count", "1000",
+                         "--epochs", "1", "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    why = "lacks the '#<n>' caption number"  # the reason, in the warning and in the report alike
+    mentions = err.count(why) + sum(why in str(w.message) for w in caught)
+    assert mentions == 1, (err, [str(w.message) for w in caught])
+    assert "--min-count 1000" in err.splitlines()[-1]
+
+
+# --- one line for foreseeable errors, tracebacks for bugs and on request -----------------------------------------
+
+def test_missing_optional_package_is_one_line(monkeypatch, capsys):
+    from jaxseq.commands import gradnorms
+
+    monkeypatch.setattr(gradnorms, "run", _raising(ImportError("reading Keras weights needs h5py: pip install h5py")))
+    assert cli.main(["gradnorms", "--out", "x"]) == 2
+    assert _one_line(capsys) == "jaxseq gradnorms: error: reading Keras weights needs h5py: pip install h5py"
+
+
+def test_bugs_keep_their_traceback(monkeypatch):
+    from jaxseq.commands import gradnorms
+
+    monkeypatch.setattr(gradnorms, "run", _raising(KeyError("forecast")))
+    with pytest.raises(KeyError):
+        cli.main(["gradnorms", "--out", "x"])
+
+
+@pytest.mark.parametrize("how", ["flag", "environment"])
+def test_debug_shows_the_traceback(how, tmp_path, monkeypatch, capsys):
+    argv = ["forecast", "predict", "--run", str(tmp_path / "none")]
+    assert cli.main(argv) == 2 and "does not exist" in _one_line(capsys)
+    if how == "flag":
+        argv = ["--debug", *argv]
+    else:
+        monkeypatch.setenv("JAXSEQ_DEBUG", "1")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        cli.main(argv)

@@ -23,6 +23,12 @@ import zipfile
 import ml_dtypes
 import numpy as np
 
+class WeightsFileError(pickle.UnpicklingError, ValueError):
+    """A weights file that cannot be read safely: refused globals, or bytes that are not a torch pickle. An
+    ``UnpicklingError`` for callers of the pickle API, a ValueError for bad input (the command line reports it
+    in one line)."""
+
+
 LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL_VERSION = 1001
 
@@ -154,10 +160,14 @@ def _read_legacy(f, path: str, storages: dict[str, _Storage]):
     if protocol != LEGACY_PROTOCOL_VERSION:
         raise ValueError(f"{path}: unsupported legacy torch protocol {protocol!r}, expected {LEGACY_PROTOCOL_VERSION}")
     sys_info = _RestrictedUnpickler(f, storages).load()
+    if not isinstance(sys_info, dict):
+        raise ValueError(f"{path}: not a PyTorch weights file (system info is a {type(sys_info).__name__})")
     if not sys_info.get("little_endian", True):
         raise ValueError(f"{path}: big-endian torch files are not supported")
     tree = _RestrictedUnpickler(f, storages).load()
     keys = _RestrictedUnpickler(f, storages).load()
+    if not isinstance(keys, (list, tuple)):
+        raise ValueError(f"{path}: not a PyTorch weights file (storage keys are a {type(keys).__name__})")
     for key in keys:
         storage = storages.get(key)
         if storage is None:
@@ -198,17 +208,25 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     Raises:
         FileNotFoundError: no such file.
         ValueError: not a torch weights file, or inconsistent/truncated data.
-        pickle.UnpicklingError: the pickle asks for a global other than tensor/storage/OrderedDict.
+        WeightsFileError: (an ``UnpicklingError`` and a ``ValueError``) the pickle asks for a global other than
+          tensor/storage/OrderedDict, or its bytes are not a pickle at all.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights file {path!r} does not exist")
     storages: dict[str, _Storage] = {}
-    if zipfile.is_zipfile(path):
-        tree = _read_zip(path, storages)
-    else:
-        with open(path, "rb") as f:
-            tree = _read_legacy(f, path, storages)
+    try:
+        if zipfile.is_zipfile(path):
+            tree = _read_zip(path, storages)
+        else:
+            with open(path, "rb") as f:
+                tree = _read_legacy(f, path, storages)
+    except (pickle.UnpicklingError, EOFError, struct.error, zipfile.BadZipFile, KeyError, UnicodeDecodeError,
+            OverflowError, MemoryError) as error:
+        # What arbitrary bytes make the unpickler raise (a length field read from garbage can ask for exabytes);
+        # a refused global says so in its own message.
+        raise WeightsFileError(f"{path}: not a readable PyTorch weights file ({type(error).__name__}: "
+                               f"{error})") from None
     if not isinstance(tree, dict):
         raise ValueError(f"{path}: holds a {type(tree).__name__}, expected a state dict (a dict of tensors)")
     flat: dict[str, np.ndarray] = {}
