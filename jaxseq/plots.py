@@ -105,6 +105,23 @@ def plot_gradnorms(timesteps, measured, theory, path, *, theory_label: str = "th
     return save_figure(fig, path)
 
 
+def plot_profile(result: dict, path):
+    """The figure of one ``jaxseq.gradients.profile`` result: measured norms, the theory of its kind, and
+    ``ρ(W)^(T-t)`` where the cell has one; the title gives the settings."""
+    kind, cell, settings = result["theory_kind"], result["cell"], result["settings"]
+    theory_label = {"exact": "theory ||W^(T-t)|| (exact)",
+                    "upper_bound": "bound (gamma sigma_max)^(T-t)",
+                    "direct_path": "direct path max prod " + ("f" if cell == "lstm" else "z")}[kind]
+    extra = {}
+    if result["spectral_radius_line"] is not None:
+        extra["rho(W)^(T-t)"] = result["spectral_radius_line"]
+    title = (f"{cell}{' ' + settings['activation'] if cell == 'rnn' else ''}, T={settings['steps']}, "
+             f"H={settings['hidden']}, sigma_max={settings['sigma_max']:g}, seed {settings['seed']}")
+    return plot_gradnorms(result["timesteps"], result["measured"], result["theory"], path,
+                          theory_label=theory_label, measured_label="measured " + result["measured_quantity"],
+                          extra=extra, title=title)
+
+
 def plot_gradnorm_bands(distance, curves: dict, path, *, theory: dict | None = None, xlabel: str = "T - t",
                         ylabel: str = "||dh_T/dh_t||_2 (log scale)", title: str | None = None):
     """Median curves with a shaded band: ``curves[label] = (median, low, high)`` over seeds, each ``[n]``.

@@ -2,25 +2,27 @@
 
 Sections (each in its own sub-folder of ``out``, collected in ``out/README.md``):
 
-1. gradient norms against theory (linear, tanh RNN, LSTM) — ``jaxseq gradnorms``
+1. gradient norms against theory (linear, tanh RNN, LSTM) — ``jaxseq.gradients.profile`` (``jaxseq gradnorms``)
 2. learning a long dependency: the adding problem, LSTM against a tanh RNN
-3. many-to-one classification where only the order of events matters
-4. Bitcoin forecast against persistence, drift and linear AR — ``jaxseq forecast train``
-5. captioning the synthetic picture set, greedy and beam — ``jaxseq caption train``
+3. many-to-one classification where only the order of events matters — ``jaxseq.tasks.classify``
+4. Bitcoin forecast against persistence, drift and linear AR — ``jaxseq.tasks.forecast``
+5. captioning the synthetic picture set, greedy and beam — ``jaxseq.tasks.caption``
 6. English→Vietnamese on Tatoeba with attention: BLEU per score function, an attention map —
-   ``jaxseq translate train / predict``
-7. the LSTM layer's speed against the peers installed — ``benchmarks/bench_lstm.py`` (from a source checkout)
+   ``jaxseq.tasks.translate``
+7. the LSTM layer's speed: the default layer against ``impl="scan"`` and PyTorch's ``nn.LSTM`` when installed,
+   timed in this process (no source checkout needed; ``benchmarks/bench_lstm.py`` is the full comparison)
 
-Every section trains through the same commands a user would type; a section that fails is reported as such
-and the tour goes on, so one broken piece does not lose the rest. ``quick=True`` shrinks every section so the
-whole tour runs in about 90 s on 2 CPU cores (the test suite runs it).
+Every section calls the same task functions the command line calls, with the command line's defaults, and
+formats what they return; a section that fails is reported as such and the tour goes on, so one broken piece
+does not lose the rest. ``quick=True`` shrinks every section so the whole tour runs in about 90 s on 2 CPU
+cores (the test suite runs it).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import json
+import logging
 import pathlib
 import shutil
 import sys
@@ -28,7 +30,6 @@ import time
 import traceback
 from typing import Callable
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCORE_FUNCTIONS = ("none", "cosine", "additive", "location", "general", "dot", "scaled_dot")
 
 
@@ -49,8 +50,8 @@ class TourConfig:
     translate_epochs: int = 6  # 37-45 s per score function on 2 CPU cores: dev BLEU 4-7 with attention, 3 without
     translate_max_len: int = 10  # Tatoeba pairs up to this many tokens
     attention: tuple = SCORE_FUNCTIONS
-    speed_configs: str = "1:100:128:256"  # B:T:I:H shapes for bench_lstm.py
-    speed_repeats: int = 5
+    speed_shape: tuple = (1, 100, 128, 256)  # batch, time, input, hidden of the timed LSTM layer
+    speed_repeats: int = 5  # interleaved samples per implementation and mode; the median is reported
 
     @classmethod
     def quick(cls, out, seed: int = 0) -> "TourConfig":
@@ -59,19 +60,28 @@ class TourConfig:
         return cls(out=pathlib.Path(out), seed=seed, gradnorm_steps=30, adding_steps=20, adding_train_steps=60,
                    classify_train=256, classify_epochs=1, forecast_epochs=1, caption_epochs=1, caption_images=96,
                    translate_epochs=1, translate_max_len=4, attention=("additive",),
-                   speed_configs="1:20:16:32", speed_repeats=1)
+                   speed_shape=(1, 20, 16, 32), speed_repeats=1)
 
 
-def _cli(argv: list[str]) -> str:
-    """Run a ``jaxseq`` sub-command in this process (sharing JIT caches) and return what it printed."""
-    from jaxseq import cli
+def _train_config(folder: pathlib.Path, cfg: TourConfig, epochs: int, **fields):
+    """The command line's ``TrainConfig`` for a section: absolute folder, no progress bar."""
+    from jaxseq.training import TrainConfig
 
-    buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
-        code = cli.main(argv)
-    if code:
-        raise RuntimeError(f"`jaxseq {' '.join(argv)}` exited with {code}")
-    return buffer.getvalue()
+    return TrainConfig(out_dir=str(folder.resolve()), seed=cfg.seed, epochs=epochs, progress=False, **fields)
+
+
+@contextlib.contextmanager
+def _quiet_library():
+    """Only warnings from the tasks and the training loop while the tour runs: its report is the output."""
+    loggers = [logging.getLogger(name) for name in ("jaxseq.tasks", "jaxseq.training")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -86,21 +96,30 @@ def _table(header: list[str], rows: list[list]) -> str:
 # --- sections: each takes (config, folder) and returns Markdown ------------------------------------------------
 
 def gradient_norms(cfg: TourConfig, folder: pathlib.Path) -> str:
-    runs = {"linear (σ_max 0.9, exact theory)": ["--cell", "linear", "--sigma-max", "0.9"],
-            "tanh RNN (σ_max 0.9, upper bound)": ["--cell", "rnn", "--sigma-max", "0.9"],
-            "LSTM (forget bias 1, Π f)": ["--cell", "lstm", "--forget-bias", "1"]}
+    import jax
+
+    from jaxseq import gradients, plots
+
+    runs = {"linear (σ_max 0.9, exact theory)": ("linear", {}),
+            "tanh RNN (σ_max 0.9, upper bound)": ("rnn", {}),
+            "LSTM (forget bias 1, Π f)": ("lstm", {"forget_bias": 1.0})}
     rows, images = [], []
-    for label, flags in runs.items():
-        out = folder / flags[1]
-        _cli(["gradnorms", *flags, "--steps", str(cfg.gradnorm_steps), "--hidden", "32", "--seed", str(cfg.seed),
-              "--out", str(out)])
-        result = json.loads((out / "gradnorms.json").read_text())
+    for label, (cell, settings) in runs.items():
+        # float64 as `jaxseq gradnorms` computes by default: far-apart norms underflow float32.
+        with jax.enable_x64(True):
+            result = gradients.profile(cell, steps=cfg.gradnorm_steps, hidden=32, sigma=0.9, seed=cfg.seed,
+                                       **settings)
+        out = folder / cell
+        out.mkdir()
+        (out / "gradnorms.json").write_text(json.dumps(result, indent=1) + "\n")
+        plots.plot_profile(result, out / "gradnorms.png")
         # Index 0 is the first timestep (t = 0), the one farthest from T.
         rows.append([label, result["timesteps"][0], result["measured"][0], result["theory"][0],
                      result["theory_kind"]])
-        images.append(f"![{label}]({flags[1]}/gradnorms.png)")
-    return ("‖∂h_T/∂h_t‖ at the farthest step t against the theory of chapter 17 (`jaxseq gradnorms`).\n\n"
-            + _table(["cell", "t", "measured", "theory", "kind"], rows) + "\n\n" + "\n".join(images))
+        images.append(f"![{label}]({cell}/gradnorms.png)")
+    return ("‖∂h_T/∂h_t‖ at the farthest step t against the theory of chapter 17 (`jaxseq gradnorms --cell "
+            "linear|rnn|lstm`).\n\n" + _table(["cell", "t", "measured", "theory", "kind"], rows) + "\n\n"
+            + "\n".join(images))
 
 
 def adding_problem(cfg: TourConfig, folder: pathlib.Path) -> str:
@@ -144,52 +163,67 @@ def adding_problem(cfg: TourConfig, folder: pathlib.Path) -> str:
 
 
 def classification(cfg: TourConfig, folder: pathlib.Path) -> str:
-    from jaxseq.models import classifier
+    from jaxseq.tasks import classify
 
-    results = classifier.run_order_comparison(folder, num_train=cfg.classify_train, num_test=500,
-                                              epochs=cfg.classify_epochs, seed=cfg.seed, progress=False)
+    results = classify.compare(folder, num_train=cfg.classify_train, num_test=500, epochs=cfg.classify_epochs,
+                               seed=cfg.seed, progress=False)
     names = {"bag": "bag of frames (order-blind)", "rnn": "RNN", "lstm": "LSTM"}
-    return ("Class = the order of three event frames among noise (6 classes, chance 1/6); lengths vary.\n\n"
+    return ("Class = the order of three event frames among noise (6 classes, chance 1/6); lengths vary "
+            "(`python scripts/classify_order.py`).\n\n"
             + _table(["model", "test accuracy"], [[names[k], v] for k, v in results.items()]))
 
 
 def forecast(cfg: TourConfig, folder: pathlib.Path) -> str:
-    _cli(["forecast", "train", "--model", "lstm", "--epochs", str(cfg.forecast_epochs), "--seed", str(cfg.seed),
-          "--out", str(folder), "--no-progress"])
-    result = json.loads((folder / "metrics.json").read_text())
-    metrics = result["test"]["metrics"]
+    from jaxseq.tasks import forecast as task
+
+    # The defaults of `jaxseq forecast train`: LSTM on log returns, batch 32, lr 1e-3.
+    result = task.train_and_evaluate(task.ForecastConfig(model="lstm"),
+                                     _train_config(folder, cfg, cfg.forecast_epochs, batch_size=32,
+                                                   learning_rate=1e-3))
+    metrics = result.metrics["test"]["metrics"]
     rows = [[name, m["rmse"], m["mae"], m["mase"], m.get("directional_accuracy", "-")] for name, m in metrics.items()]
-    test = result["split"]["test"]
+    test = result.metrics["split"]["test"]
     return (f"Embedded BTC-USD daily close, test period {test[0]} … {test[1]}, one day ahead (LSTM on log returns, "
-            f"{cfg.forecast_epochs} epochs). MASE < 1 would beat persistence.\n\n"
-            + _table(["forecaster", "RMSE $", "MAE $", "MASE", "direction"], rows) + "\n\n![forecast](forecast.png)")
+            f"{cfg.forecast_epochs} epochs; `jaxseq forecast train --epochs {cfg.forecast_epochs}`). MASE < 1 "
+            "would beat persistence.\n\n"
+            + _table(["forecaster", "RMSE $", "MAE $", "MASE", "direction"], rows)
+            + f"\n\n![forecast]({result.figure.name})")
 
 
 def captioning(cfg: TourConfig, folder: pathlib.Path) -> str:
-    _cli(["caption", "train", "--data", "synthetic", "--epochs", str(cfg.caption_epochs), "--synthetic-images",
-          str(cfg.caption_images), "--seed", str(cfg.seed), "--out", str(folder), "--no-progress"])
-    result = json.loads((folder / "metrics.json").read_text())
-    rows = [[k, *(result[k][f"bleu{n}"] for n in range(1, 5))] for k in result if isinstance(result[k], dict)
-            and "bleu1" in result[k]]
-    samples = (folder / "test_captions.txt").read_text().splitlines()[:6]
-    return (f"Merge model on the embedded synthetic picture set ({result['images']} test images, vocabulary "
-            f"{result['vocab_size']}); corpus BLEU with all references (sacreBLEU).\n\n"
+    from jaxseq.tasks import caption
+
+    # The defaults of `jaxseq caption train`: merge model, batch 64, lr 1e-3, greedy and beam 3.
+    result = caption.train_and_evaluate(caption.CaptionTaskConfig(synthetic_images=cfg.caption_images),
+                                        _train_config(folder, cfg, cfg.caption_epochs, batch_size=64,
+                                                      learning_rate=1e-3))
+    report = result.metrics
+    rows = [[k, *(report[k][f"bleu{n}"] for n in range(1, 5))] for k in report if isinstance(report[k], dict)
+            and "bleu1" in report[k]]
+    samples = [f"{image}\t{text}" for image, text in result.captions[:6]]
+    return (f"Merge model on the embedded synthetic picture set ({report['images']} test images, vocabulary "
+            f"{report['vocab_size']}; `jaxseq caption train --epochs {cfg.caption_epochs} --synthetic-images "
+            f"{cfg.caption_images}`); corpus BLEU with all references (sacreBLEU).\n\n"
             + _table(["decoding", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4"], rows)
             + "\n\nSample test captions:\n\n```\n" + "\n".join(samples) + "\n```")
 
 
 def translation(cfg: TourConfig, folder: pathlib.Path) -> str:
+    from jaxseq import plots
+    from jaxseq.data import translation as tr
+    from jaxseq.tasks import translate
+
     rows = []
     for attention in cfg.attention:
-        out = folder / attention
         # One padded width instead of length buckets: at <= 10 tokens padding wastes little, while each bucket
         # shape costs its own ~8 s compilation (six shapes took most of a short run's time).
-        _cli(["translate", "train", "--attention", attention, "--epochs", str(cfg.translate_epochs), "--max-len",
-              str(cfg.translate_max_len), "--bucket-widths", str(cfg.translate_max_len + 1), "--hidden", "64",
-              "--embed", "64", "--lr", "5e-3", "--beam", "3", "--seed", str(cfg.seed), "--out", str(out),
-              "--no-progress"])
-        result = json.loads((out / "metrics.json").read_text())
-        rows.append([attention, result["dev"]["sacrebleu"], result["dev"]["tokenized_bleu"], result["dev_loss"]])
+        config = translate.TranslateConfig(attention=attention, max_len=cfg.translate_max_len,
+                                           bucket_widths=(cfg.translate_max_len + 1,), hidden=64, embed=64, beam=3)
+        result = translate.train_and_evaluate(config, _train_config(folder / attention, cfg, cfg.translate_epochs,
+                                                                    batch_size=64, learning_rate=5e-3,
+                                                                    log_every=20))
+        dev = result.metrics["dev"]
+        rows.append([attention, dev["sacrebleu"], dev["tokenized_bleu"], result.metrics["dev_loss"]])
     scored = [(row[1], row[0]) for row in rows if row[0] != "none"]
     with_attention = max(scored)[1] if scored else None  # the example below uses the best score function
     text = (f"Tatoeba English→Vietnamese, sentences up to {cfg.translate_max_len} tokens, {cfg.translate_epochs} "
@@ -197,30 +231,104 @@ def translation(cfg: TourConfig, folder: pathlib.Path) -> str:
             "dev BLEU (sacreBLEU on detokenised output, and tokenised).\n\n"
             + _table(["attention", "sacreBLEU", "tokenised BLEU", "dev loss"], rows))
     if with_attention:
-        printed = _cli(["translate", "predict", "--run", str(folder / with_attention), "I love teaching", "--plot",
-                        str(folder / "attention.png")])
-        text += (f"\n\n`jaxseq translate predict \"I love teaching\"` ({with_attention}): "
-                 f"{printed.strip().splitlines()[0] if printed.strip() else ''}\n\n![attention map](attention.png)")
+        run = translate.load_run(folder / with_attention)
+        prediction = translate.predict(run, "I love teaching", beam=5)
+        plots.attention_map(run.attention(prediction.source, prediction.target), prediction.source,
+                            prediction.target + [tr.EOS], folder / "attention.png",
+                            title=f"{with_attention} attention")
+        text += (f"\n\n`jaxseq translate predict \"I love teaching\"` ({with_attention}): {prediction.text}"
+                 "\n\n![attention map](attention.png)")
     return text
 
 
-def speed(cfg: TourConfig, folder: pathlib.Path) -> str:
-    import importlib.util
+def _calls_per_sample(fn, min_sample_s: float = 0.02) -> int:
+    """Warm ``fn`` up and return how many calls one timed sample needs to last ``min_sample_s``."""
+    for _ in range(3):  # jit compilation, and torch's first calls (tens to hundreds of ms while it sets up)
+        fn()
+    t0 = time.perf_counter()
+    fn()
+    return max(1, int(min_sample_s / max(time.perf_counter() - t0, 1e-6)))
 
-    bench = ROOT / "benchmarks" / "bench_lstm.py"
-    if not bench.is_file():
-        return "Skipped: benchmarks/bench_lstm.py is not here (the tour runs it from a source checkout)."
-    spec = importlib.util.spec_from_file_location("bench_lstm", bench)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    impls = ["jaxseq", "scan", "flax"] + [name for name in ("torch", "keras") if importlib.util.find_spec(name)]
-    buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
-        module.main(["--configs", cfg.speed_configs, "--impls", ",".join(impls), "--repeats",
-                     str(cfg.speed_repeats), "--min-sample-s", "0.02"])
-    (folder / "bench_lstm.txt").write_text(buffer.getvalue())
-    return ("One LSTM layer, float32, peers interleaved in one run (the full table is benchmarks/RESULTS.md):\n\n"
-            "```\n" + buffer.getvalue().strip() + "\n```")
+
+def speed(cfg: TourConfig, folder: pathlib.Path) -> str:
+    import functools
+    import importlib.util
+    import platform
+    import statistics
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxseq import cells, layers
+
+    B, T, I, H = cfg.speed_shape
+    rng = np.random.default_rng(cfg.seed)
+    x = rng.standard_normal((B, T, I)).astype(np.float32)
+    r = rng.standard_normal((B, T, H)).astype(np.float32)
+    params = cells.lstm.init(jax.random.PRNGKey(cfg.seed), I, H)
+    xj, rj = jnp.asarray(x), jnp.asarray(r)
+
+    def jaxseq_fns(impl):
+        forward = jax.jit(lambda p, xs: layers.lstm(p, xs, impl=impl)[1])
+        grad = jax.jit(jax.grad(lambda p, xs: jnp.sum(layers.lstm(p, xs, impl=impl)[1] * rj)))
+        return {"forward": lambda: jax.block_until_ready(forward(params, xj)),
+                "train": lambda: jax.block_until_ready(grad(params, xj))}
+
+    peers = {"jaxseq (default, impl=\"auto\")": jaxseq_fns("auto"), "jaxseq impl=\"scan\"": jaxseq_fns("scan")}
+    installed, restore = [], lambda: None
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        installed.append(f"torch {torch.__version__} (`torch.nn.LSTM`, one thread)")
+        # One thread: in one process with XLA, torch's spinning OpenMP workers and XLA's threads contend, and two
+        # torch threads took ~300 ms a call on 2 cores against 0.1 ms for one.
+        restore = functools.partial(torch.set_num_threads, torch.get_num_threads())
+        torch.set_num_threads(1)
+        torch.manual_seed(cfg.seed)
+        lstm = torch.nn.LSTM(I, H, batch_first=True)
+        x_t, r_t = torch.from_numpy(x), torch.from_numpy(r)
+
+        def torch_train():
+            for p in lstm.parameters():
+                p.grad = None
+            (lstm(x_t)[0] * r_t).sum().backward()
+
+        def torch_forward():
+            with torch.inference_mode():
+                lstm(x_t)
+
+        peers["torch nn.LSTM"] = {"forward": torch_forward, "train": torch_train}
+    # Warm up (compile) each, pick the calls per sample, then sample every peer in turn, `repeats` times over,
+    # so a slow moment of the machine falls on all of them alike.
+    try:
+        calls = {(name, mode): _calls_per_sample(fn) for name, fns in peers.items() for mode, fn in fns.items()}
+        samples = {key: [] for key in calls}
+        for _ in range(cfg.speed_repeats):
+            for (name, mode), inner in calls.items():
+                fn = peers[name][mode]
+                # One untimed call first: the previous peer's threads may still spin on the cores (libgomp's
+                # wait policy after a torch call), which would be charged to this one.
+                fn()
+                t0 = time.perf_counter()
+                for _ in range(inner):
+                    fn()
+                samples[(name, mode)].append((time.perf_counter() - t0) / inner)
+    finally:
+        restore()
+    median = {key: statistics.median(values) for key, values in samples.items()}
+    default = next(iter(peers))
+    rows = [[name, 1e3 * median[(name, "forward")], 1e3 * median[(name, "train")],
+             median[(name, "train")] / median[(default, "train")]] for name in peers]
+    text = (f"One LSTM layer, float32, batch {B}, {T} steps, {I} inputs, {H} units, on {jax.devices()[0].platform} "
+            f"({platform.machine()}), jax {jax.__version__}; median of {cfg.speed_repeats} interleaved samples after "
+            "warm-up. Train = gradient of a loss over the outputs.\n\n"
+            + _table(["layer", "forward ms", "train ms", "train time / default"], rows)
+            + "\n\nPeers installed: " + (", ".join(installed) if installed else "none (torch is not installed; "
+                                          "jaxseq's own implementations only)")
+            + ". `benchmarks/bench_lstm.py` in a source checkout compares more peers and shapes.")
+    (folder / "speed.md").write_text(text + "\n")
+    return text
 
 
 SECTIONS: list[tuple[str, str, Callable]] = [
@@ -248,7 +356,8 @@ def run_tour(cfg: TourConfig, log=print) -> tuple[pathlib.Path, dict[str, str]]:
         log(f"[{number}/{len(SECTIONS)}] {title} ... ({time.perf_counter() - started:.0f} s so far)")
         t0 = time.perf_counter()
         try:
-            body = section(cfg, folder).replace("](", f"]({slug}/").replace(f"]({slug}/http", "](http")
+            with _quiet_library():
+                body = section(cfg, folder).replace("](", f"]({slug}/").replace(f"]({slug}/http", "](http")
             status[slug] = f"ok in {time.perf_counter() - t0:.0f} s"
         except Exception as error:  # one broken section must not lose the others
             (folder / "error.txt").write_text(traceback.format_exc())

@@ -85,20 +85,9 @@ def run(args) -> int:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gradnorms.json").write_text(json.dumps(result, indent=1) + "\n")
+    plots.plot_profile(result, out / "gradnorms.png")
 
     kind = result["theory_kind"]
-    theory_label = {"exact": "theory ||W^(T-t)|| (exact)",
-                    "upper_bound": "bound (gamma sigma_max)^(T-t)",
-                    "direct_path": "direct path max prod " + ("f" if args.cell == "lstm" else "z")}[kind]
-    extra = {}
-    if result["spectral_radius_line"] is not None:
-        extra["rho(W)^(T-t)"] = result["spectral_radius_line"]
-    title = (f"{args.cell}{' ' + args.activation if args.cell == 'rnn' else ''}, T={args.steps}, "
-             f"H={args.hidden}, sigma_max={args.sigma_max:g}, seed {args.seed}")
-    plots.plot_gradnorms(result["timesteps"], result["measured"], result["theory"], out / "gradnorms.png",
-                         theory_label=theory_label, measured_label="measured " + result["measured_quantity"],
-                         extra=extra, title=title)
-
     timesteps, measured, theory = result["timesteps"], result["measured"], result["theory"]
     shown = sorted({0, *range(0, args.steps + 1, max(1, args.steps // 10)), args.steps})
     print(f"{'t':>5} {'T-t':>5} {'measured':>12} {'theory':>12}   ({kind}; {result['measured_quantity']})")
