@@ -14,7 +14,7 @@ import types
 import numpy as np
 import pytest
 from helpers import assert_trees_close
-from test_training import ROOT, _env, config, init_params, loss_fn, make_arrays, train_losses
+from test_training import _env, config, init_params, loss_fn, make_arrays, train_losses
 
 from jaxseq.training import ArrayBatches, RunFolderBusy, fit, load_run_config, restore_params
 from jaxseq.training.checkpoints import Checkpoints
@@ -113,7 +113,8 @@ HOLDER = "import sys, time; from jaxseq.training import RunFolderLock; RunFolder
 def test_a_run_folder_in_use_is_refused_until_its_holder_dies(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], env=_env(), stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], env=_env(), stdout=subprocess.PIPE,
+                              text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(RunFolderBusy, match=rf"run folder {out} is in use by another training process \(pid "

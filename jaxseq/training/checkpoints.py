@@ -40,7 +40,7 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[0] if lines else ''}"[:300]
 
 
-def damaged_file(step_dir: pathlib.Path, err: BaseException) -> pathlib.Path:
+def _damaged_file(step_dir: pathlib.Path, err: BaseException) -> pathlib.Path:
     """The file inside `step_dir` that `err` (raised reading it) points at; `step_dir` when none can be told.
 
     Orbax names the file in some errors (tensorstore, a missing file) but not in JSON decoding errors, so the
@@ -125,7 +125,7 @@ class Checkpoints:
         try:
             value = read()
         except Exception as err:  # noqa: BLE001 - Orbax and tensorstore raise many types for one cause: damage
-            path = damaged_file(self.directory / str(step), err)
+            path = _damaged_file(self.directory / str(step), err)
             raise CheckpointUnreadable(step, path, _one_line(err)) from err
         return value
 
@@ -250,7 +250,7 @@ def abstract_like(tree, sharding):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
-def warn_damaged(damaged: list[CheckpointUnreadable], used: int, what: str) -> None:
+def _warn_damaged(damaged: list[CheckpointUnreadable], used: int, what: str) -> None:
     for err in damaged:
         logger.warning("checkpoint step %d is damaged (%s: %s); %s step %d", err.step, err.path, err.detail, what,
                        used)
@@ -269,7 +269,7 @@ def _open_existing(out_dir) -> tuple[Checkpoints, int, dict]:
             step, meta, damaged = first_intact(steps, probe.meta)
         except CheckpointUnreadable as err:
             raise ValueError(f"{out_dir} holds no readable checkpoint: {err}") from None
-        warn_damaged(damaged, step, "read the run's settings from")
+        _warn_damaged(damaged, step, "read the run's settings from")
     finally:
         probe.close()
     train_config = meta.get("train_config", {})
@@ -347,7 +347,7 @@ def restore_params(out_dir: str, init_params: Callable[[jax.Array], Params] | No
             step, params, damaged = first_intact(steps, read)
         except CheckpointUnreadable as err:
             raise ValueError(f"no intact checkpoint in {ckpt.directory}: {err}") from None
-        warn_damaged(damaged, step, "restored")
+        _warn_damaged(damaged, step, "restored")
         return params
     finally:
         ckpt.close()
