@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -16,7 +17,8 @@ import pytest
 from helpers import assert_trees_close
 from test_training import _env, config, init_params, loss_fn, make_arrays, train_losses
 
-from jaxseq.training import ArrayBatches, RunFolderBusy, fit, load_run_config, restore_params
+from jaxseq.training import (ArrayBatches, Callback, RunFolderBusy, RunFolderLock, fit, load_run_config,
+                             restore_params)
 from jaxseq.training.checkpoints import Checkpoints
 
 
@@ -42,9 +44,9 @@ def delete_state_metadata(step_dir: pathlib.Path) -> pathlib.Path:
     return path
 
 
-def run(tmp_path, name="run", **kw):
+def run(tmp_path, name="run", callbacks=(), **kw):
     return fit(config(tmp_path, name, checkpoint_every=3, **kw), init_params=init_params, loss_fn=loss_fn,
-               train=ArrayBatches(make_arrays(), 8, seed=0), run_config={"model": "linear"})
+               train=ArrayBatches(make_arrays(), 8, seed=0), run_config={"model": "linear"}, callbacks=callbacks)
 
 
 @pytest.fixture(scope="module")
@@ -117,14 +119,23 @@ def test_a_run_folder_in_use_is_refused_until_its_holder_dies(tmp_path):
                               text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(RunFolderBusy, match=rf"run folder {out} is in use by another training process \(pid "
+        with pytest.raises(RunFolderBusy, match=rf"run folder {re.escape(str(out))} is in use by another training process \(pid "
                                                 rf"{holder.pid} on host .* since .*\); wait for it"):
             run(tmp_path)
         assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
         holder.send_signal(signal.SIGKILL)  # the OS drops a dead process's lock: no stale lock is left
         holder.wait()
         assert run(tmp_path).step == 16
-        # The lock is released when fit returns (and when it raises): the same process can go on.
+        # The lock is held while fit trains, and released when it returns: the same process can go on.
+        refused = []
+
+        class TryTheLock(Callback):
+            def on_train_begin(self, out_dir, step):
+                with pytest.raises(RunFolderBusy, match=rf"\(pid {os.getpid()} on host") as info:
+                    RunFolderLock(out_dir).acquire()
+                refused.append(info.value)
+
+        assert run(tmp_path, restart=True, callbacks=[TryTheLock()]).step == 16 and len(refused) == 1
         assert run(tmp_path).already_finished
     finally:
         holder.kill()
@@ -135,7 +146,7 @@ def test_a_run_folder_in_use_is_refused_until_its_holder_dies(tmp_path):
 def test_load_run_config_tells_a_jaxseq_run_and_its_kind(finished, tmp_path):
     source, _ = finished
     assert load_run_config(str(source), require="model") == {"model": "linear"}
-    with pytest.raises(ValueError, match=rf"^{source} is not a 'forecast' run: its run_config holds \['model'\]$"):
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(source))} is not a 'forecast' run: its run_config holds \['model'\]$"):
         load_run_config(str(source), require="forecast")
     # An Orbax checkpoint written by something else: readable, but no run_config.
     other = Checkpoints(tmp_path / "other" / "checkpoints")
