@@ -119,8 +119,8 @@ def test_a_run_folder_in_use_is_refused_until_its_holder_dies(tmp_path):
                               text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(RunFolderBusy, match=rf"run folder {re.escape(str(out))} is in use by another training process \(pid "
-                                                rf"{holder.pid} on host .* since .*\); wait for it"):
+        busy = rf"run folder {re.escape(str(out))} is in use by another training process \(pid {holder.pid} on host "
+        with pytest.raises(RunFolderBusy, match=busy + r".* since .*\); wait for it"):
             run(tmp_path)
         assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
         holder.send_signal(signal.SIGKILL)  # the OS drops a dead process's lock: no stale lock is left
@@ -146,7 +146,8 @@ def test_a_run_folder_in_use_is_refused_until_its_holder_dies(tmp_path):
 def test_load_run_config_tells_a_jaxseq_run_and_its_kind(finished, tmp_path):
     source, _ = finished
     assert load_run_config(str(source), require="model") == {"model": "linear"}
-    with pytest.raises(ValueError, match=rf"^{re.escape(str(source))} is not a 'forecast' run: its run_config holds \['model'\]$"):
+    kind = rf"^{re.escape(str(source))} is not a 'forecast' run: its run_config holds \['model'\]$"
+    with pytest.raises(ValueError, match=kind):
         load_run_config(str(source), require="forecast")
     # An Orbax checkpoint written by something else: readable, but no run_config.
     other = Checkpoints(tmp_path / "other" / "checkpoints")
