@@ -18,6 +18,7 @@ get a window in which to kill the process. `--nan-batch E,I` poisons batch I of 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 
@@ -110,8 +111,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     nan_batch = tuple(int(v) for v in args.nan_batch.split(",")) if args.nan_batch else None
 
-    from jaxseq.training import TrainConfig, fit
+    from jaxseq.training import LossCurve, TrainConfig, fit
 
+    log = logging.getLogger("jaxseq.training")  # fit's messages: resuming, evals, the summary
+    log.addHandler(logging.StreamHandler())
+    log.setLevel(logging.INFO)
+    log.propagate = False  # importing Orbax gives the root logger a handler, which would print each line twice
     config = TrainConfig(out_dir=args.out, seed=args.seed, epochs=args.epochs, batch_size=args.batch_size,
                          learning_rate=args.lr, log_every=args.log_every, checkpoint_every=args.checkpoint_every,
                          best_metric=args.best_metric or None, restart=args.restart,
@@ -119,7 +124,8 @@ def main(argv=None) -> int:
     train, evaluate = problem(args.seed, args.batch_size, examples=args.examples, slow=args.slow_data,
                               nan_batch=nan_batch)
     result = fit(config, init_params=init_params, loss_fn=loss_fn, train=train, evaluate=evaluate,
-                 run_config={"model": "lstm-regressor", "hidden": HIDDEN, "examples": args.examples})
+                 run_config={"model": "lstm-regressor", "hidden": HIDDEN, "examples": args.examples},
+                 callbacks=[LossCurve(eval_metric=args.best_metric or None)])
     evals = [r for r in result.history if r["kind"] == "eval"]
     if evals:
         print(f"last eval loss {evals[-1]['loss']:.4f} at step {evals[-1]['step']}")

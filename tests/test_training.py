@@ -19,7 +19,10 @@ import pytest
 from helpers import assert_trees_close
 
 from jaxseq import training
-from jaxseq.training import (ArrayBatches, NonFiniteError, TrainConfig, fit, load_run_config, restore_params)
+from jaxseq.training import (ArrayBatches, LossCurve, NonFiniteError, TrainConfig, fit, load_run_config,
+                             restore_params)
+from jaxseq.training.checkpoints import diff_dicts
+from jaxseq.training.config import validate_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FEATURES = 4
@@ -100,7 +103,7 @@ def test_optimizer_schedules_and_clipping():
     updates, _ = tx.update(grads, tx.init(grads))
     np.testing.assert_allclose(float(jnp.linalg.norm(updates["w"])), 2.0, rtol=1e-6)  # clipped to clip_norm
     with pytest.raises(ValueError, match="weight_decay=0.1: expected 0 with optimizer='adam'"):
-        training._validate_config(TrainConfig(out_dir="x", weight_decay=0.1))
+        validate_config(TrainConfig(out_dir="x", weight_decay=0.1))
 
 
 def test_train_step_skips_non_finite_and_donates_state(key):
@@ -142,7 +145,8 @@ def test_fit_resume_finish_restart_and_sigterm(tmp_path):
     evaluate = training.make_eval_fn(loss_fn, ArrayBatches(make_arrays(16, seed=1), 8, seed=0, shuffle=False))
     run_config = {"model": "linear", "features": FEATURES}
     ref = fit(config(tmp_path, "ref", checkpoint_every=3), init_params=init_params, loss_fn=loss_fn,
-              train=ArrayBatches(arrays, 8, seed=0), evaluate=evaluate, run_config=run_config)
+              train=ArrayBatches(arrays, 8, seed=0), evaluate=evaluate, run_config=run_config,
+              callbacks=[LossCurve()])
     assert ref.step == 16 and not ref.already_finished
     assert len(train_losses(ref.history)) == 16
     assert [r["step"] for r in ref.history if r["kind"] == "eval"] == [8, 16]
@@ -203,7 +207,7 @@ def test_run_config_differences_name_nested_keys():
     stored = {"forecast": {"hidden_size": 32, "features": ["Volume"], "model": "lstm"}, "scaler": {"mean": [1.0]}}
     current = {"forecast": {"hidden_size": 16, "features": ["Volume"], "model": "lstm", "new": 1},
                "scaler": {"mean": [1.0]}}
-    assert training._diff_dicts(stored, current) == ["forecast.hidden_size: 32 in the checkpoint vs 16 now",
+    assert diff_dicts(stored, current) == ["forecast.hidden_size: 32 in the checkpoint vs 16 now",
                                                      "forecast.new: '<absent>' in the checkpoint vs 1 now"]
 
 def test_best_checkpoint_is_kept_and_restored(tmp_path):
@@ -294,7 +298,9 @@ def _env(**extra):
 
 
 KILLABLE = textwrap.dedent("""
-    import sys, time
+    import logging, sys, time
+    logging.getLogger("jaxseq.training").addHandler(logging.StreamHandler(sys.stdout))
+    logging.getLogger("jaxseq.training").setLevel(logging.INFO)
     sys.path.insert(0, {tests!r})
     from test_training import Scripted, init_params, loss_fn, make_arrays
     from jaxseq.training import ArrayBatches, TrainConfig, fit
