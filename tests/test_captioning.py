@@ -320,6 +320,7 @@ def test_caption_cli_train_eval_predict(tmp_path, capsys):
     report = json.loads((out / "metrics.json").read_text())
     assert report["images"] == 64 and set(report["greedy"]) >= {"bleu1", "bleu4", "attributes"}
     assert 0 <= report["greedy"]["bleu4"] <= 100
+    assert (out / "loss.png").is_file() and (out / "test_captions.txt").is_file()
     image = tmp_path / "shape.png"
     sc.draw(sc.Scene("circle", "red", "large", "top", "left"), np.random.default_rng(0)).save(image)
     capsys.readouterr()

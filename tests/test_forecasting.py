@@ -342,6 +342,7 @@ def test_cli_trains_beats_persistence_predicts_and_resumes(tmp_path, capsys, mon
     assert main(argv) == 0
     results = json.loads((out / "metrics.json").read_text())
     assert (out / "forecast.png").stat().st_size > 0 and (out / "checkpoints").is_dir()
+    assert (out / "loss.png").stat().st_size > 0  # drawn by the task's LossCurve callback
     assert results["split"]["test"] == ["2020-12-23", "2021-02-23"]
     assert set(results["test"]["metrics"]) == {"gru", "persistence", "drift", "linear_ar"}
     gru = results["test"]["metrics"]["gru"]
@@ -366,8 +367,10 @@ def test_cli_trains_beats_persistence_predicts_and_resumes(tmp_path, capsys, mon
     assert capsys.readouterr().out.splitlines()[1].split(",")[0] == str(
         ts.next_dates(ts.read_csv(short).dates, 1)[0])
 
-    # Running the same command again finds the finished run and rewrites identical results.
+    # Running the same command again finds the finished run, says so (the training loop's log, shown by the
+    # command line) and rewrites identical results.
     assert main(argv) == 0
+    assert "already finished" in capsys.readouterr().out
     assert json.loads((out / "metrics.json").read_text()) == results
 
 

@@ -240,15 +240,16 @@ def evaluate(run: CaptionRun, split: str = "test", *, beam: int = 1, length_pena
 
 # --- training ---------------------------------------------------------------------------------------------------
 
-def train_and_evaluate(config: CaptionTaskConfig, train_config) -> CaptionResult:
+def train_and_evaluate(config: CaptionTaskConfig, train_config, *, callbacks=()) -> CaptionResult:
     """Train a caption model with ``jaxseq.training.fit`` (best checkpoint by dev BLEU-4), then caption the test
-    images greedily (and with beam ``config.beam``). Writes ``vocab.json``, ``metrics.json`` and
-    ``test_captions.txt`` into ``train_config.out_dir``; a run found there resumes."""
+    images greedily (and with beam ``config.beam``). Writes ``vocab.json``, ``loss.png``, ``metrics.json`` and
+    ``test_captions.txt`` into ``train_config.out_dir``; a run found there resumes. ``callbacks``
+    (``jaxseq.training.Callback``) go to ``fit``."""
     from jaxseq import metrics
     from jaxseq.data import glove as glove_lib
     from jaxseq.data.text import END, START, caption_vocab, clean_caption, wrap
     from jaxseq.models import captioning as cap
-    from jaxseq.training import fit
+    from jaxseq.training import LossCurve, fit
 
     if config.beam < 1:
         raise ValueError(f"beam must be >= 1, got {config.beam}")
@@ -309,7 +310,9 @@ def train_and_evaluate(config: CaptionTaskConfig, train_config) -> CaptionResult
         train_config = dataclasses.replace(train_config, best_metric="dev_bleu4", best_mode="max")
     batches = cap.CaptionBatches(train_features, image_index, tokens, train_config.batch_size, seed=train_config.seed)
     fitted = fit(train_config, init_params=init, loss_fn=loss_fn, train=batches, evaluate=evaluate_dev,
-                 run_config=run_config)
+                 run_config=run_config,
+                 callbacks=[LossCurve(title=f"{out.name}: {config.variant} captioning", eval_metric="dev_bleu4"),
+                            *callbacks])
     if fitted.already_finished:
         log.info("%s already finished %d epoch(s); reporting its test scores", out, train_config.epochs)
     run = load_run(out)  # the best checkpoint (by dev BLEU-4), not the last params

@@ -91,10 +91,11 @@ def evaluate(run: ClassifyRun, data: dict[str, np.ndarray]) -> float:
     return float((predict(run, data["xs"], data["lengths"]) == data["labels"]).mean())
 
 
-def train_and_evaluate(config: ClassifyConfig, train_config) -> ClassifyResult:
+def train_and_evaluate(config: ClassifyConfig, train_config, *, callbacks=()) -> ClassifyResult:
     """Train ``config.model`` on the order data set with ``jaxseq.training.fit``; test accuracy.
 
-    A finished run in ``train_config.out_dir`` is evaluated again, not retrained.
+    A finished run in ``train_config.out_dir`` is evaluated again, not retrained. Draws ``out_dir/loss.png``;
+    ``callbacks`` (``jaxseq.training.Callback``) go to ``fit``.
     """
     from jaxseq import training
 
@@ -106,7 +107,8 @@ def train_and_evaluate(config: ClassifyConfig, train_config) -> ClassifyResult:
     fitted = training.fit(train_config, init_params=init, loss_fn=classifier.classification_loss(model),
                           train=training.ArrayBatches(train, train_config.batch_size, seed=seed),
                           run_config={"task": "order-classification", "model": config.model,
-                                      "hidden": config.hidden_size, "num_steps": config.num_steps})
+                                      "hidden": config.hidden_size, "num_steps": config.num_steps},
+                          callbacks=[training.LossCurve(title=f"order classification, {config.model}"), *callbacks])
     params = training.restore_params(train_config.out_dir, init) if fitted.already_finished else fitted.params
     run = ClassifyRun(config.model, model, params, config.num_steps)
     return ClassifyResult(evaluate(run, test), pathlib.Path(train_config.out_dir), fitted.already_finished)

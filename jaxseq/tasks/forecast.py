@@ -235,12 +235,12 @@ def score(data: ForecastData, origins: np.ndarray, forecasts: dict[str, np.ndarr
     return out
 
 
-def train_and_evaluate(config: ForecastConfig, train_config) -> ForecastResult:
+def train_and_evaluate(config: ForecastConfig, train_config, *, callbacks=()) -> ForecastResult:
     """Train ``config.model`` with ``jaxseq.training.fit``, score it and the baselines on the test windows.
 
-    Writes ``out_dir/metrics.json`` (results only, no timings: identical runs give identical files) and
-    ``out_dir/forecast.png``; ``fit`` writes checkpoints, ``metrics.jsonl`` and ``loss.png`` there and resumes
-    a run found in ``out_dir``.
+    Writes ``out_dir/metrics.json`` (results only, no timings: identical runs give identical files),
+    ``out_dir/forecast.png`` and ``out_dir/loss.png``; ``fit`` writes checkpoints and ``metrics.jsonl`` there and
+    resumes a run found in ``out_dir``. ``callbacks`` (``jaxseq.training.Callback``) go to ``fit``.
     """
     from jaxseq import plots, training
 
@@ -266,10 +266,12 @@ def train_and_evaluate(config: ForecastConfig, train_config) -> ForecastResult:
     if train_config.batch_size > len(x_train):
         raise ValueError(f"batch_size={train_config.batch_size} is larger than the {len(x_train)} training windows "
                          f"({len(series)} rows, lookback {config.lookback}); use a smaller batch_size")
+    out_name = pathlib.Path(train_config.out_dir).name
     fitted = training.fit(train_config, init_params=init_params, loss_fn=forecast_loss(model),
                           train=training.ArrayBatches({"x": x_train, "y": y_train}, train_config.batch_size,
                                                       seed=train_config.seed),
-                          evaluate=evaluate, run_config=run_config)
+                          evaluate=evaluate, run_config=run_config,
+                          callbacks=[training.LossCurve(title=f"{out_name}: {config.model} forecast"), *callbacks])
     params = training.restore_params(train_config.out_dir, init_params, which="best")
 
     origins = data.origins("test")

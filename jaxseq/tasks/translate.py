@@ -240,10 +240,11 @@ def predict(run: Translator, text: str, *, beam: int = 5) -> Prediction:
 
 # --- training ---------------------------------------------------------------------------------------------------
 
-def train_and_evaluate(config: TranslateConfig, train_config) -> TranslateResult:
+def train_and_evaluate(config: TranslateConfig, train_config, *, callbacks=()) -> TranslateResult:
     """Train with ``jaxseq.training.fit`` (best checkpoint by dev loss), then translate the dev set with beam
-    ``config.beam``. Writes ``vocab.src``, ``vocab.tgt``, ``model.json``, ``metrics.json`` and ``dev.hyp`` into
-    ``train_config.out_dir``; a run found there resumes."""
+    ``config.beam``. Writes ``vocab.src``, ``vocab.tgt``, ``model.json``, ``loss.png``, ``metrics.json`` and
+    ``dev.hyp`` into ``train_config.out_dir``; a run found there resumes. ``callbacks``
+    (``jaxseq.training.Callback``) go to ``fit``."""
     import jax
 
     from jaxseq import training
@@ -297,7 +298,9 @@ def train_and_evaluate(config: TranslateConfig, train_config) -> TranslateResult
     log.info("model: %s\nbuckets (source, target widths): %s", model, train.shapes())
     fitted = training.fit(train_config, init_params=lambda k: seq2seq.init_params(model, k),
                           loss_fn=lambda p, b, k: seq2seq.loss_fn(model, p, b, k), train=train,
-                          evaluate=dev_loss, run_config=meta)
+                          evaluate=dev_loss, run_config=meta,
+                          callbacks=[training.LossCurve(title=f"{out.name}: {config.attention} attention",
+                                                        eval_metric="dev_loss"), *callbacks])
     if fitted.already_finished:
         log.info("%s: already finished at step %d; translating the dev set with its best checkpoint", out,
                  fitted.step)
