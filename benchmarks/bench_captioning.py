@@ -84,6 +84,7 @@ def main(argv=None):
     import numpy as np
     import optax
 
+    from jaxseq.data.text import CaptionBatches
     from jaxseq.models import captioning as cap
 
     V, D, MAX = 1652, 2048, 34
@@ -108,9 +109,9 @@ def main(argv=None):
     n_images = 16 * per_step // 5
     pool_tokens, source = make_captions(16 * per_step)
     features = rng.normal(size=(n_images, D)).astype(np.float32)
-    source_batches = cap.CaptionBatches(features, np.arange(16 * per_step) // 5, pool_tokens, per_step, seed=0)
+    source_batches = CaptionBatches(features, np.arange(16 * per_step) // 5, pool_tokens, per_step, seed=0)
     batches = [tuple(source_batches.batch(0, i).values()) for i in range(args.train_batches)]
-    big_batches = cap.CaptionBatches(features, np.arange(16 * per_step) // 5, pool_tokens, args.big_batch, seed=0)
+    big_batches = CaptionBatches(features, np.arange(16 * per_step) // 5, pool_tokens, args.big_batch, seed=0)
     big = tuple(big_batches.batch(0, 0).values())
     print(f"caption lengths: {source}; {per_step} captions/step; prefix samples per step "
           f"{[int((t[:, 1:] != 0).sum()) for _, t in batches]}; padded widths {[t.shape[1] for _, t in batches]}")

@@ -247,7 +247,7 @@ def train_and_evaluate(config: CaptionTaskConfig, train_config, *, callbacks=())
     (``jaxseq.training.Callback``) go to ``fit``."""
     from jaxseq import metrics
     from jaxseq.data import glove as glove_lib
-    from jaxseq.data.text import END, START, caption_vocab, clean_caption, wrap
+    from jaxseq.data.text import END, START, CaptionBatches, caption_vocab, clean_caption, wrap
     from jaxseq.models import captioning as cap
     from jaxseq.training import LossCurve, fit
 
@@ -308,7 +308,7 @@ def train_and_evaluate(config: CaptionTaskConfig, train_config, *, callbacks=())
                   "glove": str(pathlib.Path(config.glove).resolve()) if config.glove else None}
     if train_config.best_metric is None:
         train_config = dataclasses.replace(train_config, best_metric="dev_bleu4", best_mode="max")
-    batches = cap.CaptionBatches(train_features, image_index, tokens, train_config.batch_size, seed=train_config.seed)
+    batches = CaptionBatches(train_features, image_index, tokens, train_config.batch_size, seed=train_config.seed)
     fitted = fit(train_config, init_params=init, loss_fn=loss_fn, train=batches, evaluate=evaluate_dev,
                  run_config=run_config,
                  callbacks=[LossCurve(title=f"{out.name}: {config.variant} captioning", eval_metric="dev_bleu4"),
