@@ -319,3 +319,15 @@ def test_debug_shows_the_traceback(how, tmp_path, monkeypatch, capsys):
         monkeypatch.setenv("JAXSEQ_DEBUG", "1")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         cli.main(argv)
+
+
+def test_caption_run_with_a_broken_vocabulary_names_the_file(fake_runs, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "caption"
+    shutil.copytree(fake_runs / "caption", run)
+    assert cli.main(["caption", "eval", "--run", str(run)]) == 2
+    assert f"run folder '{run}' has no vocab.json" in _one_line(capsys)
+    (run / "vocab.json").write_text("{not json")
+    assert cli.main(["caption", "eval", "--run", str(run)]) == 2
+    assert f"{run / 'vocab.json'} is not a saved vocabulary" in _one_line(capsys)

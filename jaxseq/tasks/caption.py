@@ -174,7 +174,10 @@ class CaptionRun:
         if not (run_dir / VOCAB_FILE).is_file():
             raise FileNotFoundError(f"run folder {str(run_dir)!r} has no {VOCAB_FILE}")
         self.run_dir = run_dir
-        self.vocab = Vocab.from_json(json.loads((run_dir / VOCAB_FILE).read_text()))
+        try:
+            self.vocab = Vocab.from_json(json.loads((run_dir / VOCAB_FILE).read_text(encoding="utf-8")))
+        except (ValueError, KeyError, TypeError) as error:  # JSONDecodeError is a ValueError
+            raise ValueError(f"{run_dir / VOCAB_FILE} is not a saved vocabulary ({error})") from None
         self.model = cap.CaptionModel(cap.CaptionConfig(**self.run_config["model"]))
         shape = tuple(self.run_config["feature_shape"])
         self.params = restore_params(str(run_dir.resolve()), lambda k: cap.init_params(self.model, k, shape))
