@@ -14,6 +14,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import assert_trees_close
 
 from jaxseq.training import initialize_distributed
 
@@ -92,13 +93,9 @@ def test_two_processes_train_like_one_process_on_the_same_global_batches(runs):
     assert len(ref["losses"]) == STEPS
     for result in pair:
         assert result["step"] == STEPS
-        assert result["losses"].keys() == ref["losses"].keys()
-        np.testing.assert_allclose([result["losses"][s] for s in ref["losses"]], list(ref["losses"].values()),
-                                   rtol=0, atol=1e-5)
-        np.testing.assert_allclose([result["evals"][s] for s in ref["evals"]], list(ref["evals"].values()),
-                                   rtol=0, atol=1e-5)
-        for name, value in _params(ref).items():
-            np.testing.assert_allclose(_params(result)[name], value, rtol=0, atol=1e-5)
+        assert_trees_close(result["losses"], ref["losses"], rtol=0, atol=1e-5)
+        assert_trees_close(result["evals"], ref["evals"], rtol=0, atol=1e-5)
+        assert_trees_close(_params(result), _params(ref), rtol=0, atol=1e-5)
     # The trained model moved: equal losses are not equal because nothing happened.
     assert ref["losses"][str(STEPS)] < 0.7 * ref["losses"]["1"]
 
@@ -136,11 +133,9 @@ def test_sigkill_of_one_process_then_restarting_both_resumes_exactly(runs):
     uninterrupted = runs["pair"][0]
     for result in resumed:
         assert result["step"] == STEPS
-        for name, value in _params(uninterrupted).items():
-            np.testing.assert_allclose(_params(result)[name], value, rtol=0, atol=1e-5)
-        steps = [str(s) for s in range(last + 1, STEPS + 1)]  # the steps trained after the restart
-        np.testing.assert_allclose([result["losses"][s] for s in steps], [uninterrupted["losses"][s] for s in steps],
-                                   rtol=0, atol=1e-5)
+        assert_trees_close(_params(result), _params(uninterrupted), rtol=0, atol=1e-5)
+        # All the losses: those read back from metrics.jsonl up to the checkpoint and those trained after it.
+        assert_trees_close(result["losses"], uninterrupted["losses"], rtol=0, atol=1e-5)
     assert _steps(out) == ["12", "8"]
 
 
