@@ -16,6 +16,21 @@ if jax.default_backend() == "gpu":
     jax.config.update("jax_default_matmul_precision", "highest")
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """Run the suite on up to 4 worker processes when pytest-xdist is installed and no -n was given.
+
+    In addopts `-n` would be an error without xdist; set here it is only a default. More than 4 workers would
+    each start XLA's thread pools on the same cores. Registered after xdist, this runs before xdist's own
+    tryfirst hook, which turns the option into workers; xdist's workers (`workerinput`) must not spawn more.
+    """
+    if (config.pluginmanager.hasplugin("xdist") and not hasattr(config, "workerinput")
+            and config.getoption("numprocesses") is None and not config.getoption("usepdb")):
+        config.option.numprocesses = "auto"
+        if config.getoption("maxprocesses") is None:
+            config.option.maxprocesses = 4
+
+
 @pytest.fixture
 def key():
     return jax.random.PRNGKey(0)

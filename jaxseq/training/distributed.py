@@ -4,18 +4,34 @@ The same calls run on 1 CPU, 8 GPUs or a TPU slice; `initialize_distributed` joi
 """
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 
 
 def initialize_distributed() -> None:
-    """`jax.distributed.initialize()` once, for several hosts (it reads the cluster from the environment).
+    """`jax.distributed.initialize()` once, for several hosts (or several processes on one).
+
+    On a cluster that JAX detects (SLURM, Open MPI, Kubernetes, Cloud TPU) it reads everything from there.
+    Elsewhere run the same command on every host with JAX_COORDINATOR_ADDRESS=host:port of process 0 (JAX reads
+    it), JAXSEQ_NUM_PROCESSES and JAXSEQ_PROCESS_ID (0 .. N-1): JAX reads no variable for these two, so they are
+    passed on from here. See docs/distributed.md.
 
     It must run before any other JAX call in the process: call it first thing, or set TrainConfig.distributed
     and make fit the first thing that touches JAX.
     """
-    if not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+    if jax.distributed.is_initialized():
+        return
+    given = {}
+    for variable, argument in (("JAXSEQ_NUM_PROCESSES", "num_processes"), ("JAXSEQ_PROCESS_ID", "process_id")):
+        value = os.environ.get(variable)
+        if value is not None:
+            try:
+                given[argument] = int(value)
+            except ValueError:
+                raise ValueError(f"{variable}={value!r}: expected an int") from None
+    jax.distributed.initialize(**given)
 
 
 def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import pathlib
+import platform
 import shutil
 import signal
 import sys
@@ -135,7 +137,9 @@ def _prepare_out_dir(out_dir) -> pathlib.Path:
     path = pathlib.Path(out_dir).absolute()
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_test"
+        # One probe file per process: processes sharing the folder (several hosts on one file system) would
+        # otherwise delete each other's probe and report a writable folder as unwritable.
+        probe = path / f".write_test-{platform.node()}-{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:
