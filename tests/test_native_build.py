@@ -72,6 +72,8 @@ def _jaxseq_records(caplog):
 def test_every_failure_is_one_logged_line_and_no_error(case, expected, monkeypatch, tmp_path, caplog,
                                                        fresh_library):
     monkeypatch.setenv("JAXSEQ_CACHE_DIR", str(tmp_path / "cache"))
+    # As in a fresh process: once a library is registered, a later one is not loaded (XLA keeps the first).
+    monkeypatch.setattr(native, "_registered", None)
     if case == "no compiler":
         monkeypatch.setenv("CXX", "/nonexistent")
     elif case == "cache below a file":  # we may run as root, whom a read-only folder does not stop
@@ -107,6 +109,19 @@ def test_no_compile_is_tried_off_linux(monkeypatch, tmp_path, fresh_library):
     monkeypatch.setenv("JAXSEQ_CACHE_DIR", str(tmp_path / "cache"))
     assert not native.available()
     assert _compiles(tmp_path) == 0 and not (tmp_path / "cache").exists()
+
+
+def test_a_second_library_in_one_process_keeps_the_first(real_library, monkeypatch, tmp_path, caplog,
+                                                          fresh_library):
+    """XLA refuses a second handler under the kernel's names (an error that available() used to raise): the
+    library loaded first stays, with one line saying that the new settings need a new process."""
+    assert native.available()
+    monkeypatch.setenv("CXX", str(_fake_compiler(tmp_path, f'cp "{real_library}" "$out"')))
+    monkeypatch.setenv("JAXSEQ_CACHE_DIR", str(tmp_path / "cache"))
+    native._library.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="jaxseq"):
+        assert native.available()
+    assert "takes effect in a new process" in caplog.text and _compiles(tmp_path) == 1
 
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "garbage", "no checksum"])
