@@ -67,6 +67,8 @@ def _jaxseq_records(caplog):
     ("not x86", "needs x86-64 Linux, this is Linux aarch64"),
     ("unknown ISA", "JAXSEQ_NATIVE_ISA='avx3' is not one of native, avx2, sse"),
     ("compiler fails", "building the native LSTM kernel failed (/bin/false exited with 1"),
+    ("compiler cannot run", "could not run the C++ compiler"),
+    ("no home folder", "no home folder for the native kernel's cache; set JAXSEQ_CACHE_DIR"),
     ("library does not load", "could not be loaded (OSError"),
 ])
 def test_every_failure_is_one_logged_line_and_no_error(case, expected, monkeypatch, tmp_path, caplog,
@@ -87,6 +89,13 @@ def test_every_failure_is_one_logged_line_and_no_error(case, expected, monkeypat
         monkeypatch.setenv("JAXSEQ_NATIVE_ISA", "avx3")
     elif case == "compiler fails":
         monkeypatch.setenv("CXX", "/bin/false")
+    elif case == "compiler cannot run":  # executable, but neither a binary nor a script with #!
+        (tmp_path / "cxx").write_bytes(b"\x00\x01garbage")
+        (tmp_path / "cxx").chmod(0o755)
+        monkeypatch.setenv("CXX", str(tmp_path / "cxx"))
+    elif case == "no home folder":
+        monkeypatch.delenv("JAXSEQ_CACHE_DIR")
+        monkeypatch.setattr(build.Path, "home", classmethod(lambda cls: (_ for _ in ()).throw(RuntimeError())))
     else:  # a "library" that builds, and matches its checksum, but is no shared object
         monkeypatch.setenv("CXX", str(_fake_compiler(tmp_path, 'echo "not an ELF file" > "$out"')))
     with caplog.at_level(logging.INFO, logger="jaxseq"):
@@ -96,7 +105,7 @@ def test_every_failure_is_one_logged_line_and_no_error(case, expected, monkeypat
     failures = [m for m in messages if "uses XLA's loops" in m]
     assert len(failures) == 1, messages
     # The only other line: that it builds, where a compiler ran.
-    assert len(messages) == 1 + (case in ("compiler fails", "library does not load")), messages
+    assert len(messages) == 1 + (case in ("compiler fails", "compiler cannot run", "library does not load")), messages
     assert expected in failures[0] and "\n" not in failures[0] and "XLA's loops" in failures[0]
     assert expected in native.unavailable_reason()
     if case != "library does not load":

@@ -104,7 +104,12 @@ def compile_command(output: Path | str, include_dir: str | None = None) -> list[
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("JAXSEQ_CACHE_DIR") or Path.home() / ".cache" / "jaxseq"
+    root = os.environ.get("JAXSEQ_CACHE_DIR")
+    if not root:
+        try:
+            root = Path.home() / ".cache" / "jaxseq"
+        except RuntimeError:  # no HOME and no password entry (some containers)
+            raise BuildError("no home folder for the native kernel's cache; set JAXSEQ_CACHE_DIR") from None
     return Path(root) / "native"
 
 
@@ -152,6 +157,8 @@ def _compile(target: Path, command_name: str) -> None:
         try:
             result = subprocess.run(compile_command(built), capture_output=True, text=True,
                                     timeout=COMPILE_TIMEOUT_S)
+        except OSError as error:  # found on the PATH, but not a program this system can run
+            raise BuildError(f"could not run the C++ compiler {command_name} ({error.strerror or error})") from None
         except subprocess.TimeoutExpired as error:
             raise BuildError(f"building the native LSTM kernel took over {COMPILE_TIMEOUT_S} s; stopped it",
                              (error.stderr or b"").decode(errors="replace")) from None
