@@ -150,10 +150,12 @@ def test_a_damaged_cached_library_is_rebuilt_before_loading(damage, real_library
     else:
         path.with_name(path.name + ".sha256").unlink()
     assert not build.verified(path)
+    (path.parent / ".build-killed").mkdir()  # the scratch folder of a build killed midway
     with caplog.at_level(logging.WARNING, logger="jaxseq"):
         assert build.ensure_built() == path
     assert _compiles(tmp_path) == 2 and path.read_bytes() == good and build.verified(path)
     assert "(the cached copy was damaged)" in caplog.text
+    assert not list(path.parent.glob(".build-*"))
 
 
 def test_processes_started_together_build_once(real_library, tmp_path):

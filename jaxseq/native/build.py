@@ -192,6 +192,9 @@ def ensure_built() -> Path:
         with _locked(target.parent):
             if verified(target):  # another process built it while this one waited for the lock
                 return target
+            # Scratch folders of builds killed midway; no build runs now, as this process holds the lock.
+            for stale in target.parent.glob(".build-*"):
+                shutil.rmtree(stale, ignore_errors=True)
             damaged = " (the cached copy was damaged)" if target.exists() else ""
             # A warning, so that it shows on stderr by default (logging's last-resort handler) when nothing
             # configured logging: the first call pauses for a few seconds, and the user should know why.
