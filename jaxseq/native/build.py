@@ -140,15 +140,17 @@ def verified(library: Path) -> bool:
 
 @contextlib.contextmanager
 def _locked(folder: Path):
-    """Holds an exclusive lock on ``folder/.lock`` (released when the process dies, however it dies)."""
+    """Holds an exclusive lock on ``folder/.lock`` (released when the process dies, however it dies); yields
+    whether it holds it."""
     import fcntl  # Unix only: imported here so that jaxseq.native imports everywhere
 
     with open(folder / ".lock", "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
-        except OSError:
-            pass  # a file system without locks: concurrent builds then each build, and the moves stay atomic
-        yield
+        except OSError:  # a file system without locks: concurrent builds then each build; the moves stay atomic
+            yield False
+        else:
+            yield True
 
 
 def _compile(target: Path, command_name: str) -> None:
@@ -170,8 +172,8 @@ def _compile(target: Path, command_name: str) -> None:
                              "output", result.stderr)
         sidecar = Path(scratch) / _sidecar(target).name
         sidecar.write_text(_digest(built) + "\n")
-        # The library first, then its sidecar: a reader never finds a sidecar that vouches for other bytes
-        # without the lock (it then takes the lock and finds the finished pair).
+        # The library first, then its sidecar: a reader between the two moves finds bytes that do not match
+        # the sidecar, and waits for the lock.
         os.replace(built, target)
         os.replace(sidecar, _sidecar(target))
 
@@ -189,11 +191,11 @@ def ensure_built() -> Path:
         return target
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        with _locked(target.parent):
+        with _locked(target.parent) as alone:
             if verified(target):  # another process built it while this one waited for the lock
                 return target
-            # Scratch folders of builds killed midway; no build runs now, as this process holds the lock.
-            for stale in target.parent.glob(".build-*"):
+            # Scratch folders of builds killed midway (no other build runs while this process holds the lock).
+            for stale in target.parent.glob(".build-*") if alone else ():
                 shutil.rmtree(stale, ignore_errors=True)
             damaged = " (the cached copy was damaged)" if target.exists() else ""
             # A warning, so that it shows on stderr by default (logging's last-resort handler) when nothing
