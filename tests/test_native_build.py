@@ -268,3 +268,12 @@ def test_native_info_command_says_why_and_builds_nothing(monkeypatch, tmp_path, 
     monkeypatch.setenv("JAXSEQ_NATIVE_ISA", "avx3")
     assert cli.main(["native", "info"]) == 0
     assert "not available: JAXSEQ_NATIVE_ISA='avx3' is not one of" in capsys.readouterr().out
+
+
+def test_usable_cpus_without_sched_getaffinity(monkeypatch):
+    """``os.sched_getaffinity`` exists on Linux only (jaxseq.layers asks how many CPUs there are on any OS)."""
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    assert native.usable_cpus() == 3
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert native.usable_cpus() == 1

@@ -74,7 +74,11 @@ def run_info(args) -> int:
         reason = _reason_without_building(path)
     except build.BuildError as error:
         reason = str(error)
-    lines.append(f"threads       {os.environ.get('JAXSEQ_NATIVE_THREADS') or 'every CPU this process may use'}")
+    from jaxseq import native
+
+    cpus, cap = native.usable_cpus(), os.environ.get("JAXSEQ_NATIVE_THREADS")
+    lines.append(f"threads       at most {cap} (JAXSEQ_NATIVE_THREADS) of the {cpus} CPUs this process may use"
+                 if cap else f"up to {cpus}, the CPUs this process may use")
     status = "available" if reason is None else f"not available: {reason}"
     print("\n".join([f"native kernel {status}", *lines]))
     return 0

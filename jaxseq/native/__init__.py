@@ -102,6 +102,15 @@ def vector_lanes() -> int | None:
     return None if library is None else int(library.JaxseqLstmVectorLanes())
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: the kernel's team size, at most (``os.sched_getaffinity`` is Linux's
+    only; elsewhere, every CPU)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 @contextlib.contextmanager
 def disabled():
     """Trace with XLA's loops instead of the kernel inside this block (for comparisons and tests)."""
