@@ -4,11 +4,13 @@ XLA:CPU runs a while loop's body on one thread, so at thin shapes each step's pr
 PyTorch's LSTM used all of them (benchmarks/RESULTS.md). The kernel runs the forward and the BPTT loops with a
 team of threads that split the hidden units, step by step (a late thread costs only the blocks it has not started).
 
-It is built on first use with the system C++ compiler (``$CXX``, else ``c++``) against the FFI headers that
-ship with jaxlib, ``-march=native``, and cached under ``$JAXSEQ_CACHE_DIR`` (default ``~/.cache/jaxseq``),
-keyed by the source, the compiler command, jaxlib's version and the CPU's flags. Without a compiler, or with
-``JAXSEQ_NATIVE=0`` in the environment, ``available()`` is False and ``jaxseq.layers`` keeps its XLA loops;
-the results are the same to float32 rounding (tests/test_native.py).
+It is built on first use (or ahead of time by ``jaxseq native build``) with the system C++ compiler (``$CXX``,
+else ``c++``) against the FFI headers that ship with jaxlib, ``-march=native``, and cached under
+``$JAXSEQ_CACHE_DIR`` (default ``~/.cache/jaxseq``): ``jaxseq.native.build`` has the key, the lock that makes
+concurrent processes build once, the checksum checked before loading, and ``JAXSEQ_NATIVE_ISA`` (narrower
+vectors). Off x86-64 Linux, without a compiler, with an unusable cache, or with ``JAXSEQ_NATIVE=0``,
+``available()`` is False (with one logged line saying why) and ``jaxseq.layers`` keeps its XLA loops; the results
+are the same to float32 rounding (tests/test_native.py). Nothing here raises for want of the kernel.
 
 ``JAXSEQ_NATIVE_THREADS=n`` caps the team (default: the CPUs this process may run on).
 """
@@ -17,13 +19,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import hashlib
 import logging
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -31,89 +28,87 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxseq.native import build
 from jaxseq.scan import vary_like
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("lstm_cpu.cc")
+SOURCE = build.SOURCE
 # The hidden size is padded to a multiple of this: of the kernel's vector width in floats, which is 16 with
 # AVX-512, 8 with AVX2 and 4 with SSE (vector_lanes()).
 LANES = 16
 _TARGETS = {"jaxseq_lstm_forward": "JaxseqLstmForward", "jaxseq_lstm_backward": "JaxseqLstmBackward"}
 _disabled_depth = 0
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _compile_command(output: Path) -> list[str]:
-    compiler = os.environ.get("CXX") or "c++"
-    return [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-pthread",
-            "-w", f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(output)]
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("JAXSEQ_CACHE_DIR") or Path.home() / ".cache" / "jaxseq"
-    return Path(root) / "native"
+_cpu_flags = build.cpu_flags
+_failure: str | None = None  # why the last _library() returned None
+_registered: tuple[Path, ctypes.CDLL] | None = None  # the library whose handlers XLA calls in this process
 
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    """Build (once per source, compiler and CPU) and load the kernel; None, with a warning, if that fails."""
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return None  # the kernel's vector code and thread pinning assume x86-64 Linux
-    placeholder = Path("lib.so")
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *_compile_command(placeholder), jax.lib.__version__,
-                                    _cpu_flags()]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"lstm_cpu-{key}.so"
-    if not target.exists():
-        command = _compile_command(placeholder)
-        if shutil.which(command[0]) is None:
-            log.warning("jaxseq: no C++ compiler (%s) found, so the LSTM layer uses XLA's loops on the CPU "
-                        "(slower at thin shapes); set CXX to a compiler to build the native kernel", command[0])
-            return None
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-                built = Path(scratch) / target.name
-                result = subprocess.run(_compile_command(built), capture_output=True, text=True)
-                if result.returncode != 0:
-                    log.warning("jaxseq: building the native LSTM kernel failed, so the LSTM layer uses XLA's "
-                                "loops:\n%s", result.stderr[-2000:])
-                    return None
-                os.replace(built, target)  # atomic: a concurrent process sees the old state or the whole file
-        except OSError as error:
-            log.warning("jaxseq: could not build the native LSTM kernel in %s (%s); using XLA's loops",
-                        target.parent, error)
-            return None
-    library = ctypes.cdll.LoadLibrary(str(target))
-    for name, symbol in _TARGETS.items():
-        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
-    return library
+    """Build (once per source, settings and CPU) and load the kernel; None, with one logged line, if that fails."""
+    global _failure, _registered
+    _failure = None
+    try:
+        path = build.ensure_built()
+        if _registered is not None:
+            # XLA refuses a second handler under the same target name, so the first library loaded stays
+            # the one called in this process, whatever the settings now are.
+            if _registered[0] != path:
+                log.warning("jaxseq: this process already runs the native LSTM kernel from %s; %s takes effect "
+                            "in a new process", _registered[0], path)
+            return _registered[1]
+        library = ctypes.CDLL(str(path))
+        library.JaxseqLstmVectorLanes.restype = ctypes.c_int
+        for name, symbol in _TARGETS.items():
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+        _registered = (path, library)
+        return library
+    except build.BuildError as error:
+        _failure = str(error)
+    except Exception as error:  # noqa: BLE001 -- an optional speed-up must never be the reason a model fails
+        _failure = f"the native LSTM kernel could not be loaded ({type(error).__name__}: {error})"
+    log.warning("jaxseq: %s; the LSTM layer uses XLA's loops on the CPU (slower at thin shapes)", _failure)
+    return None
+
+
+def unavailable_reason() -> str | None:
+    """Why ``available()`` is False, in one line (building the kernel first if needed); None if it is True."""
+    if os.environ.get("JAXSEQ_NATIVE", "1") == "0":
+        return "turned off by JAXSEQ_NATIVE=0"
+    if _disabled_depth:
+        return "turned off inside native.disabled()"
+    try:
+        backend, devices = jax.default_backend(), jax.device_count()
+    except Exception as error:  # noqa: BLE001 -- see _library
+        return f"no JAX backend ({type(error).__name__}: {error})"
+    if backend != "cpu":
+        return f"the default backend is {backend}, not the CPU"
+    # Several devices: the batch may be sharded, and XLA cannot partition a custom call (it would gather the
+    # whole batch onto every device), so multi-device programs keep the XLA loops.
+    if devices != 1:
+        return f"{devices} devices (XLA cannot partition the kernel's custom call over a sharded batch)"
+    return _failure if _library() is None else None
 
 
 def available() -> bool:
-    """Whether the native kernel is on: CPU backend, one device, not disabled, and it built."""
-    if _disabled_depth or os.environ.get("JAXSEQ_NATIVE", "1") == "0":
-        return False
-    # Several devices: the batch may be sharded, and XLA cannot partition a custom call (it would gather the
-    # whole batch onto every device), so multi-device programs keep the XLA loops.
-    if jax.default_backend() != "cpu" or jax.device_count() != 1:
-        return False
-    return _library() is not None
+    """Whether the native kernel is on: CPU backend, one device, not disabled, and it built. Never raises."""
+    return unavailable_reason() is None
 
 
 def vector_lanes() -> int | None:
     """Floats per vector in the built kernel (16 with AVX-512, 8 with AVX/AVX2, 4 otherwise); None if not built."""
     library = _library()
     return None if library is None else int(library.JaxseqLstmVectorLanes())
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: the kernel's team size, at most (``os.sched_getaffinity`` is Linux's
+    only; elsewhere, every CPU)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 @contextlib.contextmanager

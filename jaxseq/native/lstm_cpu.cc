@@ -1229,7 +1229,8 @@ ffi::Error LstmForward(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> U, ffi::B
                 W.typed_data(), b.typed_data(), h0.typed_data(), c0.typed_data(),
                 has_lengths ? lengths.typed_data() : nullptr, nullptr, h->typed_data(), c->typed_data(),
                 ys->typed_data(), gates->element_count() ? gates->typed_data() : nullptr,
-                cs->element_count() ? cs->typed_data() : nullptr, h_buffers->typed_data(), nullptr, nullptr};
+                cs->element_count() ? cs->typed_data() : nullptr, h_buffers->typed_data(), nullptr, nullptr,
+                Prefaults{}};
   a.x_rows = TimeRows::Of(a.steps, a.in_size);
   a.y_rows = TimeRows::Of(a.steps, hidden);
   thread_local std::vector<float> packed, packed_rows;  // reused across calls: no fresh pages to fault in
@@ -1275,7 +1276,7 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::F32> W, ffi::Buffer<ffi::F32> gates, ff
   BackwardArgs a{steps, batch, hidden, W.typed_data(), gates.typed_data(), cs.typed_data(), c0.typed_data(),
                  dys.typed_data(), has_lengths ? lengths.typed_data() : nullptr, dh->typed_data(),
                  dc->typed_data(), dz->typed_data(), nullptr, 0, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
-                 nullptr, nullptr, steps};
+                 nullptr, nullptr, steps, 0, nullptr, nullptr, nullptr, Prefaults{}};
   a.y_rows = TimeRows::Of(a.steps, hidden);
   if (!keep_dz && !weight_grads)
     return ffi::Error::InvalidArgument("lstm_backward: without weight_grads, dz is the result and must be kept");
