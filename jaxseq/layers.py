@@ -90,9 +90,9 @@ FORMS = ("hoist", "step", "concat")
 # Argument handling shared by the layers
 
 
-def _check_impl(impl: str, allowed=IMPLS) -> None:
-    if impl not in allowed:
-        raise ValueError(f"impl must be one of {allowed}, got {impl!r}")
+def _check_impl(impl: str) -> None:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
 
 
 # Time steps per loop iteration when ``unroll=None``, by backend. Measured with benchmarks/bench_lstm_gpu.py on
@@ -164,9 +164,6 @@ def _scan_layer(apply: Callable, params, carry, xs, lengths, reverse: bool, segm
     n = -(-num_steps // segment)
     xs_seg = _pad_time(xs_t, n * segment).reshape(n, segment, *xs_t.shape[1:])
 
-    def valid_mask(t, leaf):
-        return mask_like(t < lengths, leaf)
-
     @jax.checkpoint
     def run_segment(c, seg):
         x_seg, k = seg
@@ -174,8 +171,9 @@ def _scan_layer(apply: Callable, params, carry, xs, lengths, reverse: bool, segm
         def step(c, inp):
             x, t = inp
             new_c, y = apply(params, c, x)
-            new_c = jax.tree_util.tree_map(lambda a, b: jnp.where(valid_mask(t, a), a, b), new_c, c)
-            return new_c, jnp.where(valid_mask(t, y), y, jnp.zeros((), y.dtype))
+            valid = t < lengths
+            new_c = jax.tree_util.tree_map(lambda a, b: jnp.where(mask_like(valid, a), a, b), new_c, c)
+            return new_c, jnp.where(mask_like(valid, y), y, jnp.zeros((), y.dtype))
 
         return lax.scan(step, c, (x_seg, k * segment + jnp.arange(segment)), unroll=steps_per_iteration)
 
