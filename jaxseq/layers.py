@@ -203,9 +203,10 @@ def _forward_loop(form: str, loops: str, U, W, b, h0, c0, xs_t, valid_t, save: b
     input products: on XLA:CPU a loop step that reads four arrays ran 0.64-0.74x the time of one that slices a
     block (benchmarks/RESULTS.md).
 
-    ``loops`` is the layer's ``impl`` (``"auto"``, ``"fused"`` or ``"native"``): whether the loop runs in the native
-    kernel (``jaxseq.native``) is ``_use_native``'s choice from it, the shape and ``save``. The kernel forms ``x_t U + h W + b`` itself (hoisted: ``x U + b`` for all steps first, in the kernel), so the
-    "step" and "concat" forms are the same there.
+    ``loops`` is the layer's ``impl`` (``"auto"``, ``"fused"`` or ``"native"``): whether the loop runs in the
+    native kernel (``jaxseq.native``) is ``_use_native``'s choice from it, the shape and ``save``. The kernel
+    forms ``x_t U + h W + b`` itself (hoisted: ``x U + b`` for all steps first, in the kernel), so the "step"
+    and "concat" forms are the same there.
     """
     if _use_native(loops, xs_t, W, training=save, hoisted=form == "hoist"):
         lengths = None if valid_t is None else valid_t.sum(axis=0, dtype=jnp.int32)  # validity is a prefix

@@ -61,8 +61,8 @@ def _xla_forward(U, W, b, h0, c0, xs_t, lengths, dz_probe=None):
 
 @jax.jit
 def _xla_backward(U, W, b, h0, c0, xs_t, lengths, dys, dh, dc):
-    """The oracle's cotangents for ``Σ ⟨dys, ys⟩ + ⟨dh, h_T⟩ + ⟨dc, c_T⟩``, by autodiff: ``(dh0, dc0, δz [T, B, 4H])``,
-    the weight gradients ``(dU, dW, db)`` and ``dxs`` ``[T, B, I]``."""
+    """The oracle's cotangents for ``Σ ⟨dys, ys⟩ + ⟨dh, h_T⟩ + ⟨dc, c_T⟩``, by autodiff:
+    ``(dh0, dc0, δz [T, B, 4H])``, the weight gradients ``(dU, dW, db)`` and ``dxs`` ``[T, B, I]``."""
     def loss(h0, c0, probe, U, W, b, xs_t):
         h, c, ys, _, _ = _xla_forward(U, W, b, h0, c0, xs_t, lengths, probe)
         return jnp.sum(ys * dys) + jnp.sum(h * dh) + jnp.sum(c * dc)
