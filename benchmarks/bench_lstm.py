@@ -139,7 +139,7 @@ def build_jax_family(name, B, T, I, H, modes, params_only):
         kwargs = {"impl": "scan"} if name == "scan" else {"impl": "auto"}
         variant = name.split("-", 1)[1] if "-" in name else None
         if variant == "xla":  # the fused layer with XLA's loops instead of the native CPU kernel
-            pass
+            kwargs["impl"] = "fused"
         elif variant == "ckpt":
             kwargs["checkpoint"] = "sqrt"
         elif variant == "dp":  # the batch split over every local device, as jaxseq.training splits it
@@ -147,8 +147,8 @@ def build_jax_family(name, B, T, I, H, modes, params_only):
 
             batch = put_batch({"x": x, "r": r}, make_mesh())
             x, r = batch["x"], batch["r"]
-        elif variant is not None:
-            kwargs.update(impl="fused", form=variant)
+        elif variant is not None:  # the input product's form, with the loops where "auto" puts them
+            kwargs["form"] = variant
 
         def apply(p, xs):
             return layers.lstm(p, xs, **kwargs)[1]
@@ -178,12 +178,6 @@ def build_jax_family(name, B, T, I, H, modes, params_only):
 
     train = jax.jit(jax.grad(loss, argnums=0 if params_only else (0, 1)))
     forward = jax.jit(apply)
-    if name == "jaxseq-xla":  # compiled now, while the kernel is switched off
-        from jaxseq import native
-
-        with native.disabled():
-            train = train.lower(params, x).compile()
-            forward = forward.lower(params, x).compile()
     fns = {}
     if "train" in modes:
         fns["train"] = lambda: jax.block_until_ready(train(params, x))

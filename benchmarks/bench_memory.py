@@ -2,7 +2,8 @@
 
 1. Memory (compile only, no run): ``jax.jit(grad).lower(...).compile().memory_analysis()`` of the training
    step ``grad(sum(ys * r))`` with respect to the LSTM parameters at (B, T, I, H) = (32, 10000, 256, 256),
-   for autodiff through a plain ``lax.scan`` (``layers.lstm(impl="scan")``), the fused custom VJP, and both
+   for autodiff through a plain ``lax.scan`` (``layers.lstm(impl="scan")``), the fused custom VJP
+   (``impl="auto"``: its loops in the native kernel where that is faster, as models run it), and both
    with ``checkpoint="sqrt"`` (segments of ⌈√T⌉ steps). Peak = arguments + outputs + temporaries (XLA's
    buffer assignment; aliasing is not double counted).
 2. ``--time``: the same steps timed once at that shape (min of ``--repeats``), so the time cost of the
@@ -39,7 +40,7 @@ def _step(impl, checkpoint, B, T, I, H):
     return jax.jit(jax.grad(loss)), (params, xs, r)
 
 
-VARIANTS = [("scan", None), ("scan", "sqrt"), ("fused", None), ("fused", "sqrt")]
+VARIANTS = [("scan", None), ("scan", "sqrt"), ("auto", None), ("auto", "sqrt")]
 
 
 def memory(B, T, I, H):
@@ -78,7 +79,7 @@ def timing(B, T, I, H, repeats):
         fn, args = _step(impl, ckpt, B, T, I, H)
         times[impl, ckpt] = _time(fn, args, repeats)
         print(f"{impl:<8} {str(ckpt):<10} {times[impl, ckpt]:8.2f} s  {times[impl, ckpt] / times['scan', None]:5.2f}x "
-              f"scan  {times[impl, ckpt] / times.get(('fused', None), float('nan')):5.2f}x fused")
+              f"scan  {times[impl, ckpt] / times.get(('auto', None), float('nan')):5.2f}x fused")
 
 
 def slope(B, I, H, steps, repeats):
@@ -89,7 +90,7 @@ def slope(B, I, H, steps, repeats):
     for ckpt in (None, "sqrt"):
         ts = []
         for T in steps:
-            fn, args = _step("fused", ckpt, B, T, I, H)
+            fn, args = _step("auto", ckpt, B, T, I, H)
             ts.append(_time(fn, args, repeats))
             print(f"fused checkpoint={ckpt}: T={T:6d} {ts[-1] * 1e3:9.2f} ms  {ts[-1] / T * 1e6:7.1f} µs/step")
         a, intercept = np.polyfit(np.asarray(steps, float), np.asarray(ts), 1)

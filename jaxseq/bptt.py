@@ -24,7 +24,7 @@ from jax import lax
 
 from jaxseq import cells
 from jaxseq.cells import LSTMState
-from jaxseq.scan import check_sequence_inputs, vary_like
+from jaxseq.sequences import check_sequence_inputs, vary_like
 
 _ACTIVATIONS = ("tanh", "relu")
 

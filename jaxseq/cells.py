@@ -1,15 +1,21 @@
 """Pure recurrent cells: the chapter's RNN, LSTM and GRU as three pure functions each.
 
-A cell is ``Cell(init, init_carry, apply, kind)``:
+A cell is ``Cell(init, init_carry, apply, layout=None, fused=None)``:
 
 * ``init(key, input_size, hidden_size, dtype=float32) -> params`` (a dict of arrays),
 * ``init_carry(batch_shape, hidden_size, dtype=float32) -> carry`` (zeros),
 * ``apply(params, carry, x) -> (carry, y)``: one time step, exactly a ``lax.scan`` body once ``params``
   are bound. ``x`` is ``[*batch, input_size]`` with any number of leading batch dimensions (none too).
-* ``kind``: ``"lstm"`` for cells from ``make_lstm`` (their step is the standard LSTM, so ``jaxseq.scan.layer``
-  may run them as the fused layer ``jaxseq.layers.lstm``), ``"gru"`` / ``"rnn"`` for ``make_gru`` /
-  ``make_rnn``, ``"custom"`` (the default) otherwise. A kind in ``LAYOUTS`` lets the layers check params and
-  carry against that layout before the loop starts.
+  The library cells' ``apply`` checks its params' layout (shapes only, at trace time), so another cell's
+  params give a one-line ``ValueError`` naming what was expected.
+* ``layout``: ``"rnn"``, ``"lstm"`` or ``"gru"`` if params and carry follow that layout (``LAYOUTS``), so a
+  layer can check them before its loop starts; None (the default) for any other cell. Never picks an
+  implementation.
+* ``fused``: the explicit declaration that a whole-sequence implementation computes exactly this cell's
+  step, by the name of a fused layer in ``jaxseq.layers.FUSED`` (``"lstm"``: the fused LSTM layer with the
+  hand-BPTT backward). ``jaxseq.layers.layer`` runs a cell through it (``impl="auto"``); a cell without it
+  runs the reference loop (``jaxseq.unroll``), like every core in Haiku's ``dynamic_unroll``. Only
+  ``make_lstm`` sets it: a cell you build with your own ``apply`` is never replaced by a kernel.
 
 Parameter layout (one convention for every cell, row vectors so that a batch is one GEMM):
 
@@ -60,7 +66,8 @@ class Cell(NamedTuple):
     init: Callable[..., Params]
     init_carry: Callable[..., Any]
     apply: Callable[[Params, Any, jax.Array], tuple[Any, jax.Array]]
-    kind: str = "custom"  # "lstm": the standard LSTM step, which the fused layer may replace; see LAYOUTS
+    layout: str | None = None  # a key of LAYOUTS when params and carry follow that layout (checked up front)
+    fused: str | None = None  # a key of jaxseq.layers.FUSED: a whole-layer implementation of exactly this step
 
 
 class LSTMState(NamedTuple):
@@ -68,6 +75,14 @@ class LSTMState(NamedTuple):
 
     h: jax.Array
     c: jax.Array
+
+
+def hidden_state(carry):
+    """The hidden state ``h`` of a carry: ``carry.h`` for an ``LSTMState``, the carry itself otherwise.
+
+    This is the output ``y_t`` every jaxseq cell emits from its carry (the readout models put on top).
+    """
+    return carry.h if isinstance(carry, LSTMState) else carry
 
 
 # Params layout of each cell kind: k gate blocks and the bias names, i.e. U [I, kH], W [H, kH], each bias [kH].
@@ -128,7 +143,7 @@ def check_params(params, kind: str, name: str = "params") -> None:
 def check_carry(carry, kind: str, name: str = "carry"):
     """``carry`` checked for ``kind``'s structure: an ``LSTMState(h, c)`` (a pair is converted) or one array.
 
-    Shapes and dtypes are ``jaxseq.scan.check_sequence_inputs``' part.
+    Shapes and dtypes are ``jaxseq.sequences.check_sequence_inputs``' part.
     """
     if kind == "lstm":
         if isinstance(carry, LSTMState):
@@ -187,10 +202,12 @@ def make_rnn(activation: str = "tanh", *, kernel_init: Initializer = glorot_unif
         return jnp.zeros((*tuple(batch_shape), hidden_size), dtype)
 
     def apply(params, carry, x):
+        check_params(params, "rnn")
+        carry = check_carry(carry, "rnn")
         s = f(x @ params["U"] + carry @ params["W"] + params["b"])
         return s, s
 
-    return Cell(init, init_carry, apply, "rnn")
+    return Cell(init, init_carry, apply, layout="rnn")
 
 
 def make_lstm(*, forget_bias: float = 1.0, kernel_init: Initializer = glorot_uniform,
@@ -214,13 +231,16 @@ def make_lstm(*, forget_bias: float = 1.0, kernel_init: Initializer = glorot_uni
         return LSTMState(z, z)
 
     def apply(params, carry: LSTMState, x):
+        check_params(params, "lstm")
+        carry = check_carry(carry, "lstm")
         z = x @ params["U"] + carry.h @ params["W"] + params["b"]
         i, f, g, o = jnp.split(z, 4, axis=-1)
         c = jax.nn.sigmoid(f) * carry.c + jax.nn.sigmoid(i) * jnp.tanh(g)
         h = jax.nn.sigmoid(o) * jnp.tanh(c)
         return LSTMState(h, c), h
 
-    return Cell(init, init_carry, apply, "lstm")
+    # The step is exactly the standard LSTM whatever the initialisers, so the fused layer may run it.
+    return Cell(init, init_carry, apply, layout="lstm", fused="lstm")
 
 
 def make_gru(*, kernel_init: Initializer = glorot_uniform, recurrent_init: Initializer = orthogonal,
@@ -237,6 +257,8 @@ def make_gru(*, kernel_init: Initializer = glorot_uniform, recurrent_init: Initi
         return jnp.zeros((*tuple(batch_shape), hidden_size), dtype)
 
     def apply(params, carry, x):
+        check_params(params, "gru")
+        carry = check_carry(carry, "gru")
         zx = x @ params["U"] + params["b"]
         zh = carry @ params["W"] + params["b_h"]
         rx, zx_, nx = jnp.split(zx, 3, axis=-1)
@@ -247,7 +269,7 @@ def make_gru(*, kernel_init: Initializer = glorot_uniform, recurrent_init: Initi
         h = (1 - z) * n + z * carry
         return h, h
 
-    return Cell(init, init_carry, apply, "gru")
+    return Cell(init, init_carry, apply, layout="gru")
 
 
 rnn: Cell = make_rnn("tanh")

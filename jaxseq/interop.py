@@ -11,7 +11,7 @@ Layouts (see ``jaxseq.cells``): jaxseq stores ``U [input, k*H]``, ``W [H, k*H]``
   ``[2, 3H]`` (input row, recurrent row); import swaps the first two blocks.
 
 Multi-layer or bidirectional torch modules come back as a list with one entry per layer (a cell's params,
-or ``{"forward": ..., "backward": ...}``), the layout ``jaxseq.scan.stacked`` takes.
+or ``{"forward": ..., "backward": ...}``), the layout ``jaxseq.layers.stacked`` takes.
 
 torch and keras are imported only by the functions that need them.
 """

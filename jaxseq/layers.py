@@ -1,34 +1,56 @@
-"""Layer functions: a whole recurrent layer over ``xs`` ``[batch, time, features]`` in one call.
+"""The one public way to run a recurrent layer: ``layer``, ``bidirectional`` and ``stacked``, any cell.
 
-``layers.lstm(params, xs, ...)`` is the path models call. It has several implementations with the same
-parameters (``jaxseq.cells.lstm.init``) and the same semantics as ``jaxseq.unroll(cells.lstm.apply, ...)``:
+One entry for every cell (as Haiku's ``dynamic_unroll`` is for every core), fast by default::
 
-* ``impl="scan"``: ``jaxseq.unroll`` over the cell; autodiff through ``lax.scan`` gives the backward pass.
-* ``impl="fused"``: a ``jax.custom_vjp`` whose backward pass is the hand-derived BPTT (the recursion of
-  ``jaxseq.bptt``): the reverse loop carries only ``(δh, δc)`` and emits ``δz_t``; the weight gradients
-  ``Σ_t [x_t, h_{t-1}]ᵀ δz_t`` and the input gradients ``δz_t Uᵀ`` are formed after the loop as single GEMMs
-  over all timesteps instead of one thin product per step (which is what autodiff through a scan does).
-  In the native CPU kernel at batch >= ``KERNEL_WEIGHT_GRADS_MIN_BATCH`` both are formed inside its backward
-  loop instead, each step's products while ``δz_t`` is in cache, and δz is kept for three steps, not all T.
-  On the CPU, in float32, its two time loops run in a native multi-threaded kernel (``jaxseq.native``; XLA
-  runs a loop body on one thread) where it is faster (``_native_fits``: in training always, forward only at
-  batch >= 16 or with two threads' work per step); elsewhere, or without a C++ compiler, in ``lax.scan``.
-* ``impl="cudnn"``: ``jax.experimental.rnn.lstm`` (cuDNN) on a CUDA GPU for float32; elsewhere it falls back
-  to ``"fused"``.
-* ``impl="auto"``: ``"fused"``. On an H200 the fused path took 0.30-0.95x the time of
-  ``jax.experimental.rnn``'s cuDNN call at all four benchmark shapes in float32, training and forward
-  (benchmarks/RESULTS.md), so cuDNN runs only when asked for.
+    final, ys = layers.layer(cell, params, xs, carry=None, lengths=None, reverse=False, impl="auto")
+    (fwd, bwd), ys = layers.bidirectional(cell, {"forward": p1, "backward": p2}, xs, lengths=..., merge="concat")
+    finals, ys = layers.stacked(cell, [p1, p2, ...], xs, lengths=..., bidirectional=False, dropout_rate=0.0)
+
+The three take the same arguments in the same order (``cell, params, xs``, then keywords) and return
+``(final_carry, ys)``: the carry after each sequence's last valid step (a pair ``(forward, backward)`` for
+``bidirectional``, a list with one entry per layer for ``stacked``) and the outputs ``[*batch, time, out]``.
+Semantics are those of the reference loop ``jaxseq.unroll`` (lengths, padding-aware reverse), and every
+implementation gives its results to float32 rounding (tests/test_layers.py).
+
+Which implementation runs is a static choice, ``impl`` (visible to ``jit``; nothing read from globals):
+
+* ``"auto"`` (default): the cell's fused layer when it declares one (``Cell.fused``, e.g. every
+  ``cells.make_lstm`` cell), with its loops in the native CPU kernel where ``jaxseq.native.available()`` and
+  the shape says it is faster (``_native_fits``), in XLA loops otherwise. Any other cell runs the reference
+  loop: a cell you build is never silently replaced by a kernel.
+* ``"scan"``: the reference loop ``jaxseq.unroll`` over ``cell.apply``; autodiff through ``lax.scan`` gives the
+  backward pass, and forward-mode ``jvp`` works.
+* ``"fused"``: the cell's fused layer with XLA loops, the same program on every backend. For the LSTM, a
+  ``jax.custom_vjp`` whose backward pass is the hand-derived BPTT (the recursion of ``jaxseq.bptt``): the reverse
+  loop carries only ``(δh, δc)`` and emits ``δz_t``; the weight gradients ``Σ_t [x_t, h_{t-1}]ᵀ δz_t`` and the
+  input gradients ``δz_t Uᵀ`` are formed after the loop as single GEMMs over all timesteps instead of one thin
+  product per step (which is what autodiff through a scan does).
+* ``"native"``: ``"fused"`` with both loops in the native multi-threaded CPU kernel (``jaxseq.native``; XLA runs
+  a loop body on one thread), at every shape. Where the kernel cannot run (not x86-64 Linux, no C++ compiler,
+  a GPU, several devices, a dtype other than float32, ``JAXSEQ_NATIVE=0``) it falls back to ``"fused"`` with a
+  one-time log warning, never an error. In the kernel at batch >= ``KERNEL_WEIGHT_GRADS_MIN_BATCH`` the weight
+  and input gradients are formed inside its backward loop, each step's products while ``δz_t`` is in cache,
+  and δz is kept for three steps, not all T.
+* ``"cudnn"``: ``jax.experimental.rnn.lstm`` (cuDNN) on a CUDA GPU for float32; elsewhere, for other dtypes
+  and with ``checkpoint``, it falls back to ``"auto"``. On an H200 the fused path took 0.30-0.95x the time
+  of the cuDNN call at all four benchmark shapes in float32, training and forward (benchmarks/RESULTS.md), so
+  cuDNN runs only when asked for.
+
+``"fused"``, ``"native"`` and ``"cudnn"`` need a cell with a fused layer; a cell without one raises a
+``ValueError`` for them. ``FUSED`` lists the fused layers a cell may declare.
+
+Thin aliases, kept because models and scripts read well with them: ``lstm(params, xs, ...)``,
+``gru(params, xs, ...)`` and ``rnn(params, xs, ...)`` are ``layer`` with ``cells.lstm``, ``cells.gru`` and
+``cells.make_rnn(activation)`` (``lstm`` also takes ``form``); ``jaxseq.unroll`` is the reference loop itself.
 
 Every path's float32 products follow ``jax_default_matmul_precision``: on a GPU the default lets XLA and cuDNN
 use TF32 tensor cores; ``jax.default_matmul_precision("highest")`` gives strict float32.
 
 Memory-bounded training: ``checkpoint="sqrt"`` (or an int segment length) keeps only the carries at segment
 boundaries in the forward pass and recomputes each segment in the backward pass, so activation memory grows
-like ``O(√T)`` segments plus one segment's worth instead of ``O(T)`` gate tensors. With ``impl="fused"`` the
-weight gradients are accumulated per segment (one GEMM per segment); with ``impl="scan"`` (and for the GRU
-and simple RNN) the segments are ``jax.checkpoint``-ed inner scans.
-
-``layers.gru`` and ``layers.rnn`` run on ``jaxseq.unroll`` (``impl="scan"``); they have no fused backward yet.
+like ``O(√T)`` segments plus one segment's worth instead of ``O(T)`` gate tensors. On the fused path the
+weight gradients are accumulated per segment (one GEMM per segment); on the reference loop the segments are
+``jax.checkpoint``-ed inner scans.
 
 The fused and cuDNN paths are reverse-mode only (``jax.custom_vjp``): ``grad``, ``vjp``, ``jit`` and ``vmap``
 work, forward-mode ``jvp``/``jacfwd`` does not; use ``impl="scan"`` for those.
@@ -36,9 +58,10 @@ work, forward-mode ``jvp``/``jacfwd`` does not; use ``impl="scan"`` for those.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
-from typing import Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -47,11 +70,15 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
 from jaxseq import bptt, cells, native
-from jaxseq.cells import LSTMState
-from jaxseq.scan import (_batch_shape, as_lengths, check_carry_pair, check_directions, check_sequence_inputs,
-                         merge_outputs, reverse_within_lengths, sum_like, unroll, vary_like)
+from jaxseq.cells import Cell, LSTMState
+from jaxseq.scan import unroll
+from jaxseq.sequences import (as_lengths, batch_shape, check_carry_pair, check_cell_params, check_directions,
+                              check_merge, check_sequence_inputs, clip_lengths, mask_like, merge_outputs,
+                              reverse_within_lengths, sum_like, vary_like)
 
-IMPLS = ("auto", "scan", "fused", "cudnn")
+log = logging.getLogger(__name__)
+
+IMPLS = ("auto", "scan", "fused", "native", "cudnn")
 # How the fused forward forms z_t = x_t U + h_{t-1} W + b (see `_choose_form`):
 #   "hoist":  xs U + b for all steps as one GEMM before the loop; only h W inside it.
 #   "step":   x_t U and h W as two products inside the loop.
@@ -63,9 +90,9 @@ FORMS = ("hoist", "step", "concat")
 # Argument handling shared by the layers
 
 
-def _check_impl(impl: str, allowed=IMPLS) -> None:
-    if impl not in allowed:
-        raise ValueError(f"impl must be one of {allowed}, got {impl!r}")
+def _check_impl(impl: str) -> None:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
 
 
 # Time steps per loop iteration when ``unroll=None``, by backend. Measured with benchmarks/bench_lstm_gpu.py on
@@ -98,16 +125,17 @@ def _segment_length(checkpoint, num_steps: int) -> int | None:
     raise ValueError(f"checkpoint must be None, 'sqrt' or a positive int segment length, got {checkpoint!r}")
 
 
-def _prepare(cell, params, xs, carry, lengths):
-    """``(xs, carry, lengths)`` checked against ``cell``'s params layout; a zero carry when ``carry`` is None."""
+def _prepare(cell: Cell, params, xs, carry, lengths):
+    """``(xs, carry, lengths)`` checked against ``cell``'s params (and layout, if it declares one); a zero carry
+    of the recurrent kernel's size when ``carry`` is None."""
     xs, lengths = jnp.asarray(xs), as_lengths(lengths)
-    cells.check_params(params, cell.kind)
+    check_cell_params(cell, params, needs_hidden=carry is None)
     if carry is None:
         if np.ndim(xs) < 2:
             check_sequence_inputs(params, carry, xs, lengths)  # raises the rank error
-        carry = cell.init_carry(_batch_shape(xs, False), cells.hidden_size(params), params["W"].dtype)
-    else:
-        carry = cells.check_carry(carry, cell.kind)
+        carry = cell.init_carry(batch_shape(xs), cells.hidden_size(params), params["W"].dtype)
+    elif cell.layout is not None:
+        carry = cells.check_carry(carry, cell.layout)
     check_sequence_inputs(params, carry, xs, lengths)
     return xs, carry, lengths
 
@@ -128,18 +156,13 @@ def _scan_layer(apply: Callable, params, carry, xs, lengths, reverse: bool, segm
     if segment is None:
         return unroll(apply, params, carry, xs, lengths=lengths, reverse=reverse, unroll=steps_per_iteration)
     num_steps = xs.shape[-2]
-    batch_shape = _batch_shape(xs, False)
-    lengths = (jnp.full(batch_shape, num_steps, jnp.int32) if lengths is None
-               else jnp.clip(jnp.asarray(lengths, jnp.int32), 0, num_steps))
+    lengths = (jnp.full(batch_shape(xs), num_steps, jnp.int32) if lengths is None
+               else clip_lengths(lengths, num_steps))
     xs_t = jnp.moveaxis(xs, -2, 0)
     if reverse:
         xs_t = reverse_within_lengths(xs_t, lengths)
     n = -(-num_steps // segment)
     xs_seg = _pad_time(xs_t, n * segment).reshape(n, segment, *xs_t.shape[1:])
-
-    def valid_mask(t, leaf):
-        valid = t < lengths
-        return valid.reshape(valid.shape + (1,) * (leaf.ndim - valid.ndim))
 
     @jax.checkpoint
     def run_segment(c, seg):
@@ -148,8 +171,9 @@ def _scan_layer(apply: Callable, params, carry, xs, lengths, reverse: bool, segm
         def step(c, inp):
             x, t = inp
             new_c, y = apply(params, c, x)
-            new_c = jax.tree_util.tree_map(lambda a, b: jnp.where(valid_mask(t, a), a, b), new_c, c)
-            return new_c, jnp.where(valid_mask(t, y), y, jnp.zeros((), y.dtype))
+            valid = t < lengths
+            new_c = jax.tree_util.tree_map(lambda a, b: jnp.where(mask_like(valid, a), a, b), new_c, c)
+            return new_c, jnp.where(mask_like(valid, y), y, jnp.zeros((), y.dtype))
 
         return lax.scan(step, c, (x_seg, k * segment + jnp.arange(segment)), unroll=steps_per_iteration)
 
@@ -169,7 +193,7 @@ def _lstm_activations(i, f, g, o):
     return jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
 
 
-def _forward_loop(form: str, U, W, b, h0, c0, xs_t, valid_t, save: bool, steps_per_iteration: int = 1):
+def _forward_loop(form: str, loops: str, U, W, b, h0, c0, xs_t, valid_t, save: bool, steps_per_iteration: int = 1):
     """Run the LSTM over time-major ``xs_t`` ``[T, B, I]``.
 
     ``valid_t`` is ``bool[T, B]`` or None (all steps valid). Returns ``(h, c, ys, saved)`` where ``ys`` is
@@ -179,11 +203,12 @@ def _forward_loop(form: str, U, W, b, h0, c0, xs_t, valid_t, save: bool, steps_p
     input products: on XLA:CPU a loop step that reads four arrays ran 0.64-0.74x the time of one that slices a
     block (benchmarks/RESULTS.md).
 
-    On the CPU, in float32, the loop runs in the native kernel (``jaxseq.native``) when it is available. The
-    kernel forms ``x_t U + h W + b`` itself (hoisted: ``x U + b`` for all steps first, in the kernel), so the
-    "step" and "concat" forms are the same there.
+    ``loops`` is the layer's ``impl`` (``"auto"``, ``"fused"`` or ``"native"``): whether the loop runs in the
+    native kernel (``jaxseq.native``) is ``_use_native``'s choice from it, the shape and ``save``. The kernel
+    forms ``x_t U + h W + b`` itself (hoisted: ``x U + b`` for all steps first, in the kernel), so the "step"
+    and "concat" forms are the same there.
     """
-    if _use_native(xs_t, W, training=save, hoisted=form == "hoist"):
+    if _use_native(loops, xs_t, W, training=save, hoisted=form == "hoist"):
         lengths = None if valid_t is None else valid_t.sum(axis=0, dtype=jnp.int32)  # validity is a prefix
         return native.lstm_forward(xs_t, U, W, b, h0, c0, lengths, hoisted=form == "hoist", save=save)
     hidden = W.shape[0]
@@ -225,6 +250,13 @@ def _forward_loop(form: str, U, W, b, h0, c0, xs_t, valid_t, save: bool, steps_p
     return h, c, out, None
 
 
+def _cpu_count() -> int:
+    """The CPUs this process may run on: its affinity mask where the OS has one (Linux), else all of them."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def _native_fits(batch: int, depth: int, hidden: int, training: bool) -> bool:
     """Whether the native kernel beats XLA's loops at this shape (measured on a 2-core x86 CPU).
 
@@ -235,18 +267,40 @@ def _native_fits(batch: int, depth: int, hidden: int, training: bool) -> bool:
     (``8·B·depth·H`` ≥ 400,000 FLOPs per step, the kernel's own rule): 0.50-0.72x at (1, 100, 128, 256), 0.80x
     at batch 4; on one thread it took 0.96-1.29x the time at (1 and 2, 100, 64, 128) and (1, 300, 64, 96).
     """
-    two_threads = 8 * batch * depth * hidden >= 400_000 and len(os.sched_getaffinity(0)) > 1
-    return training or batch >= 16 or two_threads
+    if training or batch >= 16:
+        return True
+    return 8 * batch * depth * hidden >= 400_000 and _cpu_count() > 1
 
 
-def _use_native(xs_t, W, training: bool, hoisted: bool) -> bool:
-    """Whether the loops run in the native CPU kernel: float32 on a one-device CPU backend, kernel built,
-    and a shape where it is faster (``_native_fits``); ``training``: the forward saves for a backward pass."""
+@functools.cache
+def _warn_native_fallback(reason: str) -> None:
+    """Log once per reason that ``impl="native"`` runs XLA's loops instead."""
+    log.warning("jaxseq: impl='native' falls back to 'fused' (XLA's loops): %s", reason)
+
+
+def _use_native(loops: str, xs_t, W, training: bool, hoisted: bool) -> bool:
+    """Whether the fused LSTM's loops run in the native CPU kernel for ``impl=loops``.
+
+    ``"fused"``: never. ``"native"``: whenever the kernel can run (float32, ``native.available()``: a
+    one-device CPU backend, kernel built, not switched off), else XLA's loops with a one-time warning.
+    ``"auto"``: where it can run and the shape makes it faster (``_native_fits``); ``training``: the forward
+    saves for a backward pass. Availability is checked before the shape, so no platform-specific call is made
+    where the kernel cannot run anyway.
+    """
+    if loops == "fused":
+        return False
+    float32 = xs_t.dtype == jnp.float32 and W.dtype == jnp.float32
+    if loops == "native":
+        if not float32:
+            _warn_native_fallback(f"the kernel is float32 only, got {jnp.result_type(xs_t, W)}")
+        elif not native.available():
+            _warn_native_fallback("the kernel is not available here (it needs x86-64 Linux, a C++ compiler, a "
+                                  "one-device CPU backend and JAXSEQ_NATIVE unset)")
+        return float32 and native.available()
     steps, batch, input_size = xs_t.shape
     hidden = W.shape[0]
     depth = hidden if hoisted else input_size + hidden
-    return (xs_t.dtype == jnp.float32 and W.dtype == jnp.float32
-            and _native_fits(batch, depth, hidden, training) and native.available())
+    return float32 and native.available() and _native_fits(batch, depth, hidden, training)
 
 
 def _backward_loop(W, saved, c0, dys, valid_t, dh, dc, steps_per_iteration: int = 1):
@@ -370,15 +424,15 @@ def _from_segments(a_seg, num_steps: int):
     return jnp.transpose(a_seg, (2, 0, 1, 3)).reshape(batch, n * segment, features)[:, :num_steps]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _fused_lstm(form, segment, per_iter, U, W, b, h0, c0, xs, lengths):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _fused_lstm(form, loops, segment, per_iter, U, W, b, h0, c0, xs, lengths):
     """The fused LSTM on batch-major ``xs`` ``[B, T, I]`` -> ``(h, c, ys [B, T, H])``."""
     xs_t = jnp.moveaxis(xs, 1, 0)
-    h, c, ys, _ = _forward_loop(form, U, W, b, h0, c0, xs_t, _valid(lengths, xs_t.shape[0]), False, per_iter)
+    h, c, ys, _ = _forward_loop(form, loops, U, W, b, h0, c0, xs_t, _valid(lengths, xs_t.shape[0]), False, per_iter)
     return h, c, jnp.moveaxis(ys, 0, 1)
 
 
-def _fused_lstm_fwd(form, segment, per_iter, U, W, b, h0, c0, xs, lengths):
+def _fused_lstm_fwd(form, loops, segment, per_iter, U, W, b, h0, c0, xs, lengths):
     # With symbolic zeros each primal arrives as (value, perturbed): the backward pass skips the input
     # gradient GEMM (a [T, B, I] buffer) when nobody differentiates with respect to xs.
     want_dxs = () if xs.perturbed else None
@@ -391,7 +445,7 @@ def _fused_lstm_fwd(form, segment, per_iter, U, W, b, h0, c0, xs, lengths):
     if segment is None:
         xs_t = jnp.moveaxis(xs, 1, 0)
         valid_t = _valid(lengths, num_steps)
-        h, c, ys, saved = _forward_loop(form, U, W, b, h0, c0, xs_t, valid_t, True, per_iter)
+        h, c, ys, saved = _forward_loop(form, loops, U, W, b, h0, c0, xs_t, valid_t, True, per_iter)
         return (h, c, jnp.moveaxis(ys, 0, 1)), (params_and_carry, (xs_t, lengths, ys, saved, want_dxs))
     # Checkpointed: keep the carry at each segment start, nothing else per step.
     n = -(-num_steps // segment)
@@ -401,7 +455,7 @@ def _fused_lstm_fwd(form, segment, per_iter, U, W, b, h0, c0, xs, lengths):
 
     def run_segment(carry, k):
         valid = None if lengths is None else _valid(lengths - k * segment, segment)
-        h, c, ys, _ = _forward_loop(form, U, W, b, *carry, _time_slice(xs, k, segment), valid, False, per_iter)
+        h, c, ys, _ = _forward_loop(form, loops, U, W, b, *carry, _time_slice(xs, k, segment), valid, False, per_iter)
         return (h, c), (carry, ys)
 
     (h, c), (starts, ys) = lax.scan(run_segment, vary_like((h0, c0), U, W, b, xs, lengths), jnp.arange(n))
@@ -412,14 +466,14 @@ def _instantiate(ct, shape, dtype):
     return jnp.zeros(shape, dtype) if isinstance(ct, SymbolicZero) else ct
 
 
-def _fused_lstm_bwd(form, segment, per_iter, res, cotangents):
+def _fused_lstm_bwd(form, loops, segment, per_iter, res, cotangents):
     params_and_carry, res = res
-    grads = _fused_lstm_grads(form, segment, per_iter, params_and_carry, res, cotangents)
+    grads = _fused_lstm_grads(form, loops, segment, per_iter, params_and_carry, res, cotangents)
     inputs = res[0] if segment is None else res[1]  # xs_t or the padded xs: the same shard_map type as xs
     return sum_like(grads, (*params_and_carry, inputs, None))
 
 
-def _fused_lstm_grads(form, segment, per_iter, params_and_carry, res, cotangents):
+def _fused_lstm_grads(form, loops, segment, per_iter, params_and_carry, res, cotangents):
     U, W, b, h0, c0 = params_and_carry
     if segment is None:
         xs_t, lengths, ys, saved, want_dxs = res
@@ -445,7 +499,7 @@ def _fused_lstm_grads(form, segment, per_iter, params_and_carry, res, cotangents
         h0, c0, k = seg
         valid = None if lengths is None else _valid(lengths - k * segment, segment)
         x_seg = _time_slice(xs, k, segment)
-        _, _, ys, saved = _forward_loop(form, U, W, b, h0, c0, x_seg, valid, True, per_iter)
+        _, _, ys, saved = _forward_loop(form, loops, U, W, b, h0, c0, x_seg, valid, True, per_iter)
         dh, dc, (gU, gW, gb), dx = _backward_and_grads(U, W, saved, c0, _time_slice(dys, k, segment), valid,
                                                        dh, dc, per_iter, x_seg, h0, ys, want_dxs is not None)
         return (dh, dc, dU + gU, dW + gW, db + gb), dx
@@ -462,7 +516,7 @@ def _fused_lstm_grads(form, segment, per_iter, params_and_carry, res, cotangents
 _fused_lstm.defvjp(_fused_lstm_fwd, _fused_lstm_bwd, symbolic_zeros=True)
 
 
-def _choose_form(batch: int, input_size: int, hidden: int, num_steps: int) -> str:
+def _choose_form(batch: int) -> str:
     """Where z_t's input product goes, by shape (measured on a 2-core x86 CPU, see benchmarks/RESULTS.md).
 
     At batch 1 the per-step products are matrix-vector products, so hoisting ``xs U`` out of the loop as one
@@ -471,43 +525,41 @@ def _choose_form(batch: int, input_size: int, hidden: int, num_steps: int) -> st
     form at (64, 34, 200, 256) and 0.95x at (32, 500, 64, 128); hoisting was slowest there (1.2-1.3x), as
     the issue's prototype also found.
     """
-    del input_size, hidden, num_steps
     return "hoist" if batch <= 8 else "concat"
 
 
 def _flatten_batch(params, carry, xs):
     """Flatten any leading batch dimensions into one: the fused and cuDNN loops work on ``[B, T, ...]``.
 
-    Returns ``(batch_shape, xs [B, T, I], h0 [B, H], c0 [B, H])``.
+    Returns ``(leading, xs [B, T, I], h0 [B, H], c0 [B, H])``.
     """
-    batch_shape = _batch_shape(xs, False)
+    leading = batch_shape(xs)
     hidden = cells.hidden_size(params)
-    batch = int(np.prod(batch_shape)) if batch_shape else 1
-    return (batch_shape, xs.reshape(batch, *xs.shape[-2:]), carry.h.reshape(batch, hidden),
+    batch = int(np.prod(leading)) if leading else 1
+    return (leading, xs.reshape(batch, *xs.shape[-2:]), carry.h.reshape(batch, hidden),
             carry.c.reshape(batch, hidden))
 
 
-def _unflatten_batch(batch_shape, h, c, ys):
+def _unflatten_batch(leading, h, c, ys):
     """Inverse of ``_flatten_batch`` for the results: ``(LSTMState, ys [*batch, T, H])``."""
     hidden = h.shape[-1]
-    return (LSTMState(h.reshape(*batch_shape, hidden), c.reshape(*batch_shape, hidden)),
-            ys.reshape(*batch_shape, ys.shape[-2], hidden))
+    return (LSTMState(h.reshape(*leading, hidden), c.reshape(*leading, hidden)),
+            ys.reshape(*leading, ys.shape[-2], hidden))
 
 
-def _run_fused(params, carry, xs, lengths, reverse, segment, form, steps_per_iteration):
-    batch_shape, xs, h0, c0 = _flatten_batch(params, carry, xs)
-    batch, num_steps, in_size = xs.shape
-    hidden = h0.shape[-1]
+def _run_fused(params, carry, xs, lengths, reverse, segment, form, loops, steps_per_iteration):
+    leading, xs, h0, c0 = _flatten_batch(params, carry, xs)
+    batch, num_steps, _ = xs.shape
     if lengths is not None:
-        lengths = jnp.clip(jnp.asarray(lengths, jnp.int32), 0, num_steps).reshape(batch)
+        lengths = clip_lengths(lengths, num_steps).reshape(batch)
     if reverse:
         xs = _reverse_steps(xs, lengths)
-    form = form or _choose_form(batch, in_size, hidden, num_steps)
-    h, c, ys = _fused_lstm(form, segment, steps_per_iteration, params["U"], params["W"], params["b"], h0, c0, xs,
+    form = form or _choose_form(batch)
+    h, c, ys = _fused_lstm(form, loops, segment, steps_per_iteration, params["U"], params["W"], params["b"], h0, c0, xs,
                            lengths)
     if reverse:
         ys = _reverse_steps(ys, lengths)
-    return _unflatten_batch(batch_shape, h, c, ys)
+    return _unflatten_batch(leading, h, c, ys)
 
 
 def _reverse_steps(a, lengths):
@@ -559,12 +611,11 @@ def _cudnn_precision():
 def _run_cudnn(params, carry, xs, lengths, reverse):
     from jax.experimental import rnn as jrnn  # imported here: only the cuDNN path needs it
 
-    batch_shape, xs, h0, c0 = _flatten_batch(params, carry, xs)
+    leading, xs, h0, c0 = _flatten_batch(params, carry, xs)
     batch, num_steps, in_size = xs.shape
     hidden = h0.shape[-1]
     full = lengths is None
-    lengths = (jnp.full((batch,), num_steps, jnp.int32) if full
-               else jnp.clip(jnp.asarray(lengths, jnp.int32), 0, num_steps).reshape(batch))
+    lengths = (jnp.full((batch,), num_steps, jnp.int32) if full else clip_lengths(lengths, num_steps).reshape(batch))
     if reverse:
         xs = _reverse_steps(xs, lengths)
     # cuDNN fails on zero-length sequences (jax-ml/jax#17966): run them as length 1 and restore the initial
@@ -579,7 +630,7 @@ def _run_cudnn(params, carry, xs, lengths, reverse):
         ys = jnp.where((jnp.arange(num_steps)[None, :] < lengths[:, None])[..., None], ys, 0.0)
     if reverse:
         ys = _reverse_steps(ys, lengths)
-    return _unflatten_batch(batch_shape, h, c, ys)
+    return _unflatten_batch(leading, h, c, ys)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -588,24 +639,24 @@ def _run_cudnn(params, carry, xs, lengths, reverse):
 
 def lstm(params, xs, *, carry=None, lengths=None, reverse: bool = False, impl: str = "auto",
          checkpoint=None, form: str | None = None, unroll: int | None = None):
-    """An LSTM layer over ``xs`` ``[*batch, time, features]`` (params from ``jaxseq.cells.lstm.init``).
+    """The LSTM layer over ``xs`` ``[*batch, time, features]``: ``layer(cells.lstm, params, xs, ...)``.
 
-    Same results as ``jaxseq.unroll(cells.lstm.apply, params, carry, xs, lengths=..., reverse=...)``.
+    It is also the fused layer every ``cells.make_lstm`` cell declares (``FUSED["lstm"]``). Same results as
+    ``jaxseq.unroll(cells.lstm.apply, params, carry, xs, lengths=..., reverse=...)``.
 
     Args:
-      params: ``{"U": [I, 4H], "W": [H, 4H], "b": [4H]}``, gates i, f, g, o.
+      params: ``{"U": [I, 4H], "W": [H, 4H], "b": [4H]}``, gates i, f, g, o (``jaxseq.cells.lstm.init``).
       xs: inputs ``[*batch, time, features]``.
-      carry: initial ``LSTMState(h, c)``, each ``[*batch, hidden]``; zeros by default.
+      carry: initial ``LSTMState(h, c)``, each ``[*batch, hidden]`` (a pair is converted); zeros by default.
       lengths: optional ``int[*batch]`` valid lengths in ``[0, time]``; padded steps keep the carry and emit
         zeros, ``reverse`` runs inside each length.
       reverse: run backwards in time (outputs stay aligned with inputs).
-      impl: ``"auto"``, ``"scan"``, ``"fused"`` or ``"cudnn"`` (see the module docstring). ``"cudnn"`` falls back
-        to ``"fused"`` off CUDA, for dtypes other than float32, and when ``checkpoint`` is set.
+      impl: ``"auto"``, ``"scan"``, ``"fused"``, ``"native"`` or ``"cudnn"`` (see the module docstring).
       checkpoint: ``None`` (store what the backward pass needs for every step), ``"sqrt"`` (segments of
         ``ceil(√time)`` steps) or an int segment length: store only segment-start carries and recompute each
         segment in the backward pass (about one extra forward pass of time for ``O(√T)`` memory).
-      form: fused path only, where the input product goes: ``"hoist"``, ``"step"`` or ``"concat"`` (see
-        ``FORMS``); None picks by shape.
+      form: fused paths only, where the input product goes: ``"hoist"``, ``"step"`` or ``"concat"`` (see
+        ``FORMS``); None picks by shape (``_choose_form``).
       unroll: time steps per loop iteration of the scan and fused paths (``lax.scan``'s ``unroll``), as in
         Flax's ``nn.RNN``; results do not depend on it. None: 16 on GPU, 1 elsewhere (``DEFAULT_UNROLL``).
 
@@ -620,13 +671,68 @@ def lstm(params, xs, *, carry=None, lengths=None, reverse: bool = False, impl: s
     segment = _segment_length(checkpoint, xs.shape[-2])
     if impl == "scan":
         return _scan_layer(cells.lstm.apply, params, carry, xs, lengths, reverse, segment, unroll)
-    if impl == "cudnn" and segment is None and _cudnn_available(xs, params):
-        return _run_cudnn(params, carry, xs, lengths, reverse)
-    return _run_fused(params, carry, xs, lengths, reverse, segment, form, unroll)
+    if impl == "cudnn":
+        if segment is None and _cudnn_available(xs, params):
+            return _run_cudnn(params, carry, xs, lengths, reverse)
+        impl = "auto"
+    return _run_fused(params, carry, xs, lengths, reverse, segment, form, impl, unroll)
 
 
-def _scan_only_layer(cell, params, xs, carry, lengths, reverse, impl, checkpoint, unroll):
-    _check_impl(impl, ("auto", "scan"))
+#: The fused layers a cell may declare (``Cell.fused``): each computes exactly that cell's step over a whole
+#: sequence, with ``lstm``'s signature, for ``impl`` in ``"auto"``, ``"fused"``, ``"native"``, ``"cudnn"``.
+FUSED: dict[str, Callable] = {"lstm": lstm}
+
+
+def _fused_layer(cell: Cell, impl: str) -> Callable | None:
+    """The fused layer that runs ``cell`` with ``impl``, or None for the reference loop."""
+    if impl == "scan":
+        return None
+    if cell.fused is None:
+        if impl == "auto":
+            return None
+        raise ValueError(f"impl={impl!r} needs a cell that declares a fused layer (Cell.fused, e.g. cells.lstm or "
+                         f"any cells.make_lstm cell); this cell runs the reference loop: impl='auto' or 'scan'")
+    if cell.fused not in FUSED:
+        raise ValueError(f"cell.fused must name one of jaxseq.layers.FUSED {sorted(FUSED)} or be None, got "
+                         f"{cell.fused!r}")
+    return FUSED[cell.fused]
+
+
+def layer(cell: Cell, params, xs, *, carry=None, lengths=None, reverse: bool = False, impl: str = "auto",
+          checkpoint=None, unroll: int | None = None, time_major: bool = False):
+    """Run ``cell`` over the time axis of ``xs``: the one public way to run a recurrent layer.
+
+    Args:
+      cell: any ``jaxseq.cells.Cell``. One that declares a fused layer (``cell.fused``; every
+        ``cells.make_lstm`` cell) runs through it unless ``impl="scan"``; any other runs the reference loop.
+      params: the cell's params (``cell.init``).
+      xs: inputs ``[*batch, time, features]`` (``[time, *batch, features]`` if ``time_major``).
+      carry: initial carry, leaves ``[*batch, hidden]``; zeros of ``params["W"]``'s hidden size by default.
+      lengths: optional ``int[*batch]`` valid lengths in ``[0, time]`` (an array or a list of ints); padded
+        steps keep the carry and emit zeros.
+      reverse: run backwards in time, inside each sequence's length; outputs stay aligned with their inputs.
+      impl: ``"auto"`` (fast by default), ``"scan"`` (the reference loop), ``"fused"``, ``"native"`` or
+        ``"cudnn"`` (see the module docstring). A static choice: pass it as a Python string.
+      checkpoint: None, ``"sqrt"`` or an int segment length: recompute segments in the backward pass
+        (``O(√T)`` activation memory).
+      unroll: time steps per loop iteration; None: ``DEFAULT_UNROLL`` for the backend.
+      time_major: whether ``xs`` and the returned ``ys`` put time first.
+
+    Returns:
+      ``(final_carry, ys)``: the carry after each sequence's last valid step and the outputs
+      ``[*batch, time, out]`` (time-major if ``time_major``).
+    """
+    _check_impl(impl)
+    fused = _fused_layer(cell, impl)
+    if time_major:
+        if np.ndim(xs) < 2:
+            check_sequence_inputs(params, carry, xs, lengths, time_major=True)  # raises the rank error
+        final, ys = layer(cell, params, jnp.moveaxis(jnp.asarray(xs), 0, -2), carry=carry, lengths=lengths,
+                          reverse=reverse, impl=impl, checkpoint=checkpoint, unroll=unroll)
+        return final, jnp.moveaxis(ys, -2, 0)
+    if fused is not None:
+        return fused(params, xs, carry=carry, lengths=lengths, reverse=reverse, impl=impl, checkpoint=checkpoint,
+                     unroll=unroll)
     unroll = _resolve_unroll(unroll)
     xs, carry, lengths = _prepare(cell, params, xs, carry, lengths)
     return _scan_layer(cell.apply, params, carry, xs, lengths, reverse, _segment_length(checkpoint, xs.shape[-2]),
@@ -635,41 +741,121 @@ def _scan_only_layer(cell, params, xs, carry, lengths, reverse, impl, checkpoint
 
 def gru(params, xs, *, carry=None, lengths=None, reverse: bool = False, impl: str = "auto", checkpoint=None,
         unroll: int | None = None):
-    """A GRU layer (params from ``jaxseq.cells.gru.init``) over ``xs`` ``[*batch, time, features]``.
+    """A GRU layer (params from ``jaxseq.cells.gru.init``): ``layer(cells.gru, params, xs, ...)``.
 
-    Arguments and results as ``lstm``; the carry is ``h`` ``[*batch, hidden]``. Only ``impl="scan"`` exists
-    (``"auto"`` selects it); ``checkpoint`` and ``unroll`` work as for ``lstm``.
+    Arguments and results as ``layer``; the carry is ``h`` ``[*batch, hidden]``. The GRU has no fused layer
+    yet, so ``impl`` is ``"auto"`` or ``"scan"``, both the reference loop.
     """
-    return _scan_only_layer(cells.gru, params, xs, carry, lengths, reverse, impl, checkpoint, unroll)
+    return layer(cells.gru, params, xs, carry=carry, lengths=lengths, reverse=reverse, impl=impl,
+                 checkpoint=checkpoint, unroll=unroll)
 
 
 def rnn(params, xs, *, carry=None, lengths=None, reverse: bool = False, impl: str = "auto", checkpoint=None,
         activation: str = "tanh", unroll: int | None = None):
-    """The chapter's simple RNN layer (params from ``jaxseq.cells.rnn.init``), tanh or relu.
+    """The chapter's simple RNN layer, tanh or relu: ``layer(cells.make_rnn(activation), params, xs, ...)``.
 
-    Arguments and results as ``lstm``; the carry is ``s`` ``[*batch, hidden]``. Only ``impl="scan"`` exists.
+    Arguments and results as ``layer``; the carry is ``s`` ``[*batch, hidden]``. Reference loop only.
     """
-    cell = cells.make_rnn(activation)
-    return _scan_only_layer(cell, params, xs, carry, lengths, reverse, impl, checkpoint, unroll)
+    return layer(cells.make_rnn(activation), params, xs, carry=carry, lengths=lengths, reverse=reverse, impl=impl,
+                 checkpoint=checkpoint, unroll=unroll)
 
 
-def bidirectional(layer: Callable, params, xs, *, lengths=None, merge: str | None = "concat", carry=None,
-                  **kwargs):
-    """Run ``layer`` (``lstm``, ``gru`` or ``rnn``) forwards and padding-aware backwards and merge outputs.
+def init_bidirectional(cell: Cell, key, input_size: int, hidden_size: int, dtype=jnp.float32) -> dict:
+    """Params ``{"forward": ..., "backward": ...}`` for ``bidirectional``."""
+    k_f, k_b = jax.random.split(key)
+    return {"forward": cell.init(k_f, input_size, hidden_size, dtype),
+            "backward": cell.init(k_b, input_size, hidden_size, dtype)}
+
+
+def bidirectional(cell: Cell, params, xs, *, carry=None, lengths=None, merge: str | None = "concat",
+                  impl: str = "auto", checkpoint=None, unroll: int | None = None, time_major: bool = False):
+    """Run ``cell`` forwards and, padding-aware, backwards over ``xs`` (each direction a ``layer``) and merge.
 
     Args:
-      params: ``{"forward": ..., "backward": ...}`` (``jaxseq.scan.init_bidirectional``).
-      carry: optional ``(forward_carry, backward_carry)``.
-      kwargs: passed to both directions (``impl``, ``checkpoint``, ...).
+      cell, xs, lengths, impl, checkpoint, unroll, time_major: as ``layer``, for both directions.
+      params: ``{"forward": cell_params, "backward": cell_params}`` (``init_bidirectional``).
+      carry: optional ``(forward_carry, backward_carry)``; zeros by default.
+      merge: ``"concat"`` (``[..., 2 * hidden]``), ``"sum"``, ``"mean"``, ``"mul"``, or ``None`` for the pair.
 
     Returns:
-      ``((forward_final, backward_final), ys)`` as ``jaxseq.bidirectional``.
+      ``((forward_final, backward_final), ys)``; the backward final carry is the state after each sequence's
+      first element.
     """
+    check_merge(merge)
     check_directions(params)
+    for d in ("forward", "backward"):
+        check_cell_params(cell, params[d], f'params["{d}"]', needs_hidden=carry is None)
     if carry is None:
         carry = (None, None)
     else:
         check_carry_pair(carry)
-    c_f, y_f = layer(params["forward"], xs, carry=carry[0], lengths=lengths, reverse=False, **kwargs)
-    c_b, y_b = layer(params["backward"], xs, carry=carry[1], lengths=lengths, reverse=True, **kwargs)
+    kwargs = dict(lengths=as_lengths(lengths), impl=impl, checkpoint=checkpoint, unroll=unroll,
+                  time_major=time_major)
+    c_f, y_f = layer(cell, params["forward"], xs, carry=carry[0], reverse=False, **kwargs)
+    c_b, y_b = layer(cell, params["backward"], xs, carry=carry[1], reverse=True, **kwargs)
     return (c_f, c_b), merge_outputs(y_f, y_b, merge)
+
+
+_bidirectional = bidirectional  # `stacked` takes an argument named `bidirectional`, which shadows the function.
+
+
+def init_stacked(cell: Cell, key, input_size: int, hidden_size: int, num_layers: int, *,
+                 bidirectional: bool = False, merge: str = "concat", dtype=jnp.float32) -> list:
+    """Params for ``stacked``: one entry per layer (``{"forward", "backward"}`` when bidirectional)."""
+    cells.check_size("num_layers", num_layers)
+    params, size = [], input_size
+    for k in jax.random.split(key, num_layers):
+        if bidirectional:
+            params.append(init_bidirectional(cell, k, size, hidden_size, dtype))
+            size = 2 * hidden_size if merge == "concat" else hidden_size
+        else:
+            params.append(cell.init(k, size, hidden_size, dtype))
+            size = hidden_size
+    return params
+
+
+def stacked(cell: Cell, layer_params: Sequence[Any], xs, *, lengths=None, bidirectional: bool = False,
+            merge: str = "concat", dropout_rate: float = 0.0, key=None, impl: str = "auto", checkpoint=None,
+            unroll: int | None = None, time_major: bool = False):
+    """Stack recurrent layers, each reading the previous layer's outputs, with dropout between layers.
+
+    Dropout (as PyTorch's ``nn.LSTM(dropout=...)``) applies to each layer's input except the first, so not
+    after the last layer. Pass ``key`` to enable it (training); ``key=None`` means deterministic. Each layer
+    runs through ``layer`` (or ``bidirectional``) with ``impl``, ``checkpoint``, ``unroll`` and ``time_major``.
+
+    Args:
+      layer_params: a non-empty list with one entry per layer (``init_stacked``), each checked against
+        ``cell`` up front.
+
+    Returns:
+      ``(final_carries, ys)``: a list with each layer's final carry and the last layer's outputs.
+    """
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"dropout_rate must lie in [0, 1), got {dropout_rate}")
+    if bidirectional and merge is None:
+        raise ValueError("stacked bidirectional layers need a merge mode that gives one output, not None")
+    if isinstance(layer_params, Mapping) or not isinstance(layer_params, (list, tuple)):
+        raise ValueError(f"layer_params must be a list with one entry per layer (jaxseq.layers.init_stacked), got a "
+                         f"{type(layer_params).__name__}")
+    if not layer_params:
+        raise ValueError("stacked needs at least one layer, got layer_params=[] (init_stacked with num_layers >= 1)")
+    for depth, params in enumerate(layer_params):
+        name = f"layer_params[{depth}]"
+        if bidirectional:
+            check_directions(params, name)
+            for d in ("forward", "backward"):
+                check_cell_params(cell, params[d], f'{name}["{d}"]')
+        else:
+            check_cell_params(cell, params, name)
+    carries, ys, lengths = [], xs, as_lengths(lengths)
+    kwargs = dict(lengths=lengths, impl=impl, checkpoint=checkpoint, unroll=unroll, time_major=time_major)
+    for depth, params in enumerate(layer_params):
+        if depth > 0 and dropout_rate > 0.0 and key is not None:
+            keep = jax.random.bernoulli(jax.random.fold_in(key, depth), 1.0 - dropout_rate, ys.shape)
+            ys = jnp.where(keep, ys / (1.0 - dropout_rate), jnp.zeros((), ys.dtype))
+        if bidirectional:
+            carry, ys = _bidirectional(cell, params, ys, merge=merge, **kwargs)
+        else:
+            carry, ys = layer(cell, params, ys, **kwargs)
+        carries.append(carry)
+    return carries, ys

@@ -37,6 +37,7 @@ import numpy as np
 import optax
 
 from jaxseq import gradients, plots, unroll
+from jaxseq.data import synthetic_tasks as tasks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SOLVED_MSE = 0.01  # adding: "solved" threshold of the issue
@@ -53,10 +54,10 @@ def make_task(task: str, length: int):
     ``baseline`` is the eval metric of a memoryless model: MSE 1/6 (adding), symbol accuracy 1/8 (copy).
     """
     if task == "adding":
-        return (lambda key, batch: gradients.adding_problem(key, batch, length)), 2, 1, gradients.ADDING_BASELINE_MSE
+        return (lambda key, batch: tasks.adding_problem(key, batch, length)), 2, 1, tasks.ADDING_BASELINE_MSE
     # Copy is scored by accuracy on the 10 recalled symbols: a memoryless model guesses, 1/8.
-    return ((lambda key, batch: gradients.copy_task(key, batch, length)), gradients.COPY_SYMBOLS + 2,
-            gradients.COPY_SYMBOLS + 2, 1.0 / gradients.COPY_SYMBOLS)
+    return ((lambda key, batch: tasks.copy_task(key, batch, length)), tasks.COPY_SYMBOLS + 2,
+            tasks.COPY_SYMBOLS + 2, 1.0 / tasks.COPY_SYMBOLS)
 
 
 def init_model(key, cell_name: str, input_size: int, hidden: int, output_size: int, *, sigma: float | None = None,
@@ -103,7 +104,7 @@ def make_loss(task: str, cell, hidden: int):
             return loss(params, xs, targets)
         final, ys = unroll(cell.apply, params["cell"], cell.init_carry(xs.shape[:1], hidden), xs)
         logits = readout(params, ys, final)
-        return jnp.mean(jnp.argmax(logits[:, -gradients.COPY_LENGTH:], -1) == targets[:, -gradients.COPY_LENGTH:])
+        return jnp.mean(jnp.argmax(logits[:, -tasks.COPY_LENGTH:], -1) == targets[:, -tasks.COPY_LENGTH:])
 
     return loss, profile, metric
 
@@ -171,7 +172,7 @@ def train(task: str, cell_name: str, length: int, *, hidden: int = 32, batch: in
             "learning_rate": learning_rate, "optimizer": optimizer, "clip": clip, "sigma": sigma,
             "seed": seed, "baseline": baseline, "steps_trained": done, "solved_at": solved_at,
             "final_eval": history["eval"][-1], "final_train_loss": float(np.mean(history["loss"][-50:])),
-            "baseline_loss": gradients.ADDING_BASELINE_MSE if task == "adding" else gradients.copy_baseline(length),
+            "baseline_loss": tasks.ADDING_BASELINE_MSE if task == "adding" else tasks.copy_baseline(length),
             "history": history, "wall_s": wall}
 
 

@@ -32,6 +32,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxseq import cells, gradients, plots  # noqa: E402
+from jaxseq.data.synthetic_tasks import adding_problem  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 T, H, SEEDS = 100, 32, 16
@@ -40,7 +41,7 @@ MODELS = ("lstm forget bias 1", "lstm forget bias 0", "tanh rnn sigma_max 0.9", 
 
 def one_draw(model: str, key):
     k_p, k_x = jax.random.split(key)
-    xs, _ = gradients.adding_problem(k_x, 1, T, jnp.float64)
+    xs, _ = adding_problem(k_x, 1, T, jnp.float64)
     xs = xs[0]
     if model.startswith("lstm"):
         cell = cells.make_lstm(forget_bias=1.0 if model.endswith("1") else 0.0)

@@ -34,12 +34,12 @@ def test_bench_lstm_gpu_runs_checks_and_writes_rows(tmp_path, capsys):
 def _fused_step(T):
     import jax
 
-    from jaxseq import cells, layers, native
+    from jaxseq import cells, layers
 
     params = cells.lstm.init(jax.random.PRNGKey(0), 3, 4)
     xs = jax.random.normal(jax.random.PRNGKey(1), (2, T, 3))
-    with native.disabled():  # XLA's loops: their body thunks run once per step (the kernel is one op per call)
-        step = jax.jit(jax.grad(lambda p: layers.lstm(p, xs, impl="fused")[1].sum())).lower(params).compile()
+    # impl="fused": XLA's loops, whose body thunks run once per step (the kernel is one op per call).
+    step = jax.jit(jax.grad(lambda p: layers.lstm(p, xs, impl="fused")[1].sum())).lower(params).compile()
     return lambda: jax.block_until_ready(step(params))
 
 

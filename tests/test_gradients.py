@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 
 from jaxseq import cells, cli, gradients
+from jaxseq.data import synthetic_tasks
 from helpers import assert_trees_close
 
 
 def _loss(ys, final):
     # Uses every output and the final carry, so both paths into s_t are exercised.
-    return jnp.sum(jnp.sin(ys) * jnp.arange(1, ys.shape[-1] + 1)) + jnp.sum(gradients.hidden_of(final) ** 2)
+    return jnp.sum(jnp.sin(ys) * jnp.arange(1, ys.shape[-1] + 1)) + jnp.sum(cells.hidden_state(final) ** 2)
 
 
 def _one_at_a_time(cell, params, carry, xs, t, lengths=None):
@@ -33,7 +34,7 @@ def _one_at_a_time_jit(apply, params, carry, xs, t, lengths):
             if lengths is not None:
                 valid = (j < lengths)[..., None]
                 new = jax.tree_util.tree_map(lambda n, o: jnp.where(valid, n, o), new, c)
-            y = gradients.hidden_of(new)
+            y = cells.hidden_state(new)
             ys.append(y if lengths is None else jnp.where((j < lengths)[..., None], y, 0))
             c = new
         return _loss(jnp.stack(ys, axis=-2), c)
@@ -216,26 +217,26 @@ def test_cli_writes_json_and_png(cell, kind, tmp_path, capsys):
 
 
 def test_adding_problem(key):
-    xs, targets = gradients.adding_problem(key, 4000, 20)
+    xs, targets = synthetic_tasks.adding_problem(key, 4000, 20)
     assert xs.shape == (4000, 20, 2) and targets.shape == (4000,)
     markers = np.asarray(xs[..., 1])
     assert (markers.sum(1) == 2).all() and (markers[:, :10].sum(1) == 1).all()
     np.testing.assert_allclose(targets, jnp.sum(xs[..., 0] * xs[..., 1], axis=1), rtol=1e-6)
     # Predicting the mean 1 gives MSE 1/6 (the baseline of experiment 4).
-    assert abs(float(jnp.mean((targets - 1.0) ** 2)) - gradients.ADDING_BASELINE_MSE) < 0.01
+    assert abs(float(jnp.mean((targets - 1.0) ** 2)) - synthetic_tasks.ADDING_BASELINE_MSE) < 0.01
     with pytest.raises(ValueError, match="steps must be at least 2"):
-        gradients.adding_problem(key, 1, 1)
+        synthetic_tasks.adding_problem(key, 1, 1)
 
 
 def test_copy_task(key):
     delay = 7
-    xs, labels = gradients.copy_task(key, 3, delay)
+    xs, labels = synthetic_tasks.copy_task(key, 3, delay)
     tokens = np.argmax(np.asarray(xs), -1)
     assert xs.shape == (3, delay + 20, 10) and labels.shape == (3, delay + 20)
     np.testing.assert_array_equal(labels[:, -10:], tokens[:, :10])
     assert (tokens[:, 10:delay + 9] == 0).all() and (tokens[:, delay + 9] == 9).all()
     assert (np.asarray(labels[:, :-10]) == 0).all() and (tokens[:, :10] >= 1).all() and (tokens[:, :10] <= 8).all()
-    assert gradients.copy_baseline(100) == pytest.approx(0.173, abs=1e-3)  # Arjovsky et al. 2016
+    assert synthetic_tasks.copy_baseline(100) == pytest.approx(0.173, abs=1e-3)  # Arjovsky et al. 2016
 
 
 def test_timestep_norms_do_not_underflow_or_overflow():

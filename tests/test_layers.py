@@ -1,6 +1,7 @@
 """Layer functions (jaxseq.layers): every implementation equals jaxseq.unroll, values and gradients."""
 import functools
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -12,9 +13,9 @@ import numpy as np
 import pytest
 from helpers import assert_trees_close
 
-from jaxseq import bidirectional, cells, layers, unroll
+from jaxseq import cells, layers, unroll
 from jaxseq.cells import LSTMState
-from jaxseq.scan import init_bidirectional
+from jaxseq.layers import init_bidirectional
 
 B, T, I, H = 3, 7, 5, 4
 LENGTHS = np.array([7, 3, 0])
@@ -50,10 +51,12 @@ def _reference(cell, lengths, reverse):
 
 
 # Every implementation with lengths and padding-aware reverse (the hardest case); the plain forward and
-# reverse directions for the two fused variants that models use most.
+# reverse directions for the two fused variants that models use most. "native" runs the kernel where it is
+# available and falls back to "fused" elsewhere, so it is checked on every machine.
 CASES = [(impl, checkpoint, form, True, True) for impl, checkpoint, form in [
     ("scan", None, None), ("scan", 3, None), ("fused", None, "step"), ("fused", None, "hoist"),
-    ("fused", None, "concat"), ("fused", 3, None), ("fused", "sqrt", "hoist"), ("cudnn", None, None)]]
+    ("fused", None, "concat"), ("fused", 3, None), ("fused", "sqrt", "hoist"), ("native", None, None),
+    ("native", 3, "hoist"), ("auto", None, None), ("cudnn", None, None)]]
 CASES += [("fused", None, None, False, False), ("fused", 3, "step", False, True)]
 _EXPECTED = {}
 
@@ -206,7 +209,7 @@ def test_fused_lstm_batch_sharded_over_two_devices():
         assert result["error"] < 1e-5 and result["shard_map error"] < 1e-5, (checkpoint, result)
 
 
-@pytest.mark.parametrize("impl,checkpoint", [("fused", None), ("fused", "sqrt")])
+@pytest.mark.parametrize("impl,checkpoint", [("fused", None), ("fused", "sqrt"), ("auto", None)])
 def test_bidirectional_lstm_matches_scan_bidirectional(key, impl, checkpoint):
     params = init_bidirectional(cells.lstm, key, I, H)
     _, xs, _, _ = _inputs(key)
@@ -219,8 +222,8 @@ def test_bidirectional_lstm_matches_scan_bidirectional(key, impl, checkpoint):
             return jnp.sum(ys * r) + jnp.sum(jnp.cos(c_f.c)) + jnp.sum(jnp.sin(c_b.h))
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(params, xs)
 
-    expected = loss(lambda p, x: bidirectional(cells.lstm, p, x, lengths=lengths))
-    actual = loss(lambda p, x: layers.bidirectional(layers.lstm, p, x, lengths=lengths, impl=impl,
+    expected = loss(lambda p, x: layers.bidirectional(cells.lstm, p, x, lengths=lengths, impl="scan"))
+    actual = loss(lambda p, x: layers.bidirectional(cells.lstm, p, x, lengths=lengths, impl=impl,
                                                     checkpoint=checkpoint))
     assert_trees_close(actual, expected)
 
@@ -312,7 +315,7 @@ def test_bad_arguments_raise_value_errors(key):
         layers.lstm(params, xs, form="fast")
     with pytest.raises(ValueError, match="unroll"):
         layers.lstm(params, xs, unroll=0)
-    with pytest.raises(ValueError, match="impl"):
+    with pytest.raises(ValueError, match="impl='fused' needs a cell that declares a fused layer"):
         layers.gru(cells.gru.init(key, I, H), xs, impl="fused")
     with pytest.raises(ValueError, match="features"):
         layers.lstm(params, xs[..., :2])
@@ -368,12 +371,11 @@ def test_params_of_the_wrong_cell_or_shape_name_the_key(key):
     for layer, params, pattern in cases:
         with pytest.raises(ValueError, match=pattern):
             layer(params, xs)
-    with pytest.raises(ValueError, match=r'^params must be \{"forward": cell_params, "backward": cell_params\}'):
-        bidirectional(cells.lstm, lstm_params, xs)
-    with pytest.raises(ValueError, match=r'^params must be \{"forward": cell_params, "backward": cell_params\}'):
-        layers.bidirectional(layers.lstm, lstm_params, xs)
+    for impl in ("scan", "auto"):
+        with pytest.raises(ValueError, match=r'^params must be \{"forward": cell_params, "backward": cell_params\}'):
+            layers.bidirectional(cells.lstm, lstm_params, xs, impl=impl)
     with pytest.raises(ValueError, match=r"carry of a bidirectional layer must be a pair"):
-        layers.bidirectional(layers.gru, init_bidirectional(cells.gru, key, I, H), xs, carry=jnp.zeros((B, H)))
+        layers.bidirectional(cells.gru, init_bidirectional(cells.gru, key, I, H), xs, carry=jnp.zeros((B, H)))
 
 
 def test_lengths_may_be_a_list(key):
@@ -384,3 +386,41 @@ def test_lengths_may_be_a_list(key):
     gru_params = cells.gru.init(key, I, H)
     assert_trees_close(layers.gru(gru_params, xs, lengths=list(LENGTHS)),
                        layers.gru(gru_params, xs, lengths=jnp.asarray(LENGTHS)))
+
+
+def test_layer_entries_agree_for_every_cell(key):
+    """``layer`` is the one entry: the aliases ``lstm``/``gru``/``rnn`` and ``time_major`` give its results."""
+    for cell, alias in [(cells.lstm, layers.lstm), (cells.gru, layers.gru), (cells.rnn, layers.rnn)]:
+        params, xs, carry, _ = _inputs(key, cell)
+        expected = layer_out = layers.layer(cell, params, xs, carry=carry, lengths=LENGTHS, reverse=True)
+        assert_trees_close(alias(params, xs, carry=carry, lengths=LENGTHS, reverse=True), expected)
+        final, ys = layers.layer(cell, params, jnp.swapaxes(xs, 0, 1), carry=carry, lengths=LENGTHS, reverse=True,
+                                 time_major=True)
+        assert_trees_close((final, jnp.swapaxes(ys, 0, 1)), layer_out)
+
+
+@pytest.mark.parametrize("kernel_switch", ["0", "1"])
+def test_lstm_runs_where_the_os_has_no_sched_getaffinity(key, monkeypatch, kernel_switch):
+    """macOS and Windows have no ``os.sched_getaffinity``. The shape rule once called it before asking whether the
+    kernel was available at all, so a float32 forward with ``8·B·depth·H`` >= 400,000 raised AttributeError
+    there, even with JAXSEQ_NATIVE=0."""
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    monkeypatch.setenv("JAXSEQ_NATIVE", kernel_switch)
+    params = cells.lstm.init(key, 128, 256)
+    xs = jax.random.normal(key, (1, 100, 128))  # batch 1: hoisted, depth H, 8·1·256·256 = 524,288
+    expected = layers.lstm(params, xs, impl="scan")
+    assert_trees_close(jax.jit(layers.lstm)(params, xs), expected, atol=1e-5)
+
+
+def test_native_falls_back_to_fused_with_a_warning(key, monkeypatch, caplog):
+    """``impl="native"`` where the kernel cannot run is ``"fused"`` plus a log line, never an error."""
+    params, xs, carry, _ = _inputs(key)
+    half = jax.tree.map(lambda a: a.astype(jnp.float16), (params, xs, carry))
+    with caplog.at_level(logging.WARNING, logger="jaxseq.layers"):
+        got = layers.lstm(*half[:2], carry=half[2], impl="native")
+    assert "impl='native' falls back to 'fused'" in caplog.text and "float32 only, got float16" in caplog.text
+    assert_trees_close(got, layers.lstm(*half[:2], carry=half[2], impl="fused"))
+    monkeypatch.setenv("JAXSEQ_NATIVE", "0")
+    text = jax.jit(lambda p, x: layers.lstm(p, x, impl="native")[1]).lower(params, xs).as_text()
+    assert "jaxseq_lstm" not in text
+    assert_trees_close(layers.lstm(params, xs, impl="native"), layers.lstm(params, xs, impl="fused"))

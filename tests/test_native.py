@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import assert_trees_close
+from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
 from jaxseq import cells, layers, native, unroll
@@ -18,12 +19,6 @@ from jaxseq.cells import LSTMState
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not native.available(), reason="the native kernel needs x86-64 Linux and a C++ "
                                 "compiler, a one-device CPU backend, and JAXSEQ_NATIVE unset")
-
-
-@pytest.fixture
-def always_native(monkeypatch):
-    """Use the kernel at every shape (the layer otherwise picks it only where it is faster)."""
-    monkeypatch.setattr(layers, "_native_fits", lambda *shape_and_mode: True)
 
 
 def _lowered_text(fn, *args):
@@ -38,6 +33,43 @@ def _problem(key, batch, steps, in_size, hidden):
     lengths = jax.random.randint(k[4], (batch,), 0, steps + 1).at[0].set(steps)
     dys = jax.random.normal(k[5], (steps, batch, hidden))
     return params, xs_t, h0, c0, lengths, dys
+
+
+def _xla_forward(U, W, b, h0, c0, xs_t, lengths, dz_probe=None):
+    """The oracle: the LSTM stepped in ``lax.scan`` over time-major ``xs_t`` ``[T, B, I]``, invalid steps keeping
+    the carry and emitting zeros. Returns ``(h, c, ys [T, B, H], gates [4, T, B, H], cs [T, B, H])``: the
+    activated gates i, f, g, o and the carried cell states, what the kernel's tape holds. ``dz_probe``
+    ``[T, B, 4H]`` is added to each step's pre-activation, so the gradient with respect to it is ``δz_t``."""
+    steps, batch = xs_t.shape[:2]
+    valid = (jnp.ones((steps, batch), bool) if lengths is None
+             else jnp.arange(steps)[:, None] < lengths[None, :])
+    probe = jnp.zeros((steps, batch, b.shape[0]), xs_t.dtype) if dz_probe is None else dz_probe
+
+    def step(carry, inputs):
+        h, c = carry
+        x, e, keep = inputs
+        zi, zf, zg, zo = jnp.split(x @ U + h @ W + b + e, 4, axis=-1)
+        i, f, g, o = jax.nn.sigmoid(zi), jax.nn.sigmoid(zf), jnp.tanh(zg), jax.nn.sigmoid(zo)
+        keep = keep[:, None]
+        c_new = jnp.where(keep, f * c + i * g, c)
+        h_new = jnp.where(keep, o * jnp.tanh(c_new), h)
+        return (h_new, c_new), (jnp.where(keep, h_new, 0.0), jnp.stack([i, f, g, o]), c_new)
+
+    (h, c), (ys, gates, cs) = lax.scan(step, (h0, c0), (xs_t, probe, valid))
+    return h, c, ys, jnp.moveaxis(gates, 1, 0), cs
+
+
+@jax.jit
+def _xla_backward(U, W, b, h0, c0, xs_t, lengths, dys, dh, dc):
+    """The oracle's cotangents for ``Σ ⟨dys, ys⟩ + ⟨dh, h_T⟩ + ⟨dc, c_T⟩``, by autodiff:
+    ``(dh0, dc0, δz [T, B, 4H])``, the weight gradients ``(dU, dW, db)`` and ``dxs`` ``[T, B, I]``."""
+    def loss(h0, c0, probe, U, W, b, xs_t):
+        h, c, ys, _, _ = _xla_forward(U, W, b, h0, c0, xs_t, lengths, probe)
+        return jnp.sum(ys * dys) + jnp.sum(h * dh) + jnp.sum(c * dc)
+
+    probe = jnp.zeros((*xs_t.shape[:2], b.shape[0]), xs_t.dtype)
+    dh0, dc0, dz, dU, dW, db, dxs = jax.grad(loss, argnums=range(7))(h0, c0, probe, U, W, b, xs_t)
+    return (dh0, dc0, dz), (dU, dW, db), dxs
 
 
 # Hidden sizes on and off the kernel's 16-float vectors (5 and 40 are padded; 40 is five 8-float blocks with
@@ -59,11 +91,10 @@ def _problem(key, batch, steps, in_size, hidden):
 def test_kernel_loops_match_xla_loops(key, batch, steps, in_size, hidden, with_lengths, hoisted):
     params, xs_t, h0, c0, lengths, dys = _problem(key, batch, steps, in_size, hidden)
     U, W, b = params["U"], params["W"], params["b"]
-    valid = layers._valid(lengths, steps) if with_lengths else None
-    form = "hoist" if hoisted else "concat"
-    with native.disabled():
-        h, c, ys, (gates, cs) = layers._forward_loop(form, U, W, b, h0, c0, xs_t, valid, True)
-        expected_backward = layers._backward_loop(W, (gates, cs), c0, dys, valid, 0.3 * h0, 0.2 * c0)
+    oracle_lengths = lengths if with_lengths else None
+    h, c, ys, gates, cs = _xla_forward(U, W, b, h0, c0, xs_t, oracle_lengths)
+    expected_backward, expected_weight_grads, expected_dxs = _xla_backward(U, W, b, h0, c0, xs_t, oracle_lengths,
+                                                                           dys, 0.3 * h0, 0.2 * c0)
     got = native.lstm_forward(xs_t, U, W, b, h0, c0, lengths if with_lengths else None, hoisted=hoisted,
                               save=True)
     assert_trees_close(got[:3], (h, c, ys), atol=1e-6)
@@ -71,7 +102,7 @@ def test_kernel_loops_match_xla_loops(key, batch, steps, in_size, hidden, with_l
     assert got[3].gates.shape == (steps, hp // native.LANES, batch, 4, native.LANES)
     kernel_gates, kernel_cs = got[3].unblocked()
     assert kernel_gates.shape == (4, steps, batch, hp)
-    assert_trees_close(kernel_gates[..., :hidden], jnp.stack(gates), atol=1e-6)
+    assert_trees_close(kernel_gates[..., :hidden], gates, atol=1e-6)
     assert_trees_close(kernel_cs[..., :hidden], cs, atol=1e-6)
     backward = native.lstm_backward(W, got[3], c0, dys, lengths if with_lengths else None, 0.3 * h0, 0.2 * c0)
     assert_trees_close(backward, expected_backward, atol=1e-5)
@@ -79,7 +110,6 @@ def test_kernel_loops_match_xla_loops(key, batch, steps, in_size, hidden, with_l
     *backward_again, weight_grads = native.lstm_backward(W, got[3], c0, dys, lengths if with_lengths else None,
                                                          0.3 * h0, 0.2 * c0, weight_grads_of=(xs_t, h0, got[2]))
     assert_trees_close(tuple(backward_again), expected_backward, atol=1e-5)
-    expected_weight_grads = layers._weight_grads(xs_t, layers._h_prev(h0, ys), expected_backward[2])
     assert [g.shape for g in weight_grads] == [U.shape, W.shape, b.shape]
     assert_trees_close(weight_grads, expected_weight_grads, atol=1e-5)
     # Without δz as a result (a ring of three steps inside the kernel), the same carries and weight gradients.
@@ -90,7 +120,6 @@ def test_kernel_loops_match_xla_loops(key, batch, steps, in_size, hidden, with_l
     assert_trees_close((dh, dc), expected_backward[:2], atol=1e-5)
     assert_trees_close(weight_grads, expected_weight_grads, atol=1e-5)
     # The input gradient inside the loop too (the stage after each δz_t), with and without the weight gradients.
-    expected_dxs = expected_backward[2] @ U.T
     assert float(jnp.max(jnp.abs(expected_dxs))) > 0.1
     *rest, dxs = native.lstm_backward(W, got[3], c0, dys, lengths if with_lengths else None, 0.3 * h0, 0.2 * c0,
                                       weight_grads_of=(xs_t, h0, got[2]), keep_dz=False, input_kernel=U)
@@ -112,13 +141,11 @@ def test_kernel_gates_match_xla_over_the_whole_range_of_preactivations(key):
     # larger than the tolerance where z lands near 0.
     bias = jax.random.permutation(key, jnp.linspace(-150.0, 150.0, params["b"].size))
     params = {**params, "b": bias}
-    with native.disabled():
-        h, c, ys, (gates, cs) = layers._forward_loop("concat", params["U"], params["W"], params["b"], h0, c0, xs_t,
-                                                     None, True)
+    h, c, ys, gates, cs = _xla_forward(params["U"], params["W"], params["b"], h0, c0, xs_t, None)
     got = native.lstm_forward(xs_t, params["U"], params["W"], params["b"], h0, c0, None, hoisted=False, save=True)
     kernel_gates = got[3].unblocked()[0][..., :32]
     assert_trees_close(got[:3], (h, c, ys), atol=1e-6)
-    assert_trees_close(kernel_gates, jnp.stack(gates), atol=1e-6)
+    assert_trees_close(kernel_gates, gates, atol=1e-6)
     sigmoids, tanh_gate = kernel_gates[jnp.array([0, 1, 3])], kernel_gates[2]
     assert float(jnp.min(sigmoids)) >= 0.0 and float(jnp.max(sigmoids)) <= 1.0
     assert float(jnp.max(jnp.abs(tanh_gate))) <= 1.0 and float(jnp.max(jnp.abs(got[2]))) <= 1.0
@@ -161,8 +188,7 @@ def _grads(run, params, xs, carry, r):
 
 @pytest.mark.parametrize("checkpoint,reverse", [(None, False), (None, True), ("sqrt", True), (3, False)])
 @pytest.mark.parametrize("kernel_weight_grads", [False, True])
-def test_layer_gradients_through_kernel_match_autodiff(key, always_native, monkeypatch, checkpoint, reverse,
-                                                        kernel_weight_grads):
+def test_layer_gradients_through_kernel_match_autodiff(key, monkeypatch, checkpoint, reverse, kernel_weight_grads):
     monkeypatch.setattr(layers, "KERNEL_WEIGHT_GRADS_MIN_BATCH", 1 if kernel_weight_grads else 10 ** 9)
     batch, steps, in_size, hidden = 5, 11, 6, 20
     k = jax.random.split(key, 5)
@@ -173,7 +199,7 @@ def test_layer_gradients_through_kernel_match_autodiff(key, always_native, monke
     lengths = jnp.array([11, 4, 0, 1, 9])
 
     def fused(p, x, c):
-        return layers.lstm(p, x, carry=c, lengths=lengths, reverse=reverse, impl="fused", checkpoint=checkpoint)
+        return layers.lstm(p, x, carry=c, lengths=lengths, reverse=reverse, impl="native", checkpoint=checkpoint)
 
     assert "jaxseq_lstm_forward" in _lowered_text(jax.grad(lambda p: fused(p, xs, carry)[1].sum()), params)
     assert "jaxseq_lstm_backward" in _lowered_text(jax.grad(lambda p: fused(p, xs, carry)[1].sum()), params)
@@ -193,7 +219,7 @@ def test_layer_gradients_through_kernel_match_autodiff(key, always_native, monke
     assert_trees_close(jax.jit(params_loss(fused))(params), expected[1][0])
 
 
-def test_bidirectional_vmap_and_shard_map_through_kernel(key, always_native):
+def test_bidirectional_vmap_and_shard_map_through_kernel(key):
     batch, steps, in_size, hidden = 4, 6, 3, 16
     k = jax.random.split(key, 4)
     params = {"forward": cells.lstm.init(k[0], in_size, hidden), "backward": cells.lstm.init(k[1], in_size, hidden)}
@@ -201,31 +227,32 @@ def test_bidirectional_vmap_and_shard_map_through_kernel(key, always_native):
     lengths = jnp.array([6, 2, 5, 1])
 
     def loss(impl):
-        return lambda p, x: jnp.sum(jnp.sin(layers.bidirectional(
-            lambda *a, **kw: layers.lstm(*a, impl=impl, **kw), p, x, lengths=lengths)[1]))
+        return lambda p, x: jnp.sum(jnp.sin(layers.bidirectional(cells.lstm, p, x, lengths=lengths, impl=impl)[1]))
 
     expected = jax.grad(loss("scan"), argnums=(0, 1))(params, xs)
-    assert_trees_close(jax.jit(jax.grad(loss("fused"), argnums=(0, 1)))(params, xs), expected)
+    assert "jaxseq_lstm_backward" in _lowered_text(jax.grad(loss("native")), params, xs)
+    assert_trees_close(jax.jit(jax.grad(loss("native"), argnums=(0, 1)))(params, xs), expected)
     # vmap over a stack of two weight sets: the custom call runs once per set.
     stacked = jax.tree.map(lambda a: jnp.stack([a, 2 * a]), params)
-    per_set = jax.jit(jax.vmap(jax.grad(loss("fused")), in_axes=(0, None)))(stacked, xs)
+    per_set = jax.jit(jax.vmap(jax.grad(loss("native")), in_axes=(0, None)))(stacked, xs)
     assert_trees_close(jax.tree.map(lambda a: a[1], per_set),
                        jax.grad(loss("scan"))(jax.tree.map(lambda a: 2 * a, params), xs))
     # Inside shard_map on a one-device mesh: the results vary like the sharded inputs.
     mesh = Mesh(np.array(jax.devices()[:1]), ("batch",))
     spec = PartitionSpec("batch")
     sharded = jax.shard_map(lambda p, x: jax.grad(lambda p: jnp.sum(jnp.sin(layers.lstm(
-        p, x, impl="fused")[1])))(p), mesh=mesh, in_specs=(PartitionSpec(), spec), out_specs=PartitionSpec())
+        p, x, impl="native")[1])))(p), mesh=mesh, in_specs=(PartitionSpec(), spec), out_specs=PartitionSpec())
     assert_trees_close(jax.jit(sharded)(params["forward"], xs),
                        jax.grad(lambda p: jnp.sum(jnp.sin(layers.lstm(p, xs, impl="scan")[1])))(params["forward"]))
 
 
 def test_layer_uses_kernel_only_where_it_is_faster(key):
-    def text(batch, hidden, dtype=jnp.float32, training=False):
+    """impl="auto" picks the kernel by shape; "native" always takes it, "fused" never (a static choice)."""
+    def text(batch, hidden, dtype=jnp.float32, training=False, impl="auto"):
         params = jax.tree.map(lambda a: a.astype(dtype), cells.lstm.init(key, 64, hidden))
 
         def run(p):
-            return layers.lstm(p, jnp.zeros((batch, 10, 64), dtype))[1]
+            return layers.lstm(p, jnp.zeros((batch, 10, 64), dtype), impl=impl)[1]
 
         return _lowered_text(jax.grad(lambda p: run(p).sum()) if training else run, params)
 
@@ -235,8 +262,9 @@ def test_layer_uses_kernel_only_where_it_is_faster(key):
         assert "jaxseq_lstm_forward" in text(4, 256)
     assert "jaxseq_lstm_forward" not in text(1, 128)  # ... one thread's: XLA's loop is faster
     assert "jaxseq_lstm_backward" in text(1, 128, training=True)  # training: the kernel at every shape
-    with native.disabled():
-        assert "jaxseq_lstm_forward" not in text(32, 128)
+    assert "jaxseq_lstm_forward" in text(1, 128, impl="native")  # at every shape when asked for
+    assert "jaxseq_lstm_forward" not in text(32, 128, impl="fused")
+    assert "jaxseq_lstm_backward" not in text(32, 128, training=True, impl="fused")
     assert "jaxseq_lstm_forward" not in text(32, 128, jnp.bfloat16)
 
 
@@ -248,12 +276,9 @@ def test_two_threads_give_the_same_values_call_after_call(key):
     # in two of three runs.
     params, xs_t, h0, c0, lengths, dys = _problem(key, 24, 40, 72, 64)
     U, W, b = params["U"], params["W"], params["b"]
-    valid = layers._valid(lengths, 40)
-    with native.disabled():
-        expected = layers._forward_loop("concat", U, W, b, h0, c0, xs_t, valid, True)
-        expected_backward = layers._backward_loop(W, expected[3], c0, dys, valid, h0, c0)
-    expected_weight_grads = layers._weight_grads(xs_t, layers._h_prev(h0, expected[2]), expected_backward[2])
-    expected_dxs = expected_backward[2] @ U.T
+    expected = _xla_forward(U, W, b, h0, c0, xs_t, lengths)
+    expected_backward, expected_weight_grads, expected_dxs = _xla_backward(U, W, b, h0, c0, xs_t, lengths, dys, h0,
+                                                                           c0)
     forward = jax.jit(lambda: native.lstm_forward(xs_t, U, W, b, h0, c0, lengths, hoisted=False, save=True))
     backward = jax.jit(lambda tape: native.lstm_backward(W, tape, c0, dys, lengths, h0, c0))
     backward_all = jax.jit(lambda tape, ys: native.lstm_backward(W, tape, c0, dys, lengths, h0, c0,
@@ -271,7 +296,8 @@ def test_two_threads_give_the_same_values_call_after_call(key):
 def test_vector_width_matches_the_cpu():
     # A build whose vectors were wider than the CPU's registers took 2.0-7.5x the time of XLA's loops (16-float
     # vectors on an AVX2 CPU: the register tiles spilled), so the width must follow the CPU the kernel is built on.
-    flags = set(native._cpu_flags().split())
+    info = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+    flags = set(next(line for line in info if line.startswith("flags")).split())
     expected = 16 if "avx512f" in flags else 8 if "avx" in flags else 4
     assert native.vector_lanes() == expected
     assert native.LANES % native.vector_lanes() == 0

@@ -88,7 +88,7 @@ def test_time_major_equals_batch_major(key):
 @pytest.mark.parametrize("merge", ["concat", "sum", "mean", "mul", None])
 def test_bidirectional_merges_padding_aware_directions(merge, key):
     k_p, k_x = jax.random.split(key)
-    params = jaxseq.scan.init_bidirectional(cells.gru, k_p, I, H)
+    params = jaxseq.layers.init_bidirectional(cells.gru, k_p, I, H)
     xs = jax.random.normal(k_x, (3, T, I))
     lengths = jnp.array([T, 4, 1])
     (c_f, c_b), ys = jaxseq.bidirectional(cells.gru, params, xs, lengths=lengths, merge=merge)
@@ -100,7 +100,7 @@ def test_bidirectional_merges_padding_aware_directions(merge, key):
 
 
 def test_stacked_layers_and_dropout_between_layers(key):
-    params = jaxseq.scan.init_stacked(cells.lstm, key, I, H, num_layers=3)
+    params = jaxseq.layers.init_stacked(cells.lstm, key, I, H, num_layers=3)
     xs = jax.random.normal(key, (2, T, I))
     carries, ys = jaxseq.stacked(cells.lstm, params, xs)
     h = xs
@@ -115,30 +115,71 @@ def test_stacked_layers_and_dropout_between_layers(key):
     assert not np.allclose(y_drop, ys) and not np.allclose(y_drop, y_drop2)
     assert_trees_close(y_nokey, ys)
     # Bidirectional stack: second layer reads 2H features.
-    bi = jaxseq.scan.init_stacked(cells.gru, key, I, H, num_layers=2, bidirectional=True)
+    bi = jaxseq.layers.init_stacked(cells.gru, key, I, H, num_layers=2, bidirectional=True)
     assert bi[1]["forward"]["U"].shape == (2 * H, 3 * H)
     (_, ys_bi) = jaxseq.stacked(cells.gru, bi, xs, bidirectional=True, lengths=jnp.array([T, 3]))
     assert ys_bi.shape == (2, T, 2 * H) and float(jnp.abs(ys_bi[1, 3:]).max()) == 0.0
 
 
-def test_layer_runs_the_fused_lstm_and_the_scan_for_other_cells(key):
-    """``scan.layer`` (what stacked, the nn wrappers and the models call) picks the fused LSTM layer."""
+def _primitives(key, cell, **kwargs):
     xs = jax.random.normal(key, (2, T, I))
+    params = cell.init(key, I, H)
+    jaxpr = jax.make_jaxpr(lambda p, x: jaxseq.layer(cell, p, x, carry=cell.init_carry((2,), H), **kwargs))(
+        params, xs)
+    return {eqn.primitive.name for eqn in jaxpr.jaxpr.eqns}
 
-    def primitives(cell, **kwargs):
-        params = cell.init(key, I, H)
-        jaxpr = jax.make_jaxpr(lambda p, x: jaxseq.scan.layer(cell, p, cell.init_carry((2,), H), x, **kwargs))(
-            params, xs)
-        return {eqn.primitive.name for eqn in jaxpr.jaxpr.eqns}
 
-    assert "custom_vjp_call" in primitives(cells.lstm)
-    assert "custom_vjp_call" in primitives(cells.make_lstm(forget_bias=0.0))  # any make_lstm cell
-    assert "scan" in primitives(cells.lstm, impl="scan") and "custom_vjp_call" not in primitives(cells.lstm, impl="scan")
-    assert "scan" in primitives(cells.gru)
-    with pytest.raises(ValueError, match="LSTM cells"):
-        primitives(cells.gru, impl="fused")
-    with pytest.raises(ValueError, match="impl"):
-        primitives(cells.lstm, impl="cuda")
+def test_layer_runs_a_declared_fused_layer_and_the_reference_loop_otherwise(key):
+    """``jaxseq.layer`` (what stacked, the nn wrappers and the models call) runs the fused LSTM layer for the cells
+    that declare it (``Cell.fused``: every ``make_lstm`` cell) and the reference loop for every other cell."""
+    assert "custom_vjp_call" in _primitives(key, cells.lstm)
+    assert "custom_vjp_call" in _primitives(key, cells.make_lstm(forget_bias=0.0))  # any make_lstm cell
+    scanned = _primitives(key, cells.lstm, impl="scan")
+    assert "scan" in scanned and "custom_vjp_call" not in scanned
+    assert "scan" in _primitives(key, cells.gru)
+    with pytest.raises(ValueError, match="impl='fused' needs a cell that declares a fused layer"):
+        _primitives(key, cells.gru, impl="fused")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        _primitives(key, cells.lstm, impl="cuda")
+
+
+def test_a_user_built_cell_is_never_silently_fused(key):
+    """The layout (for checks) and the fused layer are separate declarations: a cell with the LSTM layout but its
+    own step runs that step in the reference loop; declaring ``fused="lstm"`` is what selects the fused layer."""
+    calls = []
+
+    def my_apply(params, carry, x):
+        calls.append(1)
+        return cells.lstm.apply(params, carry, x)
+
+    mine = cells.Cell(cells.lstm.init, cells.lstm.init_carry, my_apply, layout="lstm")
+    assert "custom_vjp_call" not in _primitives(key, mine) and calls
+    declared = mine._replace(fused="lstm")
+    assert "custom_vjp_call" in _primitives(key, declared)
+    with pytest.raises(ValueError, match=r"cell.fused must name one of jaxseq.layers.FUSED \['lstm'\]"):
+        _primitives(key, mine._replace(fused="gru"))
+
+
+@pytest.mark.parametrize("name", sorted(CELLS))
+def test_another_cells_params_give_one_line_errors(key, name):
+    """``unroll(cells.X.apply, <params of another cell>)`` says what X expects instead of failing inside the step
+    (a KeyError, TypeError or AttributeError from the scan body before each cell checked its params)."""
+    cell = CELLS[name]
+    xs = jnp.zeros((2, T, I))
+    for other in sorted(o for o in CELLS if CELLS[o].layout != cell.layout):
+        params = CELLS[other].init(key, I, H)
+        with pytest.raises(ValueError, match=r'^params(\["\w+"\])? .*expects \{"U"') as error:
+            jaxseq.unroll(cell.apply, params, cell.init_carry((2,), H), xs)
+        assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match=r"^carry must be"):
+        wrong_carry = cells.gru.init_carry((2,), H) if name == "lstm" else cells.lstm.init_carry((2,), H)
+        cell.apply(cell.init(key, I, H), wrong_carry, xs[:, 0])
+
+
+def test_hidden_state_of_a_carry(key):
+    h, c = jnp.ones((2, H)), jnp.zeros((2, H))
+    assert cells.hidden_state(LSTMState(h, c)) is h
+    assert cells.hidden_state(c) is c
 
 
 def test_lstm_forget_bias_and_initialisers(key):
@@ -206,7 +247,7 @@ def test_bad_input_names_argument_shape_and_expectation(key):
         with pytest.raises(ValueError, match=pattern):
             jaxseq.unroll(cells.lstm.apply, params, args["carry"], args["xs"], lengths=args["lengths"])
     with pytest.raises(ValueError, match="merge must be one of"):
-        jaxseq.bidirectional(cells.lstm, jaxseq.scan.init_bidirectional(cells.lstm, key, I, H), xs, merge="max")
+        jaxseq.bidirectional(cells.lstm, jaxseq.layers.init_bidirectional(cells.lstm, key, I, H), xs, merge="max")
     with pytest.raises(ValueError, match="activation must be one of"):
         cells.make_rnn("sigmoid")
     # The check runs at trace time under jit too, before lax.scan is entered.
@@ -236,13 +277,13 @@ def test_cell_init_rejects_sizes_that_are_not_positive_ints(key, name):
         with pytest.raises(ValueError, match=f"{bad} must be a positive int"):
             CELLS[name].init(key, input_size, hidden_size)
     with pytest.raises(ValueError, match="num_layers must be a positive integer, got 0"):
-        jaxseq.scan.init_stacked(CELLS[name], key, I, H, 0)
+        jaxseq.layers.init_stacked(CELLS[name], key, I, H, 0)
 
 
 def test_bidirectional_and_stacked_params_structure_is_checked(key):
     xs = jnp.zeros((2, T, I))
     lstm_params, gru_params = cells.lstm.init(key, I, H), cells.gru.init(key, I, H)
-    bi_params = jaxseq.scan.init_bidirectional(cells.lstm, key, I, H)
+    bi_params = jaxseq.layers.init_bidirectional(cells.lstm, key, I, H)
     structure = r'must be \{"forward": cell_params, "backward": cell_params\}'
     with pytest.raises(ValueError, match=r"^params " + structure + r".*got keys \['U', 'W', 'b'\]"):
         jaxseq.bidirectional(cells.lstm, lstm_params, xs)
@@ -258,7 +299,7 @@ def test_bidirectional_and_stacked_params_structure_is_checked(key):
     with pytest.raises(ValueError, match=r"carry of a bidirectional layer must be a pair .* single LSTMState"):
         jaxseq.bidirectional(cells.lstm, bi_params, xs, carry=cells.lstm.init_carry((2,), H))
     with pytest.raises(ValueError, match="carry must be an LSTMState"):
-        jaxseq.scan.layer(cells.lstm, lstm_params, jnp.zeros((2, H)), xs, impl="scan")
+        jaxseq.layer(cells.lstm, lstm_params, xs, carry=jnp.zeros((2, H)), impl="scan")
 
 
 def test_stacked_needs_at_least_one_layer(key):
@@ -276,7 +317,7 @@ def test_lengths_given_as_a_list_or_numpy_array(key):
     expected = jaxseq.unroll(cells.gru.apply, params, carry, xs, lengths=jnp.array([T, 2, 0]), reverse=True)
     for lengths in ([T, 2, 0], (T, 2, 0), np.array([T, 2, 0])):
         assert_trees_close(jaxseq.unroll(cells.gru.apply, params, carry, xs, lengths=lengths, reverse=True), expected)
-    bi_params = jaxseq.scan.init_bidirectional(cells.gru, key, I, H)
+    bi_params = jaxseq.layers.init_bidirectional(cells.gru, key, I, H)
     assert_trees_close(jaxseq.bidirectional(cells.gru, bi_params, xs, lengths=[T, 2, 0]),
                        jaxseq.bidirectional(cells.gru, bi_params, xs, lengths=jnp.array([T, 2, 0])))
     with pytest.raises(ValueError, match=r"lengths must lie in \[0, 6\]"):
