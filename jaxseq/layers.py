@@ -60,7 +60,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -73,8 +72,8 @@ from jaxseq import bptt, cells, native
 from jaxseq.cells import Cell, LSTMState
 from jaxseq.scan import unroll
 from jaxseq.sequences import (as_lengths, batch_shape, check_carry_pair, check_cell_params, check_directions,
-                              check_merge, check_sequence_inputs, clip_lengths, mask_like, merge_outputs,
-                              reverse_within_lengths, sum_like, vary_like)
+                              check_merge, check_sequence_inputs, clip_lengths, dropout, mask_like,
+                              merge_outputs, reverse_within_lengths, sum_like, vary_like)
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +210,6 @@ def _forward_loop(form: str, loops: str, U, W, b, h0, c0, xs_t, valid_t, save: b
     if _use_native(loops, xs_t, W, training=save, hoisted=form == "hoist"):
         lengths = None if valid_t is None else valid_t.sum(axis=0, dtype=jnp.int32)  # validity is a prefix
         return native.lstm_forward(xs_t, U, W, b, h0, c0, lengths, hoisted=form == "hoist", save=save)
-    hidden = W.shape[0]
     if form == "hoist":
         projected = xs_t @ U + b  # [T, B, 4H]; no reshape that merges (and so would gather) a sharded batch
         inputs = tuple(jnp.split(projected, 4, axis=-1))
@@ -250,13 +248,6 @@ def _forward_loop(form: str, loops: str, U, W, b, h0, c0, xs_t, valid_t, save: b
     return h, c, out, None
 
 
-def _cpu_count() -> int:
-    """The CPUs this process may run on: its affinity mask where the OS has one (Linux), else all of them."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 def _native_fits(batch: int, depth: int, hidden: int, training: bool) -> bool:
     """Whether the native kernel beats XLA's loops at this shape (measured on a 2-core x86 CPU).
 
@@ -269,7 +260,7 @@ def _native_fits(batch: int, depth: int, hidden: int, training: bool) -> bool:
     """
     if training or batch >= 16:
         return True
-    return 8 * batch * depth * hidden >= 400_000 and _cpu_count() > 1
+    return 8 * batch * depth * hidden >= 400_000 and native.usable_cpus() > 1
 
 
 @functools.cache
@@ -850,9 +841,8 @@ def stacked(cell: Cell, layer_params: Sequence[Any], xs, *, lengths=None, bidire
     carries, ys, lengths = [], xs, as_lengths(lengths)
     kwargs = dict(lengths=lengths, impl=impl, checkpoint=checkpoint, unroll=unroll, time_major=time_major)
     for depth, params in enumerate(layer_params):
-        if depth > 0 and dropout_rate > 0.0 and key is not None:
-            keep = jax.random.bernoulli(jax.random.fold_in(key, depth), 1.0 - dropout_rate, ys.shape)
-            ys = jnp.where(keep, ys / (1.0 - dropout_rate), jnp.zeros((), ys.dtype))
+        if depth > 0 and key is not None:
+            ys = dropout(ys, dropout_rate, jax.random.fold_in(key, depth))
         if bidirectional:
             carry, ys = _bidirectional(cell, params, ys, merge=merge, **kwargs)
         else:

@@ -244,3 +244,14 @@ def check_carry_pair(carry) -> None:
     if isinstance(carry, LSTMState) or not (isinstance(carry, (tuple, list)) and len(carry) == 2):
         got = "a single LSTMState" if isinstance(carry, LSTMState) else f"a {type(carry).__name__}"
         raise ValueError(f"carry of a bidirectional layer must be a pair (forward_carry, backward_carry), got {got}")
+
+
+def dropout(x: jax.Array, rate: float, key) -> jax.Array:
+    """Inverted dropout: zero each entry with probability ``rate``, scale the rest by ``1 / (1 - rate)``.
+
+    ``key=None`` (evaluation) or ``rate == 0`` returns ``x`` unchanged.
+    """
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype))

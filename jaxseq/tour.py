@@ -127,7 +127,8 @@ def adding_problem(cfg: TourConfig, folder: pathlib.Path) -> str:
     import jax.numpy as jnp
     import optax
 
-    from jaxseq import cells, gradients, unroll
+    from jaxseq import cells, unroll
+    from jaxseq.data import synthetic_tasks
 
     del folder  # results go into the report only
     hidden = 32
@@ -142,19 +143,19 @@ def adding_problem(cfg: TourConfig, folder: pathlib.Path) -> str:
 
         def loss_fn(p, xs, ys):
             final, _ = unroll(cell.apply, p["cell"], cell.init_carry(xs.shape[:1], hidden), xs)
-            h = gradients.hidden_of(final)
+            h = cells.hidden_state(final)
             return ((h @ p["V"] + p["c"])[:, 0] - ys) ** 2
 
         @jax.jit
         def step(p, s, k):
-            xs, ys = gradients.adding_problem(k, 64, cfg.adding_steps)
+            xs, ys = synthetic_tasks.adding_problem(k, 64, cfg.adding_steps)
             loss, g = jax.value_and_grad(lambda q: loss_fn(q, xs, ys).mean())(p)
             updates, s = tx.update(g, s, p)
             return optax.apply_updates(p, updates), s, loss
 
         for i in range(cfg.adding_train_steps):
             params, opt_state, _ = step(params, opt_state, jax.random.fold_in(key, i))
-        xs, ys = gradients.adding_problem(jax.random.PRNGKey(10_000 + cfg.seed), 1000, cfg.adding_steps)
+        xs, ys = synthetic_tasks.adding_problem(jax.random.PRNGKey(10_000 + cfg.seed), 1000, cfg.adding_steps)
         rows.append([name, float(loss_fn(params, xs, ys).mean())])
     return (f"Adding problem, T = {cfg.adding_steps}, {cfg.adding_train_steps} Adam steps of 64 sequences "
             "(clipping at 1). Predicting the mean gives MSE ≈ 0.167; below 0.01 counts as solved. The full "

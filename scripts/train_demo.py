@@ -50,11 +50,11 @@ def init_params(key):
 def loss_fn(params, batch, dropout_key):
     """MSE of the last-hidden-state readout; batch x `[batch, time, features]`, y `[batch]`."""
     del dropout_key  # no dropout in this model
-    from jaxseq import cells, scan
+    from jaxseq import cells, unroll
 
     x = batch["x"]
     carry = cells.lstm.init_carry(x.shape[:1], HIDDEN, x.dtype)
-    (h, _), _ = scan.unroll(cells.lstm.apply, params["lstm"], carry, x)
+    (h, _), _ = unroll(cells.lstm.apply, params["lstm"], carry, x)
     pred = (h @ params["out"]["w"] + params["out"]["b"])[:, 0]
     err = pred.astype("float32") - batch["y"].astype("float32")
     mse = (err ** 2).mean()

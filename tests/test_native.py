@@ -1,7 +1,6 @@
 """The native CPU kernel for the fused LSTM's loops (jaxseq.native): same values and gradients as XLA's loops."""
 import importlib.util
 import logging
-import os
 import pathlib
 import re
 
@@ -14,6 +13,7 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
 from jaxseq import cells, layers, native, unroll
+from jaxseq.native import build
 from jaxseq.cells import LSTMState
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -258,7 +258,7 @@ def test_layer_uses_kernel_only_where_it_is_faster(key):
 
     assert "jaxseq_lstm_forward" in text(32, 128)
     assert "jaxseq_lstm_forward" in text(1, 256)  # forward only: two threads' work per step
-    if len(os.sched_getaffinity(0)) > 1:
+    if native.usable_cpus() > 1:
         assert "jaxseq_lstm_forward" in text(4, 256)
     assert "jaxseq_lstm_forward" not in text(1, 128)  # ... one thread's: XLA's loop is faster
     assert "jaxseq_lstm_backward" in text(1, 128, training=True)  # training: the kernel at every shape
@@ -296,24 +296,22 @@ def test_two_threads_give_the_same_values_call_after_call(key):
 def test_vector_width_matches_the_cpu():
     # A build whose vectors were wider than the CPU's registers took 2.0-7.5x the time of XLA's loops (16-float
     # vectors on an AVX2 CPU: the register tiles spilled), so the width must follow the CPU the kernel is built on.
-    info = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
-    flags = set(next(line for line in info if line.startswith("flags")).split())
-    expected = 16 if "avx512f" in flags else 8 if "avx" in flags else 4
-    assert native.vector_lanes() == expected
+    # (JAXSEQ_NATIVE_ISA=avx2|sse narrows it on purpose: build.expected_lanes reads the setting and the CPU.)
+    assert native.vector_lanes() == build.expected_lanes()
     assert native.LANES % native.vector_lanes() == 0
 
 
 def test_without_a_compiler_the_layer_keeps_xla_loops(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("JAXSEQ_CACHE_DIR", str(tmp_path))
-    native._library.cache_clear()
+    native.reset()
     try:
         with caplog.at_level(logging.WARNING, logger="jaxseq.native"):
             assert not native.available()
         assert "no C++ compiler" in caplog.text and "no-such-compiler" in caplog.text
     finally:
         monkeypatch.undo()
-        native._library.cache_clear()
+        native.reset()
     assert native.available()
 
 

@@ -21,11 +21,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def fresh_library(monkeypatch):
-    """``native._library`` forgets its result before and after the test (the settings change in between)."""
-    native._library.cache_clear()
+    """``native.reset()`` forgets the build result before and after the test (the settings change in between)."""
+    native.reset()
     yield
     monkeypatch.undo()
-    native._library.cache_clear()
+    native.reset()
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +127,7 @@ def test_a_second_library_in_one_process_keeps_the_first(real_library, monkeypat
     assert native.available()
     monkeypatch.setenv("CXX", str(_fake_compiler(tmp_path, f'cp "{real_library}" "$out"')))
     monkeypatch.setenv("JAXSEQ_CACHE_DIR", str(tmp_path / "cache"))
-    native._library.cache_clear()
+    native.reset()
     with caplog.at_level(logging.WARNING, logger="jaxseq"):
         assert native.available()
     assert "takes effect in a new process" in caplog.text and _compiles(tmp_path) == 1

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxseq import decoding, scan
+from jaxseq import decoding, layers
 from jaxseq.cells import LSTMState, check_size, make_lstm
 
 VARIANTS = ("merge", "inject", "attention")
@@ -160,7 +160,7 @@ class CaptionModel(nn.Module):
             _, logits = step(self, state, tokens)
             return logits
         x = self._embed(tokens, deterministic)
-        _, hs = scan.layer(_lstm, self.lstm, state["lstm"], x)  # the fused LSTM layer (hand-BPTT backward)
+        _, hs = layers.layer(_lstm, self.lstm, x, carry=state["lstm"])  # the fused LSTM layer (hand-BPTT backward)
         image = state.get("image")
         return self._head(hs, None if image is None else image[:, None, :], deterministic)
 

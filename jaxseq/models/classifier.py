@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from jaxseq import nn as jnn
 from jaxseq.cells import Cell
-from jaxseq.models.common import hidden_state
+from jaxseq.cells import hidden_state
 
 POOLINGS = ("last", "mean", "max")
 NUM_ORDERS = 6  # classes of the order data set (jaxseq.tasks.classify): the 3! orders of three events
@@ -46,10 +46,11 @@ class SequenceClassifier(nn.Module):
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if self.bidirectional:
             (c_f, c_b), ys = jnn.Bidirectional(self.cell, self.hidden_size, param_dtype=self.param_dtype)(
-                xs, lengths=lengths)
+                xs, seq_lengths=lengths, return_carry=True)
             last = jnp.concatenate([hidden_state(c_f), hidden_state(c_b)], axis=-1)
         else:
-            carry, ys = jnn.RNN(self.cell, self.hidden_size, param_dtype=self.param_dtype)(xs, lengths=lengths)
+            carry, ys = jnn.RNN(self.cell, self.hidden_size, param_dtype=self.param_dtype)(
+                xs, seq_lengths=lengths, return_carry=True)
             last = hidden_state(carry)
         features = last if self.pooling == "last" else _masked_pool(ys, lengths, self.pooling)
         return nn.Dense(self.num_classes, param_dtype=self.param_dtype, name="output")(features)

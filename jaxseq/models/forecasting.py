@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxseq import cells
-from jaxseq.models.common import hidden_state
-from jaxseq.scan import init_stacked, stacked
+from jaxseq.cells import hidden_state
+from jaxseq.layers import init_stacked, stacked
 
 CELLS = {"rnn": cells.rnn, "lstm": cells.lstm, "gru": cells.gru}
 # Model names of the command line: the chapter's three cells and the bidirectional LSTM of its exercise.

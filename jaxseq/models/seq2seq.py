@@ -26,8 +26,9 @@ import jax.numpy as jnp
 import optax
 
 from jaxseq import attention as attn
-from jaxseq import cells, scan
-from jaxseq.models.common import dropout, hidden_state
+from jaxseq import cells, layers
+from jaxseq.cells import hidden_state
+from jaxseq.sequences import dropout
 
 CELLS = {"lstm": cells.lstm, "gru": cells.gru}
 ATTENTIONS = ("none",) + attn.SCORES
@@ -81,7 +82,7 @@ def init_params(config: Seq2SeqConfig, key) -> dict:
     params = {
         "src_embed": embed_init(keys[0], (config.src_vocab, E)),
         "tgt_embed": embed_init(keys[1], (config.tgt_vocab, E)),
-        "encoder": scan.init_stacked(cell, keys[2], E, config.hidden, config.enc_layers,
+        "encoder": layers.init_stacked(cell, keys[2], E, config.hidden, config.enc_layers,
                                      bidirectional=config.bidirectional),
         "decoder": [cell.init(k, (E + D if use_attention else E) if l == 0 else D, D)
                     for l, k in enumerate(dec_keys)],
@@ -116,7 +117,7 @@ def encode(config: Seq2SeqConfig, params, src, src_len, *, key=None) -> dict:
         raise ValueError(f"src must be int [batch, source], got shape {src.shape}")
     k_emb, k_layers = (None, None) if key is None else jax.random.split(key)
     x = dropout(params["src_embed"][src], config.dropout, k_emb)
-    finals, states = scan.stacked(CELLS[config.cell], params["encoder"], x, lengths=src_len,
+    finals, states = layers.stacked(CELLS[config.cell], params["encoder"], x, lengths=src_len,
                                   bidirectional=config.bidirectional, dropout_rate=config.dropout, key=k_layers)
     if config.bidirectional:
         finals = [_merge_directions(c) for c in finals]

@@ -16,7 +16,6 @@ are the same to float32 rounding (tests/test_native.py). Nothing here raises for
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import logging
@@ -29,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxseq.native import build
-from jaxseq.scan import vary_like
+from jaxseq.sequences import vary_like
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +37,6 @@ SOURCE = build.SOURCE
 # AVX-512, 8 with AVX2 and 4 with SSE (vector_lanes()).
 LANES = 16
 _TARGETS = {"jaxseq_lstm_forward": "JaxseqLstmForward", "jaxseq_lstm_backward": "JaxseqLstmBackward"}
-_disabled_depth = 0
-_cpu_flags = build.cpu_flags
 _failure: str | None = None  # why the last _library() returned None
 _registered: tuple[Path, ctypes.CDLL] | None = None  # the library whose handlers XLA calls in this process
 
@@ -72,12 +69,16 @@ def _library() -> ctypes.CDLL | None:
     return None
 
 
+def reset() -> None:
+    """Forget this process's build-and-load result, so the next ``available()`` reads the settings and the cache
+    again (a library already loaded stays the one XLA calls: see ``_library``)."""
+    _library.cache_clear()
+
+
 def unavailable_reason() -> str | None:
     """Why ``available()`` is False, in one line (building the kernel first if needed); None if it is True."""
     if os.environ.get("JAXSEQ_NATIVE", "1") == "0":
         return "turned off by JAXSEQ_NATIVE=0"
-    if _disabled_depth:
-        return "turned off inside native.disabled()"
     try:
         backend, devices = jax.default_backend(), jax.device_count()
     except Exception as error:  # noqa: BLE001 -- see _library
@@ -92,7 +93,7 @@ def unavailable_reason() -> str | None:
 
 
 def available() -> bool:
-    """Whether the native kernel is on: CPU backend, one device, not disabled, and it built. Never raises."""
+    """Whether the native kernel is on: CPU backend, one device, not turned off by JAXSEQ_NATIVE=0, and it built. Never raises."""
     return unavailable_reason() is None
 
 
@@ -109,17 +110,6 @@ def usable_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
-
-
-@contextlib.contextmanager
-def disabled():
-    """Trace with XLA's loops instead of the kernel inside this block (for comparisons and tests)."""
-    global _disabled_depth
-    _disabled_depth += 1
-    try:
-        yield
-    finally:
-        _disabled_depth -= 1
 
 
 def padded_hidden(hidden: int) -> int:

@@ -21,13 +21,13 @@ Example::
                  callbacks=[LossCurve()])
     params = restore_params("runs/demo", init)
 """
-from jaxseq.training.callbacks import Callback, LossCurve
+from jaxseq.training.callbacks import Callback, FitResult, LossCurve
 from jaxseq.training.checkpoints import CheckpointUnreadable, load_run_config, restore_params
 from jaxseq.training.config import OPTIMIZER_FIELDS, OPTIMIZERS, SCHEDULES, TRAJECTORY_FIELDS, TrainConfig
 from jaxseq.training.data import ArrayBatches, BatchSource
 from jaxseq.training.distributed import initialize_distributed, make_mesh, put_batch, replicate
 from jaxseq.training.lock import RunFolderBusy, RunFolderLock
-from jaxseq.training.loop import FitResult, NonFiniteError, fit
+from jaxseq.training.loop import NonFiniteError, fit
 from jaxseq.training.state import (LossFn, Params, TrainState, create_train_state, injected_learning_rate,
                                    make_eval_fn, make_eval_step, make_optimizer, make_train_step)
 

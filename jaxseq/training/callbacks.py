@@ -2,10 +2,16 @@
 from __future__ import annotations
 
 import pathlib
-from typing import TYPE_CHECKING
+from typing import Any, NamedTuple
 
-if TYPE_CHECKING:
-    from jaxseq.training.loop import FitResult
+
+class FitResult(NamedTuple):
+    """What `fit` returns, and what `Callback.on_train_end` receives."""
+
+    params: Any  # final params (replicated jax arrays)
+    step: int  # steps done in total, over all resumes
+    history: list[dict]  # the records of metrics.jsonl (train, eval and non-finite records), oldest first
+    already_finished: bool  # True when the run folder held a finished run and nothing was trained
 
 
 class Callback:

@@ -16,13 +16,13 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
 import optax
 
-from jaxseq.training.callbacks import Callback
+from jaxseq.training.callbacks import Callback, FitResult
 from jaxseq.training.checkpoints import (DAMAGED_DIR, CheckpointUnreadable, Checkpoints, abstract_like, diff_dicts,
                                          diff_shapes, first_intact, shapes)
 from jaxseq.training.config import (OPTIMIZER_FIELDS, TRAJECTORY_FIELDS, TrainConfig, json_roundtrip,
@@ -35,13 +35,6 @@ from jaxseq.training.state import (LossFn, Params, TrainState, create_train_stat
                                    optimizer_and_step)
 
 logger = logging.getLogger("jaxseq.training")
-
-
-class FitResult(NamedTuple):
-    params: Params  # final params (replicated jax arrays)
-    step: int  # steps done in total, over all resumes
-    history: list[dict]  # the records of metrics.jsonl (train, eval and non-finite records), oldest first
-    already_finished: bool  # True when the run folder held a finished run and nothing was trained
 
 
 class NonFiniteError(FloatingPointError):
