@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from jaxseq import layers
 from jaxseq.cells import Cell, check_size
-from jaxseq.sequences import as_lengths, clip_lengths, reverse_within_lengths
+from jaxseq.sequences import as_lengths, batch_shape, clip_lengths, reverse_within_lengths
 
 
 def _pick(override, default):
@@ -65,6 +65,10 @@ class RNN(nn.Module):
         params = self.param("cell", lambda key: self.cell.init(key, inputs.shape[-1], self.hidden_size,
                                                                self.param_dtype))
         seq_lengths = as_lengths(seq_lengths)
+        if initial_carry is None:
+            # The module knows the hidden size, so a custom cell's params need not say it (no "W" needed).
+            initial_carry = self.cell.init_carry(batch_shape(inputs, time_major), self.hidden_size,
+                                                 self.param_dtype)
         carry, ys = layers.layer(self.cell, params, inputs, carry=initial_carry, lengths=seq_lengths,
                                  reverse=reverse, impl=self.impl, unroll=self.unroll, time_major=time_major)
         if reverse and not _pick(keep_order, self.keep_order):

@@ -75,3 +75,23 @@ def test_sizes_and_layer_count_must_be_positive(key):
                          (nn.StackedRNN(cells.lstm, 4, num_layers=0), "num_layers")]:
         with pytest.raises(ValueError, match=f"{name} must be a positive int"):
             module.init(key, xs)
+
+
+def test_rnn_module_runs_a_custom_cell_whose_params_do_not_say_the_hidden_size(key):
+    """The module knows hidden_size, so a custom cell's params need no recurrent kernel "W" to size the carry."""
+    def init(k, input_size, hidden_size, dtype=jnp.float32):
+        k1, k2 = jax.random.split(k)
+        return {"Wx": jax.random.normal(k1, (input_size, hidden_size), dtype) * 0.3,
+                "Wh": jax.random.normal(k2, (hidden_size, hidden_size), dtype) * 0.3}
+
+    def apply(params, h, x):
+        h = jnp.tanh(x @ params["Wx"] + h @ params["Wh"])
+        return h, h
+
+    cell = cells.Cell(init, lambda batch, hidden, dtype=jnp.float32: jnp.zeros((*batch, hidden), dtype), apply)
+    xs = jax.random.normal(key, (2, 5, 3))
+    module = nn.RNN(cell, 4, return_carry=True)
+    variables = module.init(key, xs)
+    final, ys = module.apply(variables, xs)
+    expected = jaxseq.unroll(apply, variables["params"]["cell"], jnp.zeros((2, 4)), xs)
+    assert_trees_close((final, ys), expected)
