@@ -291,6 +291,13 @@ def test_translate_train_eval_predict(tmp_path, capsys):
     assert len((run / "dev.hyp").read_text(encoding="utf-8").splitlines()) == 4
     assert cli.main(args) == 0  # a finished run is not retrained; it says so
     assert "already finished" in capsys.readouterr().out
+    # Other settings on the same folder are refused before the run's vocabularies or model.json change.
+    kept = {f.name: f.read_bytes() for f in run.iterdir() if f.is_file() and f.suffix not in (".png", ".lock")}
+    other = args.copy()
+    other[other.index("--min-count") + 1] = "2"
+    assert cli.main(other) == 2
+    assert "different run_config" in capsys.readouterr().err
+    assert {name: (run / name).read_bytes() for name in kept} == kept
 
     hyp = tmp_path / "hyp.txt"
     assert cli.main(["translate", "eval", "--run", str(run), "--src", str(data / "tst2012.en"), "--ref",

@@ -252,7 +252,7 @@ def train_and_evaluate(config: CaptionTaskConfig, train_config, *, callbacks=())
     from jaxseq.data import glove as glove_lib
     from jaxseq.data.text import END, START, CaptionBatches, caption_vocab, clean_caption, wrap
     from jaxseq.models import captioning as cap
-    from jaxseq.training import LossCurve, fit
+    from jaxseq.training import LambdaCallback, LossCurve, fit
 
     if config.beam < 1:
         raise ValueError(f"beam must be >= 1, got {config.beam}")
@@ -293,8 +293,6 @@ def train_and_evaluate(config: CaptionTaskConfig, train_config, *, callbacks=())
         return cap.caption_loss(model, params, batch, key)
 
     out = pathlib.Path(train_config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / VOCAB_FILE).write_text(json.dumps(vocab.to_json()))
     dev = splits["dev"]
     dev_features = _model_features(np.asarray(dev.features, np.float32), config.variant, source["kind"])
     dev_refs = [[clean_caption(c) for c in caps] for caps in dev.captions]
@@ -314,8 +312,11 @@ def train_and_evaluate(config: CaptionTaskConfig, train_config, *, callbacks=())
     batches = CaptionBatches(train_features, image_index, tokens, train_config.batch_size, seed=train_config.seed)
     fitted = fit(train_config, init_params=init, loss_fn=loss_fn, train=batches, evaluate=evaluate_dev,
                  run_config=run_config,
-                 callbacks=[LossCurve(title=f"{out.name}: {config.variant} captioning", eval_metric="dev_bleu4"),
-                            *callbacks])
+                 callbacks=[  # the vocabulary is written once fit holds the folder and has accepted it
+                     LambdaCallback(on_train_begin=lambda folder, step: (folder / VOCAB_FILE).write_text(
+                         json.dumps(vocab.to_json()))),
+                     LossCurve(title=f"{out.name}: {config.variant} captioning", eval_metric="dev_bleu4"),
+                     *callbacks])
     if fitted.already_finished:
         log.info("%s already finished %d epoch(s); reporting its test scores", out, train_config.epochs)
     run = load_run(out)  # the best checkpoint (by dev BLEU-4), not the last params

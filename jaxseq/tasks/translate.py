@@ -270,12 +270,16 @@ def train_and_evaluate(config: TranslateConfig, train_config, *, callbacks=()) -
         max_src_len=max(64, max(len(s) for s in dev_sources)))
 
     out = pathlib.Path(train_config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tr.save_vocabs(out, src_vocab, tgt_vocab)
     meta = {"model": dataclasses.asdict(model), "tokenizer": corpus.tokenizer, "data": corpus.name,
             "max_len": config.max_len, "min_count": config.min_count, "max_vocab": config.max_vocab,
             "bucket_widths": list(widths)}
-    (out / MODEL_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+    def write_run_files(folder: pathlib.Path, step: int) -> None:
+        """The vocabularies and model.json, once fit holds the folder and has accepted it (a refused or busy
+        run must not overwrite the files of the run it found)."""
+        del step
+        tr.save_vocabs(folder, src_vocab, tgt_vocab)
+        (folder / MODEL_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
     train = tr.BucketedBatches(tr.EncodedPairs.from_pairs(corpus.train, src_vocab, tgt_vocab, tokenizer=tok),
                                train_config.batch_size, seed=seed, widths=widths)
@@ -299,7 +303,8 @@ def train_and_evaluate(config: TranslateConfig, train_config, *, callbacks=()) -
     fitted = training.fit(train_config, init_params=lambda k: seq2seq.init_params(model, k),
                           loss_fn=lambda p, b, k: seq2seq.loss_fn(model, p, b, k), train=train,
                           evaluate=dev_loss, run_config=meta,
-                          callbacks=[training.LossCurve(title=f"{out.name}: {config.attention} attention",
+                          callbacks=[training.LambdaCallback(on_train_begin=write_run_files),
+                                     training.LossCurve(title=f"{out.name}: {config.attention} attention",
                                                         eval_metric="dev_loss"), *callbacks])
     if fitted.already_finished:
         log.info("%s: already finished at step %d; translating the dev set with its best checkpoint", out,

@@ -9,7 +9,7 @@ One concern a module, all re-exported here:
 - `distributed`: `make_mesh`, `put_batch`, `replicate`, `initialize_distributed` (one `data` axis).
 - `checkpoints`: Orbax checkpoints; `restore_params`, `load_run_config`; damaged checkpoints are walked past.
 - `records`: metrics.jsonl (and TensorBoard when installed).
-- `callbacks`: `Callback` hooks and `LossCurve` (loss.png).
+- `callbacks`: `Callback` hooks, `LambdaCallback` (hooks from functions) and `LossCurve` (loss.png).
 - `lock`: `RunFolderLock`, one training process per run folder (`RunFolderBusy` otherwise).
 - `loop`: `fit`, `FitResult`, `NonFiniteError`.
 
@@ -21,7 +21,7 @@ Example::
                  callbacks=[LossCurve()])
     params = restore_params("runs/demo", init)
 """
-from jaxseq.training.callbacks import Callback, FitResult, LossCurve
+from jaxseq.training.callbacks import Callback, FitResult, LambdaCallback, LossCurve
 from jaxseq.training.checkpoints import CheckpointUnreadable, load_run_config, restore_params
 from jaxseq.training.config import OPTIMIZER_FIELDS, OPTIMIZERS, SCHEDULES, TRAJECTORY_FIELDS, TrainConfig
 from jaxseq.training.data import ArrayBatches, BatchSource
@@ -32,7 +32,7 @@ from jaxseq.training.state import (LossFn, Params, TrainState, create_train_stat
                                    make_eval_fn, make_eval_step, make_optimizer, make_train_step)
 
 __all__ = [
-    "ArrayBatches", "BatchSource", "Callback", "CheckpointUnreadable", "FitResult", "LossCurve", "LossFn",
+    "ArrayBatches", "BatchSource", "Callback", "CheckpointUnreadable", "FitResult", "LambdaCallback", "LossCurve", "LossFn",
     "NonFiniteError", "OPTIMIZERS", "OPTIMIZER_FIELDS", "Params", "RunFolderBusy", "RunFolderLock", "SCHEDULES",
     "TRAJECTORY_FIELDS", "TrainConfig", "TrainState", "create_train_state", "fit", "initialize_distributed",
     "injected_learning_rate", "load_run_config", "make_eval_fn", "make_eval_step", "make_mesh", "make_optimizer",

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import pathlib
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 
 class FitResult(NamedTuple):
@@ -29,6 +29,23 @@ class Callback:
 
     def on_train_end(self, result: FitResult, out_dir: pathlib.Path) -> None:
         """After the last step and the final checkpoint, with what fit is about to return."""
+
+
+class LambdaCallback(Callback):
+    """A callback from plain functions (Keras' `LambdaCallback`): each argument, when given, is that hook.
+
+    `on_train_begin` is the place for files that a task keeps beside its checkpoints (vocabularies, the model's
+    description): it runs once fit holds the run folder's lock and has accepted the folder (resume checks
+    passed), so a refused or busy run never overwrites them.
+    """
+
+    def __init__(self, on_train_begin: Callable[[pathlib.Path, int], None] | None = None,
+                 on_record: Callable[[dict], None] | None = None,
+                 on_train_end: Callable[[FitResult, pathlib.Path], None] | None = None):
+        for name, hook in (("on_train_begin", on_train_begin), ("on_record", on_record),
+                           ("on_train_end", on_train_end)):
+            if hook is not None:
+                setattr(self, name, hook)
 
 
 class LossCurve(Callback):
