@@ -7,6 +7,7 @@ one-process run of the same worker on the same global batches is the reference.
 import json
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -137,6 +138,24 @@ def test_sigkill_of_one_process_then_restarting_both_resumes_exactly(runs):
         # All the losses: those read back from metrics.jsonl up to the checkpoint and those trained after it.
         assert_trees_close(result["losses"], uninterrupted["losses"], rtol=0, atol=1e-5)
     assert _steps(out) == ["12", "8"]
+
+
+def test_two_processes_walk_back_past_a_damaged_newest_checkpoint(runs):
+    """Both processes resume from the newest intact checkpoint and agree on it: process 0 moves the damaged one
+    aside, and the other process, which read it too, must not still list it when the run saves that step again
+    (its manager would skip its part of the collective save and leave process 0 waiting)."""
+    out = runs["root"] / "damaged" / "run"
+    shutil.copytree(runs["pair_out"], out)
+    newest = out / "checkpoints" / "12"
+    largest = max((p for p in newest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
+    resumed = _finish(_launch(out, "damaged", 2), out, "damaged")
+    log = (out.parent / "damaged-0.log").read_text()
+    assert "checkpoint step 12" in log and "resumed from step 8" in log, log[-3000:]
+    for result in resumed:
+        assert result["step"] == STEPS
+        assert_trees_close(_params(result), _params(runs["pair"][0]), rtol=0, atol=1e-5)
+    assert _steps(out) == ["12", "8"] and (out / "damaged-checkpoints" / "12").is_dir()
 
 
 @pytest.mark.parametrize("variable", ["JAXSEQ_NUM_PROCESSES", "JAXSEQ_PROCESS_ID"])

@@ -169,8 +169,12 @@ class Checkpoints:
         while target.exists():
             target, n = root / f"{step}.{n}", n + 1
         shutil.move(str(self.directory / str(step)), str(target))
-        self.manager.reload()
+        self.reload()
         return target
+
+    def reload(self) -> None:
+        """List the checkpoints on disk again (after another process moved one aside)."""
+        self.manager.reload()
 
     def close(self) -> None:
         self.manager.close()

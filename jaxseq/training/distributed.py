@@ -34,6 +34,14 @@ def initialize_distributed() -> None:
     jax.distributed.initialize(**given)
 
 
+def barrier(name: str) -> None:
+    """Wait until every process gets here (a no-op in a one-process run); `name` must match across processes."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
     """A 1-D mesh with axis `data` over the first `num_devices` devices (all when None)."""
     devices = jax.devices()

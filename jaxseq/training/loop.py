@@ -28,7 +28,7 @@ from jaxseq.training.checkpoints import (DAMAGED_DIR, CheckpointUnreadable, Chec
 from jaxseq.training.config import (OPTIMIZER_FIELDS, TRAJECTORY_FIELDS, TrainConfig, json_roundtrip,
                                     validate_config)
 from jaxseq.training.data import BatchSource
-from jaxseq.training.distributed import initialize_distributed, make_mesh, put_batch, replicate
+from jaxseq.training.distributed import barrier, initialize_distributed, make_mesh, put_batch, replicate
 from jaxseq.training.lock import RunFolderLock
 from jaxseq.training.records import METRICS_FILE, Recorder, read_history
 from jaxseq.training.state import (LossFn, Params, TrainState, create_train_state, injected_learning_rate,
@@ -107,6 +107,7 @@ def fit(config: TrainConfig, *, init_params: Callable[[jax.Array], Params], loss
                 shutil.rmtree(out / name, ignore_errors=True)
             for name in (METRICS_FILE, "loss.png"):
                 (out / name).unlink(missing_ok=True)
+        barrier("jaxseq.training: run folder prepared")  # no process lists checkpoints that are being deleted
         ckpt = Checkpoints(out / "checkpoints", keep=config.keep_checkpoints, best_metric=config.best_metric,
                            best_mode=config.best_mode)
         try:
@@ -227,10 +228,17 @@ class _Run:
             raise ValueError(f"{self.ckpt.directory} holds no checkpoint this run can resume ({err}): damaged, not "
                              "written by jaxseq.training, or for another optimizer. Use a new out_dir, or "
                              "restart=True.") from None
+        # Several processes read the same checkpoints: all of them read before process 0 moves any aside, and
+        # all of them list the checkpoints again after, so every manager agrees on the latest step (a process that
+        # still listed a moved step would skip its part of the collective save at that step).
+        barrier("jaxseq.training: checkpoints read")
         for err in damaged:
             where = f"moved it to {self.ckpt.move_aside(err.step)}" if self.primary else "left it"
             logger.warning("checkpoint step %d in %s is damaged (%s: %s); %s and resumed from step %d", err.step,
                            self.ckpt.directory, err.path, err.detail, where, step)
+        barrier("jaxseq.training: damaged checkpoints moved aside")
+        if damaged and not self.primary:
+            self.ckpt.reload()
         self.state = TrainState(**restored)
         self.step = step
         return True, meta["epoch"], meta["batch_index"]
