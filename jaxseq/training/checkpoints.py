@@ -282,17 +282,16 @@ def _open_existing(out_dir) -> tuple[Checkpoints, int, dict]:
     return ckpt, step, meta
 
 
-def load_run_config(out_dir: str, *, require: str | None = None) -> dict:
+def load_run_config(out_dir: str) -> dict:
     """The `run_config` stored with the newest readable checkpoint of a run folder.
 
     Args:
       out_dir: the run folder given to `fit`.
-      require: a key the run_config must hold (a task's own, e.g. "forecast"): checks the folder's kind.
 
     Raises:
       FileNotFoundError: the folder holds no checkpoints.
-      ValueError: one line: no checkpoint can be read, the folder is not a jaxseq training run, or its
-        run_config lacks `require`.
+      ValueError: one line: no checkpoint can be read, or the folder is not a jaxseq training run (which task
+        wrote it is the task's own check: `jaxseq.tasks.run_config`).
     """
     ckpt, step, meta = _open_existing(out_dir)
     ckpt.close()
@@ -300,8 +299,6 @@ def load_run_config(out_dir: str, *, require: str | None = None) -> dict:
     if not isinstance(run_config, dict) or not isinstance(meta.get("train_config"), dict):
         raise ValueError(f"{out_dir} is not a jaxseq training run folder: its checkpoint (step {step}) holds no "
                          "run_config and train_config")
-    if require is not None and require not in run_config:
-        raise ValueError(f"{out_dir} is not a {require!r} run: its run_config holds {sorted(run_config)}")
     return run_config
 
 
