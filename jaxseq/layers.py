@@ -285,8 +285,7 @@ def _use_native(loops: str, xs_t, W, training: bool, hoisted: bool) -> bool:
         if not float32:
             _warn_native_fallback(f"the kernel is float32 only, got {jnp.result_type(xs_t, W)}")
         elif not native.available():
-            _warn_native_fallback("the kernel is not available here (it needs x86-64 Linux, a C++ compiler, a "
-                                  "one-device CPU backend and JAXSEQ_NATIVE unset)")
+            _warn_native_fallback(f"the kernel is not available here: {native.unavailable_reason()}")
         return float32 and native.available()
     steps, batch, input_size = xs_t.shape
     hidden = W.shape[0]

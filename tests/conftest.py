@@ -3,7 +3,7 @@ import pathlib
 
 # The suite compiles hundreds of small programs and times none of them, so compilation is most of its time:
 # XLA's backend optimisation level 0 cuts it by about 30 % (measured on the quick tour: 90 s -> 64 s). Set
-# before jax is imported; subprocesses started by the tests inherit it (tests/test_training.py's _env).
+# before jax is imported; subprocesses started by the tests inherit it (tests/helpers.py's subprocess_env).
 FAST_COMPILE = "--xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = " ".join(f for f in (os.environ.get("XLA_FLAGS"), FAST_COMPILE) if f)
 

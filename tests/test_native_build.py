@@ -28,6 +28,13 @@ def fresh_library(monkeypatch):
     native.reset()
 
 
+@pytest.fixture
+def fresh_process():
+    """As in a new process: once a library is registered, a later one is not loaded (XLA keeps the first)."""
+    with native.as_in_a_fresh_process():
+        yield
+
+
 @pytest.fixture(scope="module")
 def real_library() -> pathlib.Path:
     """The kernel as this machine builds it (from the user's cache): what the fake compilers below copy."""
@@ -72,10 +79,8 @@ def _jaxseq_records(caplog):
     ("library does not load", "could not be loaded (OSError"),
 ])
 def test_every_failure_is_one_logged_line_and_no_error(case, expected, monkeypatch, tmp_path, caplog,
-                                                       fresh_library):
+                                                       fresh_library, fresh_process):
     monkeypatch.setenv("JAXSEQ_CACHE_DIR", str(tmp_path / "cache"))
-    # As in a fresh process: once a library is registered, a later one is not loaded (XLA keeps the first).
-    monkeypatch.setattr(native, "_registered", None)
     if case == "no compiler":
         monkeypatch.setenv("CXX", "/nonexistent")
     elif case == "cache below a file":  # we may run as root, whom a read-only folder does not stop

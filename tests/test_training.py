@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_trees_close
+from helpers import assert_trees_close, subprocess_env
 
 from jaxseq import training
 from jaxseq.training import (ArrayBatches, LossCurve, NonFiniteError, TrainConfig, fit, load_run_config,
@@ -289,14 +289,6 @@ def test_bad_out_dir_and_missing_run_folder(tmp_path):
         load_run_config(str(tmp_path / "nothing"))
 
 
-def _env(**extra):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT), **extra}
-    # The suite's XLA flags (conftest) plus the test's own: the same compiler settings in every process, which
-    # the bitwise comparisons across processes rely on.
-    env["XLA_FLAGS"] = " ".join(f for f in (os.environ.get("XLA_FLAGS"), extra.get("XLA_FLAGS")) if f)
-    return env
-
-
 KILLABLE = textwrap.dedent("""
     import logging, sys, time
     logging.getLogger("jaxseq.training").addHandler(logging.StreamHandler(sys.stdout))
@@ -322,7 +314,7 @@ def test_sigkill_mid_run_then_same_command_resumes_exactly(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-c", KILLABLE.format(tests=str(ROOT / "tests")), str(out)]
     # Both processes compile the same step: the second one reads it from the persistent compilation cache.
-    env = _env(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax-cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env = subprocess_env(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax-cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 120
@@ -373,7 +365,7 @@ MULTI_DEVICE = textwrap.dedent("""
 def test_eight_cpu_devices_match_one_device_and_reject_ragged_batches(tmp_path):
     code = MULTI_DEVICE.format(tests=str(ROOT / "tests"), out=str(tmp_path))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+                          env=subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     one = fit(config(tmp_path, "one"), init_params=init_params, loss_fn=loss_fn,

@@ -14,8 +14,8 @@ import types
 
 import numpy as np
 import pytest
-from helpers import assert_trees_close
-from test_training import _env, config, init_params, loss_fn, make_arrays, train_losses
+from helpers import assert_trees_close, subprocess_env
+from test_training import config, init_params, loss_fn, make_arrays, train_losses
 
 from jaxseq.training import (ArrayBatches, Callback, RunFolderBusy, RunFolderLock, fit, load_run_config,
                              restore_params)
@@ -115,7 +115,7 @@ HOLDER = "import sys, time; from jaxseq.training import RunFolderLock; RunFolder
 def test_a_run_folder_in_use_is_refused_until_its_holder_dies(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], env=_env(), stdout=subprocess.PIPE,
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], env=subprocess_env(), stdout=subprocess.PIPE,
                               text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"

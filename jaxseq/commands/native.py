@@ -43,11 +43,11 @@ def run_build(args) -> int:
         return 2
     from jaxseq import native
 
-    reason = native.unavailable_reason()
-    lanes = native.vector_lanes()
-    if lanes is None:  # built, but loading it failed (the reason names why)
-        print(f"jaxseq native build: error: {reason}", file=sys.stderr)
+    failure = native.load_failure()
+    if failure is not None:  # built, but loading it failed
+        print(f"jaxseq native build: error: {failure}", file=sys.stderr)
         return 2
+    lanes, reason = native.vector_lanes(), native.unavailable_reason()
     print(f"{'cached' if cached else 'built'} {path}")
     print(f"vector lanes {lanes} (ISA setting {build.isa()}), {time.perf_counter() - start:.1f} s")
     if reason is not None:

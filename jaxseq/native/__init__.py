@@ -16,6 +16,7 @@ are the same to float32 rounding (tests/test_native.py). Nothing here raises for
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import logging
@@ -73,6 +74,29 @@ def reset() -> None:
     """Forget this process's build-and-load result, so the next ``available()`` reads the settings and the cache
     again (a library already loaded stays the one XLA calls: see ``_library``)."""
     _library.cache_clear()
+
+
+@contextlib.contextmanager
+def as_in_a_fresh_process():
+    """For tests: inside the block nothing is built or loaded yet, as in a new process; after it, the library this
+    process had loaded is the one again."""
+    global _registered
+    loaded = _registered
+    _library.cache_clear()
+    _registered = None
+    try:
+        yield
+    finally:
+        _library.cache_clear()
+        _registered = loaded
+
+
+def load_failure() -> str | None:
+    """Why building or loading the library failed, in one line (building it first if needed); None if it loaded.
+
+    Unlike ``unavailable_reason`` this ignores the switches that keep a loaded kernel unused (JAXSEQ_NATIVE=0, a
+    GPU backend, several devices)."""
+    return _failure if _library() is None else None
 
 
 def unavailable_reason() -> str | None:
@@ -143,7 +167,7 @@ class Tape(NamedTuple):
     cs: jax.Array     # [T, Hp/LANES, B, LANES]: the carried cell states
 
     def unblocked(self) -> tuple[jax.Array, jax.Array]:
-        """``(gates [4, T, B, Hp], cs [T, B, Hp])``, the layout of ``layers._forward_loop``'s saved values."""
+        """``(gates [4, T, B, Hp], cs [T, B, Hp])``, the layout of the fused LSTM layer's saved values (``jaxseq.layers``)."""
         steps, blocks, batch = self.cs.shape[:3]
         gates = jnp.transpose(self.gates, (3, 0, 2, 1, 4)).reshape(4, steps, batch, blocks * LANES)
         cs = jnp.transpose(self.cs, (0, 2, 1, 3)).reshape(steps, batch, blocks * LANES)
@@ -159,7 +183,7 @@ def _swap_time(a):
 
 
 def lstm_forward(xs_t, U, W, b, h0, c0, lengths, *, hoisted: bool, save: bool):
-    """The forward loop of ``jaxseq.layers._forward_loop`` in the kernel.
+    """The fused LSTM layer's forward loop (``jaxseq.layers``, ``impl="native"``) in the kernel.
 
     Args:
       xs_t: ``[T, B, I]``.
@@ -204,7 +228,7 @@ def unpad_gate_columns(a, hidden: int):
 
 def lstm_backward(W, tape: Tape, c0, dys, lengths, dh, dc, *, weight_grads_of=None, keep_dz: bool = True,
                   input_kernel=None):
-    """The BPTT loop of ``jaxseq.layers._backward_loop`` in the kernel: ``(dh, dc, dz [T, B, 4H])``.
+    """The fused LSTM layer's BPTT loop (``jaxseq.layers``) in the kernel: ``(dh, dc, dz [T, B, 4H])``.
 
     ``W`` is the recurrent kernel ``[H, 4H]``, ``tape`` what ``lstm_forward`` saved, ``dys`` ``[T, B, H]``.
     ``weight_grads_of=(xs_t [T, B, I], h0 [B, H], ys [T, B, H])``: the kernel also forms the weight gradients

@@ -48,13 +48,17 @@ class RunFolderLock:
             holder = _read_note(fd)
             os.close(fd)
             raise RunFolderBusy(f"run folder {self.path.parent} is in use by another training process ({holder}); "
-                                "wait for it, stop it, or use another out_dir") from None
+                                "wait for it, stop it, or use a new out_dir") from None
         note = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")})
-        os.ftruncate(fd, 0)
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, (note + "\n").encode())
-        self.fd = fd
+        self.fd = fd  # held from here on: release() frees it even if the note below cannot be written
+        try:
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, (note + "\n").encode())
+        except OSError:
+            self.release()
+            raise
         return self
 
     def release(self) -> None:
