@@ -185,7 +185,7 @@ def test_efficientnet_lite0_checks_the_state_dict():
                                                  is_leaf=lambda s: isinstance(s, tuple))).shape == (2, 7, 7, 1280)
     state = {name: np.zeros((1, 1, 1, 1) if name.endswith("conv.weight") or name.endswith("stem.weight")
                             or name.endswith("head.weight") else (1,), np.float32)
-             for name in efficientnet_lite0._state_dict_names()}
+             for name in efficientnet_lite0.state_dict_names()}
     with pytest.raises(ValueError, match="do not fit the architecture"):
         efficientnet_lite0.params_from_state_dict(state)
     del state["_fc.bias"]
@@ -289,7 +289,7 @@ def test_inception_v3_layer_order_is_keras_order(keras_inception):
     # as model.layers lists them, ranked, are creation indices in Keras' order.
     def creation_indices(kind):
         names = [layer.name for layer in model.layers if isinstance(layer, kind)]
-        rank = {n: i for i, n in enumerate(sorted(names, key=inception_v3._suffix))}
+        rank = {n: i for i, n in enumerate(sorted(names, key=inception_v3.creation_index))}
         return [rank[n] for n in names]
 
     import keras

@@ -143,7 +143,7 @@ def params_from_state_dict(state_dict: dict[str, np.ndarray]) -> dict:
              for path, leaf in _flat_leaves(params).items() if np.shape(leaf) != expected[path]]
     if wrong:
         raise ValueError("EfficientNet-Lite0 weights do not fit the architecture: " + "; ".join(wrong[:5]))
-    unexpected = sorted(set(sd) - _state_dict_names())
+    unexpected = sorted(set(sd) - state_dict_names())
     if unexpected:
         raise ValueError(f"EfficientNet-Lite0 weights: unexpected tensors {unexpected[:5]} (another model?)")
     return params
@@ -158,7 +158,8 @@ def _flat_shapes(shapes) -> dict:
     return {jax.tree_util.keystr(p): v for p, v in leaves}
 
 
-def _state_dict_names() -> set[str]:
+def state_dict_names() -> set[str]:
+    """The names of the PyTorch state dict this architecture reads (what a weights file must hold)."""
     names = {"_conv_stem.weight", "_conv_head.weight", "_fc.weight", "_fc.bias"}
     bns = ["_bn0", "_bn1"]
     for i, (_, _, expand, _, _) in enumerate(block_configs()):

@@ -222,7 +222,8 @@ def apply(params: dict, images: jax.Array, *, output: str = "pooled") -> jax.Arr
     return pooled @ params["predictions"]["kernel"] + params["predictions"]["bias"]
 
 
-def _suffix(name: str) -> int:
+def creation_index(name: str) -> int:
+    """The number Keras appended to an auto-named layer (``conv2d_7`` -> 7, ``conv2d`` -> 0): its creation order."""
     match = re.search(r"_(\d+)$", name)
     return int(match.group(1)) if match else 0
 
@@ -233,7 +234,7 @@ def _read_layers(f) -> list[list[np.ndarray]]:
         # Keras 3 ``.weights.h5``: layers/<name>/vars/<0..n-1>, names numbered per class in layer order.
         groups = sorted(((name, group) for name, group in f["layers"].items()
                          if "vars" in group and len(group["vars"])),
-                        key=lambda item: (_suffix(item[0]), item[0]))
+                        key=lambda item: (creation_index(item[0]), item[0]))
         return [[np.asarray(g["vars"][str(i)]) for i in range(len(g["vars"]))] for _, g in groups]
     root = f["model_weights"] if "model_weights" in f else f
     if "layer_names" not in root.attrs:
