@@ -60,12 +60,16 @@ def _console_logging():
     for handler in (out, err):
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
-    level = logger.level
+    level, propagate = logger.level, logger.propagate
     logger.setLevel(logging.INFO)
+    # Not on to the root logger as well: a library imported on the way (orbax, via absl) may have given it a
+    # handler, which would print every line a second time with a "WARNING:jaxseq...:" prefix.
+    logger.propagate = False
     try:
         yield
     finally:
         logger.setLevel(level)
+        logger.propagate = propagate
         for handler in (out, err):
             logger.removeHandler(handler)
 

@@ -1,7 +1,9 @@
 """Forecasting: CSV validation, windows and splits, no leakage, baselines, metrics, models, CLI end to end."""
 from __future__ import annotations
 
+import io
 import json
+import logging
 import pathlib
 
 import jax
@@ -368,9 +370,16 @@ def test_cli_trains_beats_persistence_predicts_and_resumes(tmp_path, capsys, mon
         ts.next_dates(ts.read_csv(short).dates, 1)[0])
 
     # Running the same command again finds the finished run, says so (the training loop's log, shown by the
-    # command line) and rewrites identical results.
-    assert main(argv) == 0
-    assert "already finished" in capsys.readouterr().out
+    # command line) and rewrites identical results. Once: a handler on the root logger (as a library imported
+    # on the way may install) must not print the line a second time.
+    root_lines = io.StringIO()
+    root_handler = logging.StreamHandler(root_lines)
+    logging.getLogger().addHandler(root_handler)
+    try:
+        assert main(argv) == 0
+    finally:
+        logging.getLogger().removeHandler(root_handler)
+    assert capsys.readouterr().out.count("already finished") == 1 and "already finished" not in root_lines.getvalue()
     assert json.loads((out / "metrics.json").read_text()) == results
 
 
