@@ -8,13 +8,19 @@ solves the task, runs out of steps, or out of its wall-time budget, and tracks t
 Run (about 20 minutes on 2 shared CPU cores)::
 
     .venv/bin/python scripts/gradnorm_adding.py                       # adding, T = 100, 200, 400
-    .venv/bin/python scripts/gradnorm_adding.py --task copy --lengths 10 20 --max-steps 3000
 
-Writes ``runs/gradnorms/<task>.json`` (results, no timings), prints a table with steps-to-solve and wall
-time, and draws ``docs/figures/gradnorms_<task>.png`` (eval metric against step) and
-``docs/figures/gradnorms_<task>_profiles.png`` (‖∂L/∂s_t‖/‖∂L/∂s_T‖ at the start and end of training) and
-``docs/figures/gradnorms_<task>_ratio.png`` (‖∂L/∂s_1‖/‖∂L/∂s_T‖ during training); ``--plot-only``
-redraws them from the JSON.
+Copy task (about 3 minutes for the LSTM and 10 for the tanh RNN, one CPU core each), with a curriculum over
+the delay: each run trains on delay 5 until it recalls >= 99 % of the symbols, then 10, 20, ... up to 100::
+
+    .venv/bin/python scripts/gradnorm_adding.py --task copy --lengths 100 --curriculum 5 10 20 30 40 60 80 \
+        --hidden 128 --batch 64 --lr 3e-3 --max-steps 60000 --budget 600 --eval-every 250 --tag _curriculum
+
+Writes ``runs/gradnorms/<task><tag>.json`` (results, no timings), prints a table with steps-to-solve and wall
+time, and draws ``docs/figures/gradnorms_<task><tag>.png`` (eval metric against step) and
+``docs/figures/gradnorms_<task><tag>_profiles.png`` (‖∂L/∂s_t‖/‖∂L/∂s_T‖ at the start and end of training)
+and ``docs/figures/gradnorms_<task><tag>_ratio.png`` (‖∂L/∂s_1‖/‖∂L/∂s_T‖ during training); ``--plot-only``
+redraws them from the JSON. The profiles are taken at the run's final length; on copy their loss is the
+cross-entropy of the recalled symbols only.
 
 Expected: on adding, predicting the mean gives MSE 1/6 ≈ 0.167. The LSTM (forget bias 1) gets below the
 "solved" MSE 0.01 at T = 100 and T = 200 within about 1,000–1,500 steps at lr 1e-2 (5,400 steps at
@@ -22,7 +28,12 @@ T = 200 with ``--lr 1e-3``); the tanh RNN stays at the baseline,
 and at the start of training its gradient at t = 1 is many orders of magnitude smaller than the LSTM's.
 At T = 400 the LSTM may not solve it within the CPU budget (the table says what it reached). On copy
 the memoryless strategy has accuracy 1/8 on the recalled symbols and cross-entropy
-``10 log 8 / (delay + 20)`` per step.
+``10 log 8 / (delay + 20)`` per step. With the curriculum command above (seed 0) the LSTM (H = 128,
+lr 3e-3) solves delay 5 (recall >= 0.99) at step 6,000 and each longer delay within 250-750 more steps, delay
+100 at step 8,500 (about 3 minutes). The tanh RNN (orthogonal init) is slower but not at chance: it solves
+delays 5-40 by step 24,500 and stalls below 0.99 at delay 60 until its 60,000 steps run out. Without the
+curriculum (``--lengths 20``, same settings) the LSTM reaches 0.987 at delay 20 after 18,500 steps (300 s).
+docs/gradients.md section 4 has the tables.
 """
 from __future__ import annotations
 
@@ -92,11 +103,18 @@ def make_loss(task: str, cell, hidden: int, copy_length: int = tasks.COPY_LENGTH
         final, ys = unroll(cell.apply, params["cell"], cell.init_carry(xs.shape[:1], hidden), xs)
         return objective(readout(params, ys, final), targets)
 
+    def recalled(prediction, targets):
+        """The profile's loss: adding's MSE; copy's cross-entropy on the recalled symbols only, so that
+        ‖∂L/∂s_t‖ is what reaches step t from the recall (the blanks' loss would add a local term at every t)."""
+        if task == "adding":
+            return objective(prediction, targets)
+        return objective(prediction[:, -copy_length:], targets[:, -copy_length:])
+
     def profile(params, xs, targets):
         """Mean over the batch of ``PROFILE_SCALE`` · ‖∂L/∂s_t‖ (LSTM: h and c together), one backward pass."""
         _, grads = gradients.carry_grads(
             cell.apply, params["cell"], cell.init_carry(xs.shape[:1], hidden), xs,
-            lambda ys, final: PROFILE_SCALE * objective(readout(params, ys, final), targets))
+            lambda ys, final: PROFILE_SCALE * recalled(readout(params, ys, final), targets))
         return jnp.mean(gradients.timestep_norms(grads), axis=0)
 
     def metric(params, xs, targets):
