@@ -232,17 +232,15 @@ def draw(runs: list[dict], name: str) -> None:
     if runs[0].get("curriculum"):
         settings += f", curriculum {'-'.join(str(n) for n in [*runs[0]['curriculum'], runs[0]['length']])}"
     label = "eval MSE" if task == "adding" else "symbol accuracy"
-    # One line per (cell, stage length): a curriculum run shows each delay it trained on as its own segment.
-    curves, curve_styles, lengths = {}, {}, sorted({n for r in runs for n in r["history"].get("stage_length", [])})
-    for i, r in enumerate(runs):
+    # A curriculum run is one line through all its stages, labelled with the delays it trained on.
+    curves = {}
+    for r in runs:
         h = r["history"]
-        stage_of = h.get("stage_length", [r["length"]] * len(h["eval_steps"]))
-        for n in dict.fromkeys(stage_of):
-            keep = [j for j, m in enumerate(stage_of) if m == n]
-            key = f"{r['cell']} T={n}" if r["length"] == n or len(lengths) < 2 else f"{r['cell']} T={n} (stage)"
-            curves[key] = ([h["eval_steps"][j] for j in keep], [h["eval"][j] for j in keep])
-            curve_styles[key] = ({"color": f"C{lengths.index(n)}", "linestyle": "-" if i % 2 == 0 else "--"}
-                                 if len(lengths) > 1 else {"color": f"C{i}"})
+        stages = list(dict.fromkeys(h.get("stage_length", [r["length"]])))
+        key = (f"{r['cell']} T={r['length']}" if len(stages) < 2
+               else f"{r['cell']}, {'delay' if task == 'copy' else 'T'} {stages[0]} → {stages[-1]}")
+        curves[key] = (h["eval_steps"], h["eval"])
+    curve_styles = None
     plots.plot_training_runs(curves, figures / f"gradnorms_{name}.png", metric=label, baseline=runs[0]["baseline"],
                              log_y=task == "adding", styles=curve_styles,
                              title=f"{task}: {label} on 1,000 fixed sequences ({settings})")
