@@ -239,6 +239,20 @@ def test_copy_task(key):
     assert synthetic_tasks.copy_baseline(100) == pytest.approx(0.173, abs=1e-3)  # Arjovsky et al. 2016
 
 
+def test_copy_task_shorter_recall(key):
+    # length=3 from 4 categories: 3 symbols, delay - 1 blanks, delimiter 5, 3 blanks.
+    delay = 5
+    xs, labels = synthetic_tasks.copy_task(key, 4, delay, length=3, symbols=4)
+    tokens = np.argmax(np.asarray(xs), -1)
+    assert xs.shape == (4, delay + 6, 6) and labels.shape == (4, delay + 6)
+    np.testing.assert_array_equal(labels[:, -3:], tokens[:, :3])
+    assert (tokens[:, 3:delay + 2] == 0).all() and (tokens[:, delay + 2] == 5).all()
+    assert (tokens[:, :3] >= 1).all() and (tokens[:, :3] <= 4).all()
+    assert synthetic_tasks.copy_baseline(delay, length=3, symbols=4) == pytest.approx(3 * np.log(4) / 11)
+    with pytest.raises(ValueError, match="length and symbols"):
+        synthetic_tasks.copy_task(key, 1, 5, length=0)
+
+
 def test_timestep_norms_do_not_underflow_or_overflow():
     # float32: squaring 3e-30 or 3e25 directly would flush to 0 or overflow to inf.
     grads = {"h": jnp.array([[3e-30, 4e-30], [0.0, 0.0]]), "c": jnp.array([[0.0, 0.0], [3e25, 4e25]])}

@@ -39,27 +39,34 @@ def adding_problem(key, batch: int, steps: int, dtype=jnp.float32):
 COPY_SYMBOLS, COPY_LENGTH = 8, 10  # Arjovsky et al. 2016: 10 symbols drawn from 8 categories
 
 
-def copy_task(key, batch: int, delay: int, dtype=jnp.float32):
-    """The copy task (Arjovsky et al. 2016): remember 10 symbols for ``delay`` steps, then write them out.
+def copy_task(key, batch: int, delay: int, dtype=jnp.float32, *, length: int = COPY_LENGTH,
+              symbols: int = COPY_SYMBOLS):
+    """The copy task (Arjovsky et al. 2016): remember ``length`` symbols for ``delay`` steps, then write them out.
 
-    Tokens: 0 blank, 1..8 symbols, 9 delimiter. Input: 10 symbols, ``delay − 1`` blanks, the delimiter,
-    10 blanks (length ``delay + 20``); target: ``delay + 10`` blanks, then the 10 symbols.
+    Tokens: 0 blank, 1..``symbols`` symbols, ``symbols + 1`` delimiter. Input: ``length`` symbols,
+    ``delay − 1`` blanks, the delimiter, ``length`` blanks (``delay + 2·length`` steps); target:
+    ``delay + length`` blanks, then the symbols. The defaults (10 symbols from 8 categories) are Arjovsky's;
+    a shorter ``length`` is the same task with less to hold.
 
     Returns:
-      ``(xs [batch, delay + 20, 10] one-hot, labels int32[batch, delay + 20])``; the memoryless baseline
-      (blanks, then uniform over the 8 symbols) has mean cross-entropy ``copy_baseline(delay)``.
+      ``(xs [batch, delay + 2·length, symbols + 2] one-hot, labels int32[batch, delay + 2·length])``; the
+      memoryless baseline (blanks, then uniform over the symbols) has mean cross-entropy
+      ``copy_baseline(delay, length=length, symbols=symbols)``.
     """
     if delay < 1:
         raise ValueError(f"delay must be >= 1, got {delay}")
-    symbols = jax.random.randint(key, (batch, COPY_LENGTH), 1, COPY_SYMBOLS + 1)
+    if length < 1 or symbols < 1:
+        raise ValueError(f"length and symbols must be >= 1, got {length} and {symbols}")
+    recalled = jax.random.randint(key, (batch, length), 1, symbols + 1)
     blanks = jnp.zeros((batch, delay - 1), jnp.int32)
-    tail = jnp.zeros((batch, COPY_LENGTH), jnp.int32)
-    delimiter = jnp.full((batch, 1), COPY_SYMBOLS + 1, jnp.int32)
-    inputs = jnp.concatenate([symbols, blanks, delimiter, tail], axis=1)
-    labels = jnp.concatenate([jnp.zeros((batch, delay + COPY_LENGTH), jnp.int32), symbols], axis=1)
-    return jax.nn.one_hot(inputs, COPY_SYMBOLS + 2, dtype=dtype), labels
+    tail = jnp.zeros((batch, length), jnp.int32)
+    delimiter = jnp.full((batch, 1), symbols + 1, jnp.int32)
+    inputs = jnp.concatenate([recalled, blanks, delimiter, tail], axis=1)
+    labels = jnp.concatenate([jnp.zeros((batch, delay + length), jnp.int32), recalled], axis=1)
+    return jax.nn.one_hot(inputs, symbols + 2, dtype=dtype), labels
 
 
-def copy_baseline(delay: int) -> float:
-    """Mean cross-entropy per step of the memoryless strategy on ``copy_task``: ``10 log 8 / (delay + 20)``."""
-    return COPY_LENGTH * float(np.log(COPY_SYMBOLS)) / (delay + 2 * COPY_LENGTH)
+def copy_baseline(delay: int, *, length: int = COPY_LENGTH, symbols: int = COPY_SYMBOLS) -> float:
+    """Mean cross-entropy per step of the memoryless strategy on ``copy_task``:
+    ``length · log(symbols) / (delay + 2·length)`` (``10 log 8 / (delay + 20)`` by default)."""
+    return length * float(np.log(symbols)) / (delay + 2 * length)
