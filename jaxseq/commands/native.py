@@ -57,6 +57,7 @@ def run_build(args) -> int:
 
 def run_info(args) -> int:
     del args
+    from jaxseq import native
     from jaxseq.native import build
 
     flags = set(build.cpu_flags().split())
@@ -71,27 +72,12 @@ def run_info(args) -> int:
                   "floats)",
                   f"compiler      {shutil.which(compiler) or compiler + ' (not found)'}",
                   f"library       {path} ({'built' if build.verified(path) else 'not built'})"]
-        reason = _reason_without_building(path)
+        reason = native.unavailable_reason(build_if_needed=False)
     except build.BuildError as error:
         reason = str(error)
-    from jaxseq import native
-
     cpus, cap = native.usable_cpus(), os.environ.get("JAXSEQ_NATIVE_THREADS")
     lines.append(f"threads       at most {cap} (JAXSEQ_NATIVE_THREADS) of the {cpus} CPUs this process may use"
                  if cap else f"up to {cpus}, the CPUs this process may use")
     status = "available" if reason is None else f"not available: {reason}"
     print("\n".join([f"native kernel {status}", *lines]))
     return 0
-
-
-def _reason_without_building(path) -> str | None:
-    from jaxseq import native
-    from jaxseq.native import build
-
-    if os.environ.get("JAXSEQ_NATIVE", "1") == "0":
-        return "turned off by JAXSEQ_NATIVE=0"
-    if not build.verified(path):
-        if shutil.which(build.compiler()[0]) is None:
-            return f"no C++ compiler ({build.compiler()[0]}) found; set CXX to a compiler"
-        return "not built yet: `jaxseq native build` builds it (else the first LSTM layer on the CPU does)"
-    return native.unavailable_reason()  # built and verified: this only loads it

@@ -21,6 +21,7 @@ import ctypes
 import functools
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import NamedTuple
 
@@ -99,8 +100,11 @@ def load_failure() -> str | None:
     return _failure if _library() is None else None
 
 
-def unavailable_reason() -> str | None:
-    """Why ``available()`` is False, in one line (building the kernel first if needed); None if it is True."""
+def unavailable_reason(*, build_if_needed: bool = True) -> str | None:
+    """Why ``available()`` is False, in one line; None if it is True.
+
+    ``build_if_needed=False`` builds nothing: a library not built yet is the reason then (``jaxseq native info``).
+    """
     if os.environ.get("JAXSEQ_NATIVE", "1") == "0":
         return "turned off by JAXSEQ_NATIVE=0"
     try:
@@ -113,11 +117,22 @@ def unavailable_reason() -> str | None:
     # whole batch onto every device), so multi-device programs keep the XLA loops.
     if devices != 1:
         return f"{devices} devices (XLA cannot partition the kernel's custom call over a sharded batch)"
+    if not build_if_needed:
+        try:
+            built = build.verified(build.library_path())
+        except build.BuildError as error:
+            return str(error)
+        if not built:
+            if shutil.which(build.compiler()[0]) is None:
+                return f"no C++ compiler ({build.compiler()[0]}) found; set CXX to a compiler"
+            return "not built yet: `jaxseq native build` builds it (else the first LSTM layer on the CPU does)"
     return _failure if _library() is None else None
 
 
 def available() -> bool:
-    """Whether the native kernel is on: CPU backend, one device, not turned off by JAXSEQ_NATIVE=0, and it built. Never raises."""
+    """Whether the native kernel is on: CPU backend, one device, not turned off by JAXSEQ_NATIVE=0, and it built.
+
+    Never raises."""
     return unavailable_reason() is None
 
 
