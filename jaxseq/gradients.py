@@ -42,7 +42,7 @@ from jaxseq.cells import Cell, LSTMState, glorot_uniform, orthogonal, zeros
 from jaxseq.scan import unroll
 from jaxseq.sequences import check_sequence_inputs, vary_like
 
-#: Bound on |f′| for each activation (Pascanu et al. 2013, §3.2): the γ in ``(γ σ_max(W))^{T−t}``.
+#: Bound on ``|f′|`` for each activation (Pascanu et al. 2013, §3.2): the γ in ``(γ σ_max(W))^{T−t}``.
 ACTIVATION_GAMMA = {"linear": 1.0, "tanh": 1.0, "relu": 1.0, "sigmoid": 0.25}
 METHODS = ("auto", "dense", "power")
 #: Largest flattened carry for which ``method="auto"`` builds dense Jacobians ([time, S, S] floats).

@@ -6,6 +6,7 @@ the IWSLT files come from the Stanford NMT page), so both builders read files th
 ``manual_dir`` and nothing is fetched.
 
 Without TensorFlow only some of TFDS works, hence the choices here:
+
 - files are written as ``array_record`` (the default ``tfrecord`` writer needs TensorFlow);
 - data is read by random access, ``tfds.data_source(name, data_dir=..., split=...)`` (``tfds.load`` and
   ``as_dataset`` need TensorFlow); it returns a sequence of dicts of numpy values;

@@ -139,7 +139,7 @@ def read_lines(path: pathlib.Path) -> list[str]:
 
 
 def read_tatoeba(path, *, empty: str = "drop", stats: ReadStats | None = None) -> list[Pair]:
-    """Read an anki/Tatoeba TSV (``English<TAB>other<TAB>[attribution]``) into ``Pair``s.
+    """Read an anki/Tatoeba TSV (``English<TAB>other<TAB>[attribution]``) into a list of ``Pair``.
 
     Args:
       path: the ``.txt`` file.

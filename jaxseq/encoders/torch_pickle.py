@@ -6,6 +6,7 @@ storage types, ``torch._utils._rebuild_tensor_v2``) to our own harmless stand-in
 example ``os.system``, or a pickled ``nn.Module``) raises ``pickle.UnpicklingError`` before anything runs.
 
 Both container formats are read:
+
 - the legacy format (torch < 1.6, e.g. ``efficientnet-lite0-57934424.pth``): five pickles in a row (magic
   number, protocol version, system info, the state dict, the storage keys) followed by each storage's raw
   bytes, each preceded by its element count as a little-endian int64;
