@@ -43,6 +43,9 @@ exclude_patterns = ["_build", "**.ipynb_checkpoints"]
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
 myst_enable_extensions = ["dollarmath", "colon_fence"]
 myst_heading_anchors = 3
+# Some docstrings (jaxseq.training) write code in single backticks, as in Markdown; reST's default role would set
+# it in italics.
+default_role = "code"
 
 # autodoc: the public names only, in source order, with type hints in the description rather than the signature
 # (the signatures of the layers would otherwise run to several lines).
