@@ -18,12 +18,13 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.g
 os.environ.setdefault("JAXSEQ_QUICK", "1")
 
 # The notebooks live at the repository root (notebooks/, committed without outputs); Sphinx only reads sources
-# under docs/, so they are copied into the ignored docs/notebooks/ on every build (none is fine).
+# under docs/, so they are copied into the ignored docs/notebooks/ on every build (none is fine). The copies are
+# new files each time, so even an incremental build re-executes every notebook against the library as it is now.
 _notebooks = DOCS / "notebooks"
 shutil.rmtree(_notebooks, ignore_errors=True)
 _notebooks.mkdir()
 for _nb in sorted((ROOT / "notebooks").glob("*.ipynb")):
-    shutil.copy2(_nb, _notebooks / _nb.name)
+    shutil.copy(_nb, _notebooks / _nb.name)
 if not any(_notebooks.iterdir()):
     # index.md's glob must match something (an empty glob is a warning, so an error here).
     (_notebooks / "none.md").write_text("# No notebooks\n\nThis checkout has no notebooks in `notebooks/`.\n")
