@@ -50,7 +50,7 @@ default_role = "code"
 
 # autodoc: the public names only, in source order, with type hints in the description rather than the signature
 # (the signatures of the layers would otherwise run to several lines).
-autodoc_default_options = {"members": True, "undoc-members": False, "show-inheritance": True,
+autodoc_default_options = {"members": True, "undoc-members": True, "show-inheritance": True,
                            "member-order": "bysource"}
 autodoc_typehints = "description"
 autodoc_typehints_description_target = "documented"
