@@ -34,3 +34,63 @@ def test_speed_section_runs_from_an_installed_package(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(str(site / "jaxseq")), done.stdout
     assert '| jaxseq impl="scan" |' in done.stdout and "Peers installed:" in done.stdout
+
+
+# --- the figures the tour writes ---------------------------------------------------------------------------------
+
+def _drawn(monkeypatch, draw):
+    """The matplotlib figure ``draw()`` saves (kept open to be inspected)."""
+    from jaxseq import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.append(fig) or path)
+    draw()
+    assert len(figures) == 1
+    return figures[0]
+
+
+def test_loss_curve_draws_a_score_on_its_own_axis_and_titles_the_run(tmp_path, monkeypatch):
+    from jaxseq import plots
+
+    fig = _drawn(monkeypatch, lambda: plots.loss_curve(
+        [1, 2, 3], [5.0, 1.0, 0.2], tmp_path / "caption-run" / "loss.png", eval_steps=[3], eval_values=[42.0],
+        eval_label="eval dev_bleu4"))
+    loss_axis, score_axis = fig.axes
+    assert loss_axis.get_ylabel() == "loss" and loss_axis.get_yscale() == "log"  # spans 25x
+    assert score_axis.get_ylabel() == "dev_bleu4" and score_axis.get_yscale() == "linear"
+    assert "caption-run" in loss_axis.get_title()
+
+
+def test_loss_curve_is_linear_over_a_narrow_range_and_keeps_an_eval_loss_on_its_axis(tmp_path, monkeypatch):
+    from jaxseq import plots
+
+    fig = _drawn(monkeypatch, lambda: plots.loss_curve(
+        [1, 2, 3], [1.795, 1.79, 1.781], tmp_path / "bag" / "loss.png", eval_steps=[3], eval_values=[1.785],
+        eval_label="eval dev_loss"))
+    (axis,) = fig.axes
+    assert axis.get_yscale() == "linear"
+    assert [line.get_label() for line in axis.get_lines()] == ["train loss", "eval dev_loss"]
+
+
+def test_attention_map_labels_its_colour_bar(tmp_path, monkeypatch):
+    import numpy as np
+
+    from jaxseq import plots
+
+    fig = _drawn(monkeypatch, lambda: plots.attention_map(np.full((2, 3), 1 / 3), ["I", "love", "it"],
+                                                          ["a", "</s>"], tmp_path / "attention.png"))
+    assert fig.axes[1].get_ylabel() == "attention weight"
+
+
+def test_gradient_norm_figure_writes_formulas_as_mathtext(tmp_path, monkeypatch):
+    import jax
+
+    from jaxseq import gradients, plots
+
+    with jax.enable_x64(True):
+        result = gradients.profile("lstm", steps=3, hidden=4, sigma=0.9)
+    fig = _drawn(monkeypatch, lambda: plots.plot_profile(result, tmp_path / "gradnorms.png"))
+    labels = [text.get_text() for text in fig.axes[0].get_legend().get_texts()]
+    assert labels[0] == r"measured $\|\partial c_T/\partial c_t\|_2$", labels
+    assert all("||" not in label and "prod" not in label for label in labels), labels
+    assert r"$\sigma_{\max}$" in fig.axes[0].get_title()

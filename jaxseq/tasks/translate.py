@@ -304,8 +304,8 @@ def train_and_evaluate(config: TranslateConfig, train_config, *, callbacks=()) -
                           loss_fn=lambda p, b, k: seq2seq.loss_fn(model, p, b, k), train=train,
                           evaluate=dev_loss, run_config=meta,
                           callbacks=[training.LambdaCallback(on_train_begin=write_run_files),
-                                     training.LossCurve(title=f"{out.name}: {config.attention} attention",
-                                                        eval_metric="dev_loss"), *callbacks])
+                                     training.LossCurve(title=f"translation ({config.attention} attention), run "
+                                                              f"{out.name}", eval_metric="dev_loss"), *callbacks])
     if fitted.already_finished:
         log.info("%s: already finished at step %d; translating the dev set with its best checkpoint", out,
                  fitted.step)
