@@ -1,15 +1,15 @@
-"""``jaxseq tour``: every chapter end to end on embedded data, one report folder (see ``jaxseq.tour``)."""
+"""``jaxseq tour``: every topic end to end on embedded data, one report folder (see ``jaxseq.tour``)."""
 from __future__ import annotations
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("tour", help="run every chapter on embedded data and write one report",
+    p = subparsers.add_parser("tour", help="run every topic on embedded data and write one report",
                               description="Gradient norms vs theory, the adding problem, order classification, "
                               "Bitcoin forecast, synthetic captioning, Tatoeba en->vi with attention and the LSTM "
                               "speed table, into one report folder (README.md with figures and tables).")
     p.add_argument("--out", default=None, help="report folder (default runs/tour-<time>)")
     p.add_argument("--quick", action="store_true", help="small sizes: about 90 s on 2 CPU cores (CI)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of every section's weights, data and dropout")
     p.set_defaults(run=_run)
 
 
