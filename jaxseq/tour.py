@@ -434,7 +434,8 @@ def speed(cfg: TourConfig, folder: pathlib.Path) -> str:
         machine.append("load average " + ", ".join(f"{v:.2f}" for v in os.getloadavg()) + " over 1, 5, 15 min")
     text = (f"One LSTM layer, float32, batch {B}, {T} steps, {I} inputs, {H} units, on {jax.devices()[0].platform} "
             f"({', '.join(machine)}), jax {jax.__version__}; median of "
-            f"{_count(cfg.speed_repeats, 'interleaved sample')} after warm-up. Train = forward and gradient of a loss over the outputs. Reproduce: {_tour_command(cfg, 'speed')}.\n\n"
+            f"{_count(cfg.speed_repeats, 'interleaved sample')} after warm-up. Train = forward and gradient of a loss "
+            f"over the outputs. Reproduce: {_tour_command(cfg, 'speed')}.\n\n"
             + _table(["layer", "forward (ms)", "train (ms)", "train time / default"], rows,
                      ["", ".3f", ".3f", ".2f"])
             + "\n\nPeers installed: " + (", ".join(installed) if installed else "none")
