@@ -367,8 +367,10 @@ class _Run:
         known = getattr(self.train, "shapes", None)  # sources with length buckets say how many shapes they have
         count = f" {len(compiled)} of {len(known())}" if callable(known) else ""
         described = ", ".join(f"{name} {list(shape)}" for name, shape in shapes if len(shape) > 1) or str(shapes)
+        self.progress.clear()  # the line goes above the progress bar, not into it (as tqdm.write does)
         compile_logger.info("compiling the training step for batch shape%s (%s); XLA compiles each shape once",
                             count, described)
+        self.progress.refresh()
 
     def stop(self, signum: int, epoch: int, index: int) -> None:
         """Save (after a good step) and leave as the signal asks: KeyboardInterrupt or SystemExit(128 + signum)."""
