@@ -1,4 +1,4 @@
-"""Image captioning (chapter 18): train on Flickr8k features or the embedded synthetic pictures, caption images.
+"""Image captioning: train on Flickr8k features or the embedded synthetic pictures, caption images.
 
     result = caption.train_and_evaluate(CaptionTaskConfig(), TrainConfig(out_dir="runs/c", epochs=15))
     run = caption.load_run("runs/c")

@@ -1,4 +1,4 @@
-"""Many-to-one classification where only the ORDER of events carries the class (chapter 16's first example).
+"""Many-to-one classification where only the ORDER of events carries the class.
 
     result = classify.train_and_evaluate(ClassifyConfig(model="lstm"), TrainConfig(out_dir="runs/c/lstm"))
     accuracies = classify.compare("runs/c", models=("bag", "rnn", "lstm"))   # {"bag": 0.17, ...}
