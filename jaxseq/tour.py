@@ -16,8 +16,8 @@ Every section calls the same task functions the command line calls, formats what
 command that reproduces it with the section's settings (``jaxseq tour --only SECTION`` where no other command
 does); a section that fails is reported as such and the tour goes on, so one broken piece does not lose the
 rest. ``quick=True`` shrinks every section so the whole tour runs in about 90 s on 2 CPU cores (the test suite
-runs it). Progress goes to ``logging.getLogger("jaxseq.tour")``: a line as each section starts and ends, and one
-per model inside the sections that train several.
+runs it). Progress goes to ``logging.getLogger("jaxseq.tour")``: a line as each section starts and ends, one per
+model inside the sections that train several, one per epoch inside those that train one.
 """
 from __future__ import annotations
 
