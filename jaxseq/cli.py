@@ -28,7 +28,29 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         importlib.import_module(f"jaxseq.commands.{info.name}").register(subparsers)
+    for each in parsers(parser):
+        _plain_help(each)
     return parser
+
+
+def parsers(parser: argparse.ArgumentParser):
+    """``parser`` and every sub-command parser below it, depth first."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from parsers(sub)
+
+
+def _plain_help(parser: argparse.ArgumentParser) -> None:
+    """One help style for every command: plain text (the descriptions are module docstrings, in reST) and every
+    option's default shown. Done here, once, so a new sub-command cannot forget it."""
+    parser.formatter_class = commands.HelpFormatter
+    parser.description = commands.plain(parser.description)
+    for action in parser._actions:
+        action.help = commands.plain(action.help)
+        for choice in getattr(action, "_choices_actions", ()):  # the one-line help of each sub-command
+            choice.help = commands.plain(choice.help)
 
 
 def _describe(error: Exception) -> str:

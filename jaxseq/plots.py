@@ -6,6 +6,7 @@ plain arrays so the figures can be redrawn from the JSON results files.
 from __future__ import annotations
 
 import pathlib
+import re
 
 import matplotlib
 
@@ -60,31 +61,56 @@ def plot_forecast(dates, actual, forecasts: dict, path, *, title: str = "", ylab
 
 def loss_curve(train_steps, train_loss, path, *, eval_steps=None, eval_values=None, eval_label: str = "eval loss",
                title: str | None = None) -> pathlib.Path:
-    """Training loss against step (and an eval metric at its steps), log-scaled when every value is positive.
+    """Training loss against step, and an eval metric at its steps.
+
+    An eval metric that is a loss (its label names a loss or an MSE) shares the loss axis; any other metric (BLEU,
+    accuracy) gets its own linear axis on the right, with its own label. The loss axis is log-scaled only when its
+    values are positive and span more than a factor of ``LOG_SPAN``.
 
     Args:
       train_steps, train_loss: `[records]` step and mean training loss of each metrics.jsonl train record.
       path: the PNG to write.
-      eval_steps, eval_values: `[evals]` optional eval metric to draw on the same axes.
-      eval_label: legend text of the eval line.
+      eval_steps, eval_values: `[evals]` optional eval metric.
+      eval_label: legend text of the eval line, e.g. "eval dev_loss" or "eval dev_bleu4".
+      title: the figure title; None titles it with the run folder's name (``path``'s parent folder).
     """
     train_steps, train_loss = list(train_steps), list(train_loss)
     if len(train_steps) != len(train_loss):
         raise ValueError(f"train_steps has {len(train_steps)} entries but train_loss has {len(train_loss)}")
+    path = pathlib.Path(path)
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(train_steps, train_loss, label="train loss", lw=1.2)
+    lines = ax.plot(train_steps, train_loss, _marker(train_steps), label="train loss", lw=1.2, ms=3)
     values = list(train_loss)
     if eval_steps is not None and eval_values is not None:
-        ax.plot(list(eval_steps), list(eval_values), "o-", label=eval_label, ms=3, lw=1.2)
-        values += list(eval_values)
-    if values and min(values) > 0:
-        ax.set_yscale("log")
+        eval_steps, eval_values = list(eval_steps), list(eval_values)
+        if re.search(r"loss|mse", eval_label, re.IGNORECASE):
+            lines += ax.plot(eval_steps, eval_values, "o-", label=eval_label, ms=3, lw=1.2)
+            values += eval_values
+        else:
+            twin = ax.twinx()
+            lines += twin.plot(eval_steps, eval_values, "o-", color="C1", label=eval_label, ms=3, lw=1.2)
+            twin.set_ylabel(eval_label.removeprefix("eval "))  # a score (BLEU, accuracy): linear
+    _scale(ax, values)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.set_title(title or "training")
+    ax.set_title(title or f"training run {path.resolve().parent.name}")
     ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
+    ax.legend(lines, [line.get_label() for line in lines], loc="best", fontsize=8)
     return save_figure(fig, path)
+
+
+LOG_SPAN = 10.0  # a log axis only for values spanning more than this factor: over 1.78-1.80 it shows no ticks
+
+
+def _scale(ax, values) -> None:
+    """Log scale when ``values`` are positive and span more than ``LOG_SPAN``, else linear."""
+    if values and min(values) > 0 and max(values) / min(values) > LOG_SPAN:
+        ax.set_yscale("log")
+
+
+def _marker(steps) -> str:
+    """Markers on a line of few points: a single record would otherwise draw nothing."""
+    return "o-" if len(steps) <= 20 else "-"
 
 
 # --- gradients ---
@@ -109,21 +135,30 @@ def plot_profile(result: dict, path):
     """The figure of one ``jaxseq.gradients.profile`` result: measured norms, the theory of its kind, and
     ``ρ(W)^(T-t)`` where the cell has one; the title gives the settings."""
     kind, cell, settings = result["theory_kind"], result["cell"], result["settings"]
-    theory_label = {"exact": "theory ||W^(T-t)|| (exact)",
-                    "upper_bound": "bound (gamma sigma_max)^(T-t)",
-                    "direct_path": "direct path max prod " + ("f" if cell == "lstm" else "z")}[kind]
+    gate = "f" if cell == "lstm" else "z"
+    theory_label = {"exact": r"theory $\|W^{T-t}\|_2$ (exact)",
+                    "upper_bound": r"bound $(\gamma\,\sigma_{\max})^{T-t}$",
+                    "direct_path": rf"direct path $\Pi_{{j>t}}\, {gate}_j$ (largest unit)"}[kind]
     extra = {}
     if result["spectral_radius_line"] is not None:
-        extra["rho(W)^(T-t)"] = result["spectral_radius_line"]
+        extra[r"$\rho(W)^{T-t}$"] = result["spectral_radius_line"]
     title = (f"{cell}{' ' + settings['activation'] if cell == 'rnn' else ''}, T={settings['steps']}, "
-             f"H={settings['hidden']}, sigma_max={settings['sigma_max']:g}, seed {settings['seed']}")
+             rf"H={settings['hidden']}, $\sigma_{{\max}}$={settings['sigma_max']:g}, seed {settings['seed']}")
     return plot_gradnorms(result["timesteps"], result["measured"], result["theory"], path,
-                          theory_label=theory_label, measured_label="measured " + result["measured_quantity"],
+                          theory_label=theory_label, measured_label="measured " + mathtext(result["measured_quantity"]),
                           extra=extra, title=title)
 
 
+def mathtext(quantity: str) -> str:
+    """``||dc_T/dc_t||_2`` (the ASCII form ``jaxseq.gradients`` records) as matplotlib mathtext; other text as is."""
+    match = re.fullmatch(r"\|\|d(\w)_T/d(\w)_t\|\|_2", quantity)
+    if match is None:
+        return quantity
+    return rf"$\|\partial {match[1]}_T/\partial {match[2]}_t\|_2$"
+
+
 def plot_gradnorm_bands(distance, curves: dict, path, *, theory: dict | None = None, xlabel: str = "T - t",
-                        ylabel: str = "||dh_T/dh_t||_2 (log scale)", title: str | None = None):
+                        ylabel: str = r"$\|\partial h_T/\partial h_t\|_2$ (log scale)", title: str | None = None):
     """Median curves with a shaded band: ``curves[label] = (median, low, high)`` over seeds, each ``[n]``.
 
     ``theory[label] = values`` are drawn dashed, in the colour of the curve whose label starts the theory's
@@ -186,7 +221,7 @@ def attention_map(weights, source_tokens, target_tokens, path, *, title: str | N
     ax.set_yticks(range(len(target_tokens)), target_tokens)
     ax.set_xlabel("source")
     ax.set_ylabel("output")
-    fig.colorbar(image, ax=ax, fraction=0.04)
+    fig.colorbar(image, ax=ax, fraction=0.04, label="attention weight")
     if title:
         ax.set_title(title)
     return save_figure(fig, path)

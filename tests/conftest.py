@@ -9,6 +9,7 @@ os.environ["XLA_FLAGS"] = " ".join(f for f in (os.environ.get("XLA_FLAGS"), FAST
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+from helpers import REAL_DATA  # noqa: E402
 
 # The tests compare float32 paths with oracles to ~1e-5. On a GPU, XLA's and cuDNN's default float32 products
 # round their inputs to TF32 (~1e-3), so there the whole suite runs at strict float32.
@@ -41,5 +42,5 @@ def shared_data() -> pathlib.Path:
     """The real data: JAXSEQ_SHARED_DATA, else ../shared/data beside the checkout (as .ci/run sets it)."""
     root = os.environ.get("JAXSEQ_SHARED_DATA") or pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
     if not pathlib.Path(root).is_dir():
-        pytest.skip(f"real data not available at {root}: set JAXSEQ_SHARED_DATA to the shared/data folder")
+        pytest.skip(REAL_DATA)
     return pathlib.Path(root)

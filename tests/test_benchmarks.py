@@ -4,9 +4,9 @@ import json
 import pathlib
 import time
 
-import pytest
+from helpers import import_or_skip
 
-torch = pytest.importorskip("torch")  # the `parity` extra
+torch = import_or_skip("torch")
 
 
 def _load(name):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import assert_trees_close
+from helpers import assert_trees_close, import_or_skip
 from jaxseq import metrics
 from jaxseq.data import flickr8k, glove, synthetic_captions as sc
 from jaxseq.data.text import caption_vocab, clean_caption, wrap
@@ -296,7 +296,7 @@ def test_caption_bleu_uses_all_references():
 
 
 def test_cider_and_rouge_l_against_hand_values():
-    pytest.importorskip("pycocoevalcap", reason="CIDEr/ROUGE-L need the caption-metrics extra")
+    import_or_skip("pycocoevalcap")
     refs = [["a dog runs on grass"], ["two children play in the water"], ["a red bird sits on a branch"]]
     perfect = metrics.caption_cider_rouge([r[0] for r in refs], refs)
     # CIDEr-D of a caption equal to its only reference: cosine 1 for n = 1..4, no length penalty, x10.

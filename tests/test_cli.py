@@ -1,5 +1,7 @@
 """The ``jaxseq`` console script on bad input: one line naming the flag or file, exit 2, never a traceback."""
 import json
+import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -331,3 +333,54 @@ def test_caption_run_with_a_broken_vocabulary_names_the_file(fake_runs, tmp_path
     (run / "vocab.json").write_text("{not json")
     assert cli.main(["caption", "eval", "--run", str(run)]) == 2
     assert f"{run / 'vocab.json'} is not a saved vocabulary" in _one_line(capsys)
+
+
+# --- help ------------------------------------------------------------------------------------------------------
+
+def _options(parser):
+    return [action for action in parser._actions if action.option_strings and action.option_strings != ["-h", "--help"]]
+
+
+def test_every_option_has_help_and_shows_its_default():
+    missing, no_default = [], []
+    for parser in cli.parsers(cli.build_parser()):
+        for action in _options(parser):
+            name = f"{parser.prog} {action.option_strings[-1]}"
+            if not (action.help or "").strip():
+                missing.append(name)
+            elif (commands.worth_showing(action.default)
+                  and "default" not in parser.formatter_class(parser.prog)._get_help_string(action)):
+                no_default.append(name)
+    assert not missing, f"options without help: {missing}"
+    assert not no_default, f"options whose help hides the default: {no_default}"
+
+
+def test_help_is_plain_text(capsys):
+    """Sub-command descriptions are module docstrings in reST: the terminal gets them without its markup."""
+    for parser in cli.parsers(cli.build_parser()):
+        text = parser.format_help()
+        assert "``" not in text and "::" not in text, f"{parser.prog} --help shows reST:\n{text}"
+        assert not re.search(r"\bchapter \d+", text, re.IGNORECASE), f"{parser.prog} --help cites a chapter number"
+    capsys.readouterr()
+
+
+def _command_lines(text: str) -> list[str]:
+    """The `jaxseq ...` command lines of ``text``: continuation lines joined, comments and spacing dropped."""
+    text = text.replace("\\\n", " ")
+    lines = (line.split("#")[0].strip() for line in text.splitlines())
+    return [" ".join(line.split()) for line in lines if line.startswith("jaxseq ")]
+
+
+def test_help_examples_agree_with_the_readme():
+    """An example in the help that trains into the same folder as one in README.md is that command."""
+    readme = _command_lines((pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text())
+    checked = 0
+    for parser in cli.parsers(cli.build_parser()):
+        for example in _command_lines(parser.description or ""):
+            out = re.search(r"--(?:out|run) (\S+)", example)
+            same = [line for line in readme if out and line.split()[:3] == example.split()[:3]
+                    and re.search(rf"--(?:out|run) {re.escape(out[1])}(\s|$)", line)]
+            for line in same:
+                assert example == line, f"{parser.prog} --help says\n  {example}\nREADME.md says\n  {line}"
+                checked += 1
+    assert checked >= 4  # caption train/predict and translate train/predict at least

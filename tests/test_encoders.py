@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_trees_close
+from helpers import KERAS_NOT_JAX, REAL_DATA, assert_trees_close, import_or_skip, skip_unless_installed
 
 from jaxseq.encoders import efficientnet_lite0, features, imagenet, inception_v3, torch_pickle
 
@@ -64,7 +64,7 @@ def test_reader_rejects_files_that_are_not_torch_weights(tmp_path):
 
 @pytest.mark.parametrize("zip_format", [False, True], ids=["legacy", "zip"])
 def test_reader_matches_torch_save(tmp_path, zip_format):
-    torch = pytest.importorskip("torch", reason="torch is the oracle for the .pth format (pip install torch)")
+    torch = import_or_skip("torch")
     base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
     state = {
         "dense": torch.randn(3, 5, generator=torch.Generator().manual_seed(0)),
@@ -87,10 +87,8 @@ def test_reader_matches_torch_save(tmp_path, zip_format):
 
 @pytest.fixture(scope="module")
 def lite0_weights():
-    try:
-        return efficientnet_lite0.default_weights_path()
-    except FileNotFoundError as error:
-        pytest.skip(f"EfficientNet-Lite0 weights unavailable: {error}")
+    skip_unless_installed(efficientnet_lite0.WEIGHTS_PACKAGE)
+    return efficientnet_lite0.default_weights_path()
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +96,7 @@ def photos(shared_data):
     folder = shared_data / "flickr8k" / "images"
     paths = [folder / f"{name}.jpg" for name in PHOTOS]
     if not all(p.is_file() for p in paths):
-        pytest.skip(f"the Flickr8k sample photos are not in {folder}")
+        pytest.skip(REAL_DATA)
     return paths
 
 
@@ -130,9 +128,8 @@ def test_package_weights_are_read_without_torch(lite0_weights):
 
 
 def test_efficientnet_lite0_matches_the_package_model(lite0_weights, lite0_run):
-    torch = pytest.importorskip("torch", reason="the PyTorch reference needs torch (pip install torch)")
-    lite = pytest.importorskip("efficientnet_lite_pytorch",
-                               reason="the reference model is in efficientnet-lite-pytorch (pip install it)")
+    torch = import_or_skip("torch")
+    lite = import_or_skip("efficientnet_lite_pytorch")
     _, x, pooled, logits = lite0_run
     model = lite.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=os.fspath(lite0_weights))
     model.eval()
@@ -213,13 +210,12 @@ def test_missing_weights_package_says_what_to_install(monkeypatch):
 @pytest.fixture(scope="module")
 def keras_inception(tmp_path_factory):
     """One Keras InceptionV3 with every variable random, saved in both Keras file formats, and its outputs."""
-    if not (_has("keras") and _has("h5py")):
-        pytest.skip("the InceptionV3 oracle needs keras and h5py (pip install 'jaxseq[test]')")
+    skip_unless_installed("keras", "h5py")
     os.environ.setdefault("KERAS_BACKEND", "jax")
     import keras
 
     if keras.backend.backend() != "jax":
-        pytest.skip(f"keras runs on {keras.backend.backend()}; this test needs KERAS_BACKEND=jax")
+        pytest.skip(KERAS_NOT_JAX)
     with warnings.catch_warnings():
         # Keras 3.15 converts its JAX variables with np.array(x, copy=False), which numpy 2 deprecates, once
         # per variable: hundreds of lines of noise that say nothing about this code.
@@ -299,7 +295,7 @@ def test_inception_v3_layer_order_is_keras_order(keras_inception):
 
 
 def test_inception_v3_rejects_other_files(tmp_path):
-    h5py = pytest.importorskip("h5py", reason="Keras weights files are HDF5")
+    h5py = import_or_skip("h5py")
     path = tmp_path / "small.weights.h5"
     with h5py.File(path, "w") as f:
         f.create_dataset("layers/conv2d/vars/0", data=np.zeros((3, 3, 3, 32), np.float32))
@@ -364,8 +360,7 @@ def test_extract_to_npz_with_efficientnet_lite0(tmp_path, lite0_run, photos, cap
 
 
 def test_imagenet_class_names_offline():
-    if not _has("tensorflow_datasets"):
-        pytest.skip("the ImageNet class list is read from tensorflow-datasets' files (pip install 'jaxseq[tfds]')")
+    skip_unless_installed("tensorflow_datasets")
     names = imagenet.class_names()
     assert len(names) == 1000 and names[0] == "tench, Tinca tinca" and names[756] == "rain barrel"
     assert imagenet.top_k(np.eye(3)[None, 2] * 5.0, 2)[0][0][0] == 2

@@ -12,7 +12,7 @@ import pytest
 import jaxseq
 from jaxseq import cells, interop
 from jaxseq.cells import LSTMState
-from helpers import assert_trees_close
+from helpers import KERAS_NOT_JAX, assert_trees_close, import_or_skip
 
 B, T, I, H = 3, 7, 5, 4
 
@@ -30,7 +30,7 @@ def _jaxseq_objective(cell, params, xs, dys):
 
 
 # ----- Keras ---------------------------------------------------------------------------------------------
-keras = pytest.importorskip("keras", reason="keras is in the test extra: pip install -e .[test]")
+keras = import_or_skip("keras")
 
 KERAS_CASES = {
     "LSTM": (cells.lstm, interop.lstm_from_keras, interop.lstm_from_keras_arrays),
@@ -39,7 +39,7 @@ KERAS_CASES = {
 }
 
 
-@pytest.mark.skipif(keras.backend.backend() != "jax", reason="parity uses Keras' JAX backend (KERAS_BACKEND=jax)")
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason=KERAS_NOT_JAX)
 @pytest.mark.parametrize("name", KERAS_CASES)
 def test_keras_parity_outputs_states_and_gradients(name):
     cell, from_layer, from_arrays = KERAS_CASES[name]
@@ -87,7 +87,7 @@ def test_keras_bidirectional_and_bad_layers():
 
 
 # ----- PyTorch -------------------------------------------------------------------------------------------
-torch = pytest.importorskip("torch", reason="torch is in the bench extra: pip install torch==2.13.0")
+torch = import_or_skip("torch")
 
 TORCH_CASES = {
     "LSTM": (cells.lstm, interop.lstm_from_torch, interop.lstm_to_torch, {}),

@@ -4,7 +4,6 @@ No TensorFlow and no download: the source files are written into ``tmp_path`` an
 """
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 import subprocess
 import sys
@@ -12,10 +11,9 @@ import unicodedata
 
 import numpy as np
 import pytest
+from helpers import skip_unless_installed
 
-if importlib.util.find_spec("tensorflow_datasets") is None or importlib.util.find_spec("array_record") is None:
-    pytest.skip("the TFDS builders need tensorflow-datasets and array_record (pip install 'jaxseq[tfds]')",
-                allow_module_level=True)
+skip_unless_installed("tensorflow_datasets", "array_record")
 
 import tensorflow_datasets as tfds  # noqa: E402
 

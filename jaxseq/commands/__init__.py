@@ -1,13 +1,16 @@
 """Sub-commands of the ``jaxseq`` console script, one module each (discovered by ``jaxseq.cli``).
 
 The helpers here are shared by the sub-commands (this file is not itself a sub-command): argparse types
-that reject bad numbers with a message naming the flag, and the rewording of library messages into flags.
+that reject bad numbers with a message naming the flag, the rewording of library messages into flags, and the
+help formatting (``plain`` turns the reST of docstrings used as descriptions into plain text, ``HelpFormatter``
+shows every default).
 """
 from __future__ import annotations
 
 import argparse
 import math
 import re
+import textwrap
 
 
 def positive_int(text: str) -> int:
@@ -53,3 +56,44 @@ def reword(error: Exception) -> ValueError:
     message = _FIELD_FLAGS.sub(lambda m: f"--{m.group(1).replace('_', '-')} ", message)
     return ValueError(message)
 
+
+
+_LITERAL = re.compile(r"``(.+?)``|`([^`]+)`")
+
+
+def plain(text: str | None) -> str | None:
+    """reST as a terminal shows it: ``x`` and `x` without the quotes, "Examples::" as "Examples:"."""
+    if text is None:
+        return None
+    text = _LITERAL.sub(lambda m: m.group(1) or m.group(2), text)
+    return re.sub(r"(\S)::$", r"\1:", re.sub(r"\s*::$", ":", text, flags=re.MULTILINE), flags=re.MULTILINE)
+
+
+def worth_showing(default) -> bool:
+    """Whether help should show this default: not for None, False (flags), "" or argparse.SUPPRESS."""
+    return not (default is None or default is False or default == "" or default == argparse.SUPPRESS)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Descriptions wrapped by paragraph with indented example lines kept as written; every option's default.
+
+    An option shows "(default: X)" unless its help already names a default or it has none worth showing
+    (None, False, the empty string).
+    """
+
+    def _fill_text(self, text, width, indent):
+        paragraphs = []
+        for block in re.split(r"\n\s*\n", textwrap.dedent(text).strip()):
+            lines = block.splitlines()
+            if all(line.startswith(" ") for line in lines):  # an example block: keep its lines and indentation
+                paragraphs.append("\n".join(indent + line for line in lines))
+            else:
+                paragraphs.append(textwrap.fill(" ".join(block.split()), width, initial_indent=indent,
+                                                subsequent_indent=indent))
+        return "\n\n".join(paragraphs)
+
+    def _get_help_string(self, action):
+        help_text = action.help or ""
+        if "default" in help_text or not action.option_strings or not worth_showing(action.default):
+            return help_text
+        return f"{help_text} (default: %(default)s)" if help_text else "default: %(default)s"

@@ -1,13 +1,14 @@
 """``jaxseq forecast``: train a recurrent forecaster on a daily CSV and compare it with the baselines.
 
-    jaxseq forecast train                      # embedded BTC-USD Close, LSTM, log returns, 1 day ahead
-    jaxseq forecast train --csv FILE --column Close --model {rnn,lstm,gru,bilstm} --lookback 60 \\
-        --horizon 1 --epochs N --seed S --out DIR
-    jaxseq forecast predict --run DIR [--csv FILE] --steps K
+Examples::
+
+    jaxseq forecast train                                        # embedded BTC-USD Close, LSTM, log returns, 1 day
+    jaxseq forecast train --csv FILE --column Close --model {rnn,lstm,gru,bilstm} --lookback 60 --horizon 1 \\
+        --epochs 20 --seed 0 --out runs/btc-lstm                 # any daily CSV with a date column
+    jaxseq forecast predict --run runs/btc-lstm --steps 7        # the next 7 values with their dates
 """
 from __future__ import annotations
 
-import argparse
 import pathlib
 
 from jaxseq.commands import finite_float, positive_int, reword
@@ -15,37 +16,40 @@ from jaxseq.commands import finite_float, positive_int, reword
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("forecast", help="forecast a daily series (Bitcoin by default)",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   description=__doc__)
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     train = actions.add_parser("train", help="train a model, score it and the baselines on the test period")
     data = train.add_argument_group("data")
     data.add_argument("--csv", help="daily CSV with a header (default: the embedded BTC-USD file)")
-    data.add_argument("--column", default="Close", help="column to forecast (default Close)")
-    data.add_argument("--date-column", default="Date", help="column with YYYY-MM-DD dates (default Date)")
+    data.add_argument("--column", default="Close", help="column to forecast")
+    data.add_argument("--date-column", default="Date", help="column with YYYY-MM-DD dates")
     data.add_argument("--features", default="", help="comma-separated extra input columns, e.g. Volume")
     data.add_argument("--fill", default="error", choices=("error", "ffill", "drop", "interpolate"),
                       help="missing cells: raise naming line and column (default), or fill them this way")
     data.add_argument("--sort-dates", action="store_true", help="sort rows by date instead of raising")
     data.add_argument("--target", default="log_return", choices=("price", "log_price", "log_return"),
-                      help="what the model predicts (default log_return); metrics are always on price")
-    data.add_argument("--lookback", type=positive_int, default=60, help="days of history per window (default 60)")
-    data.add_argument("--horizon", type=positive_int, default=1, help="days ahead (default 1)")
-    data.add_argument("--val-fraction", type=finite_float, default=0.15)
-    data.add_argument("--test-fraction", type=finite_float, default=0.15)
+                      help="what the model predicts; metrics are always on price")
+    data.add_argument("--lookback", type=positive_int, default=60, help="days of history per window")
+    data.add_argument("--horizon", type=positive_int, default=1, help="days ahead")
+    data.add_argument("--val-fraction", type=finite_float, default=0.15,
+                      help="share of the days, just before the test period, for validation (best checkpoint)")
+    data.add_argument("--test-fraction", type=finite_float, default=0.15,
+                      help="share of the days, at the end of the series, for the test period")
     model = train.add_argument_group("model")
-    model.add_argument("--model", default="lstm", choices=("rnn", "lstm", "gru", "bilstm"))
-    model.add_argument("--hidden", type=positive_int, default=32, help="units per layer and direction (default 32)")
-    model.add_argument("--layers", type=positive_int, default=1, help="stacked recurrent layers (default 1)")
+    model.add_argument("--model", default="lstm", choices=("rnn", "lstm", "gru", "bilstm"),
+                       help="recurrent layer (bilstm: bidirectional LSTM)")
+    model.add_argument("--hidden", type=positive_int, default=32, help="units per layer and direction")
+    model.add_argument("--layers", type=positive_int, default=1, help="stacked recurrent layers")
     model.add_argument("--dropout", type=finite_float, default=0.0, help="dropout between stacked layers")
     model.add_argument("--multi-step", default="direct", choices=("direct", "recursive"),
                        help="direct: one head of HORIZON outputs; recursive: a 1-day model fed its own forecasts")
     model.add_argument("--residual", action="store_true", help="forecast the change from the last value")
     loop = train.add_argument_group("training")
-    loop.add_argument("--epochs", type=positive_int, default=20)
-    loop.add_argument("--batch-size", type=positive_int, default=32)
-    loop.add_argument("--lr", type=finite_float, default=1e-3)
-    loop.add_argument("--seed", type=int, default=0)
+    loop.add_argument("--epochs", type=positive_int, default=20, help="passes over the training windows")
+    loop.add_argument("--batch-size", type=positive_int, default=32, help="windows per step")
+    loop.add_argument("--lr", type=finite_float, default=1e-3, help="Adam learning rate")
+    loop.add_argument("--seed", type=int, default=0, help="seed of the initial weights, data order and dropout")
     loop.add_argument("--out", help="run folder (default runs/forecast-<data>-<model>-<target>-h<H>-seed<S>); "
                                     "an existing run there is resumed")
     loop.add_argument("--restart", action="store_true", help="ignore an existing run in --out and start over")
@@ -57,7 +61,7 @@ def register(subparsers) -> None:
     predict.add_argument("--run", dest="run_dir", metavar="DIR", required=True,
                          help="a folder written by `jaxseq forecast train`")
     predict.add_argument("--csv", help="read this CSV instead of the one the run was trained on")
-    predict.add_argument("--steps", type=positive_int, default=1, help="days ahead to forecast (default 1)")
+    predict.add_argument("--steps", type=positive_int, default=1, help="days ahead to forecast")
     predict.set_defaults(run=run_predict)
 
 

@@ -2,7 +2,7 @@
 
 Example::
 
-    jaxseq gradnorms --cell rnn --activation tanh --steps 50 --hidden 32 --sigma-max 0.9 --seed 0 --out runs/g
+    jaxseq gradnorms --cell rnn --activation tanh --steps 100 --hidden 32 --sigma-max 0.9 --seed 0 --out runs/g
 
 prints a short table (t, measured, theory) and writes ``runs/g/gradnorms.json`` and ``runs/g/gradnorms.png``.
 """
@@ -19,24 +19,25 @@ INITS = ("gaussian", "orthogonal", "symmetric")
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "gradnorms", help="gradient norms across time steps against vanishing/exploding-gradient theory",
-        description="Measure ||dh_T/dh_t||_2 (LSTM: the cell path ||dc_T/dc_t||_2) of a random cell on N(0,1) "
-                    "inputs for every t, beside the theory: linear ||W^(T-t)|| (exact), tanh/relu "
-                    "(gamma*sigma_max(W))^(T-t) (upper bound), LSTM prod f / GRU prod z (direct path).")
-    p.add_argument("--cell", choices=CELLS, default="rnn", help="cell to measure (default rnn)")
-    p.add_argument("--activation", choices=("tanh", "relu"), default="tanh", help="rnn activation (default tanh)")
-    p.add_argument("--steps", type=int, default=50, help="sequence length T (default 50)")
-    p.add_argument("--hidden", type=int, default=32, help="hidden size H (default 32)")
+        description="Measure ‖∂h_T/∂h_t‖₂ (LSTM: the cell path ‖∂c_T/∂c_t‖₂) of a random cell on N(0, 1) inputs "
+                    "for every t, beside the theory: linear ‖W^(T−t)‖₂ (exact), tanh/relu (γ·σ_max(W))^(T−t) "
+                    "(upper bound), LSTM Π f / GRU Π z over the steps after t (direct path: the gated self-loop "
+                    "alone, without the paths through h and the gates).")
+    p.add_argument("--cell", choices=CELLS, default="rnn", help="cell to measure")
+    p.add_argument("--activation", choices=("tanh", "relu"), default="tanh", help="rnn activation")
+    p.add_argument("--steps", type=int, default=50, help="sequence length T")
+    p.add_argument("--hidden", type=int, default=32, help="hidden size H")
     p.add_argument("--sigma-max", type=float, default=0.9,
-                   help="largest singular value of each recurrent weight block (default 0.9)")
-    p.add_argument("--forget-bias", type=float, default=1.0, help="LSTM forget-gate bias at init (default 1)")
+                   help="largest singular value of each recurrent weight block")
+    p.add_argument("--forget-bias", type=float, default=1.0, help="LSTM forget-gate bias at init")
     p.add_argument("--init", choices=INITS, default="gaussian",
                    help="recurrent matrix: gaussian, orthogonal or symmetric, rescaled to --sigma-max")
-    p.add_argument("--input-size", type=int, default=1, help="input features, drawn N(0,1) (default 1)")
+    p.add_argument("--input-size", type=int, default=1, help="input features, drawn N(0,1)")
     p.add_argument("--method", choices=("auto", "dense", "power"), default="auto",
                    help="dense Jacobians or matrix-free power iteration (auto: dense up to 256 state units)")
     p.add_argument("--float32", action="store_true", help="compute in float32 (default float64: far-apart "
                    "norms such as 1e-40 underflow in float32)")
-    p.add_argument("--seed", type=int, default=0, help="PRNG seed for weights and inputs (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="PRNG seed for weights and inputs")
     p.add_argument("--out", required=True, help="output folder for gradnorms.json and gradnorms.png")
     p.set_defaults(run=run, parser=p)
 

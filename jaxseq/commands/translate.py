@@ -1,11 +1,12 @@
-"""``jaxseq translate {train,eval,predict,compare}``: chapter 19's English->Vietnamese seq2seq, with or
-without attention.
+"""``jaxseq translate {train,eval,predict,compare}``: English->Vietnamese seq2seq, with or without attention.
 
-The workflow is ``jaxseq.tasks.translate``; this module maps flags onto it. Examples::
+The workflow is ``jaxseq.tasks.translate``; this module maps flags onto it.
 
-    jaxseq translate train --attention additive --epochs 10 --out runs/tatoeba-additive
-    jaxseq translate eval --run runs/tatoeba-additive --src dev.en --ref dev.vi --hyp-out dev.hyp
+Examples::
+
+    jaxseq translate train --attention additive --epochs 16 --out runs/tatoeba-additive   # shipped Tatoeba pairs
     jaxseq translate predict --run runs/tatoeba-additive "I love teaching" --beam 5 --plot attn.png
+    jaxseq translate eval --run runs/tatoeba-additive --src my.en --ref my.vi --hyp-out my.hyp
     jaxseq translate compare runs/tatoeba-* --plot bleu_vs_length.png
 
 ``train`` reads the shipped Tatoeba pairs (``--data tatoeba``, no download) or an IWSLT-style folder
@@ -15,7 +16,6 @@ timings) and ``dev.hyp`` into the run folder.
 """
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 
@@ -25,48 +25,49 @@ from jaxseq.tasks import translate
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("translate", help="seq2seq translation (English->Vietnamese) with attention",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=__doc__)
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     t = sub.add_parser("train", help="train a model and report dev BLEU")
     t.add_argument("--data", default="tatoeba", help="'tatoeba' (shipped) or a folder with train.{en,vi} and "
                    "tst2012.{en,vi} (IWSLT'15, Stanford preprocessing)")
     t.add_argument("--attention", default="additive",
-                   choices=["none", "cosine", "additive", "location", "general", "dot", "scaled_dot"])
-    t.add_argument("--epochs", type=int, default=10)
+                   choices=["none", "cosine", "additive", "location", "general", "dot", "scaled_dot"],
+                   help="attention score function; none: the plain encoder-decoder")
+    t.add_argument("--epochs", type=int, default=10, help="passes over the training pairs")
     t.add_argument("--out", required=True, help="run folder (re-running it resumes)")
-    t.add_argument("--cell", default="lstm", choices=["lstm", "gru"])
+    t.add_argument("--cell", default="lstm", choices=["lstm", "gru"], help="recurrent cell of both halves")
     t.add_argument("--layers", type=int, default=1, help="encoder layers")
     t.add_argument("--dec-layers", type=int, default=1, help="decoder layers")
     t.add_argument("--unidirectional", action="store_true", help="forward-only encoder")
-    t.add_argument("--embed", type=int, default=64)
+    t.add_argument("--embed", type=int, default=64, help="word embedding size (source and target)")
     t.add_argument("--hidden", type=int, default=64, help="encoder width per direction")
-    t.add_argument("--dropout", type=float, default=0.2)
+    t.add_argument("--dropout", type=float, default=0.2, help="dropout rate")
     t.add_argument("--max-len", type=int, default=10, help="drop training pairs longer than this (tokens)")
     t.add_argument("--min-count", type=positive_int, default=2, help="vocabulary: minimum training count")
     t.add_argument("--max-vocab", type=int, default=None, help="vocabulary: maximum size (specials included)")
-    t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--batch-size", type=int, default=64, help="sentence pairs per step")
+    t.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
+    t.add_argument("--seed", type=int, default=0, help="seed of the initial weights, data order and dropout")
     t.add_argument("--bucket-widths", default=None,
                    help="comma-separated padded widths for length buckets (default: the library grid)")
     t.add_argument("--beam", type=int, default=5, help="beam width for the final dev translation")
     t.add_argument("--restart", action="store_true", help="discard an existing run in --out")
-    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(run=run_train)
 
     e = sub.add_parser("eval", help="BLEU of a trained run on a source/reference file pair")
     e.add_argument("--run", dest="run_dir", required=True, help="a translate train run folder")
-    e.add_argument("--src", required=True)
-    e.add_argument("--ref", required=True)
+    e.add_argument("--src", required=True, help="English sentences, one per line")
+    e.add_argument("--ref", required=True, help="their Vietnamese reference translations, one per line")
     e.add_argument("--hyp-out", default=None, help="write the detokenised translations here, one per line")
-    e.add_argument("--beam", type=positive_int, default=5)
+    e.add_argument("--beam", type=positive_int, default=5, help="beam width (1 = greedy)")
     e.set_defaults(run=run_eval)
 
     r = sub.add_parser("predict", help="translate one sentence")
     r.add_argument("--run", dest="run_dir", required=True, help="a translate train run folder")
-    r.add_argument("text")
-    r.add_argument("--beam", type=positive_int, default=5)
+    r.add_argument("text", help="the English sentence")
+    r.add_argument("--beam", type=positive_int, default=5, help="beam width (1 = greedy)")
     r.add_argument("--plot", default=None, help="write the attention map PNG here")
     r.set_defaults(run=run_predict)
 

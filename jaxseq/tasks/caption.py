@@ -1,4 +1,4 @@
-"""Image captioning (chapter 18): train on Flickr8k features or the embedded synthetic pictures, caption images.
+"""Image captioning: train on Flickr8k features or the embedded synthetic pictures, caption images.
 
     result = caption.train_and_evaluate(CaptionTaskConfig(), TrainConfig(out_dir="runs/c", epochs=15))
     run = caption.load_run("runs/c")
@@ -315,7 +315,8 @@ def train_and_evaluate(config: CaptionTaskConfig, train_config, *, callbacks=())
                  callbacks=[  # the vocabulary is written once fit holds the folder and has accepted it
                      LambdaCallback(on_train_begin=lambda folder, step: (folder / VOCAB_FILE).write_text(
                          json.dumps(vocab.to_json()))),
-                     LossCurve(title=f"{out.name}: {config.variant} captioning", eval_metric="dev_bleu4"),
+                     LossCurve(title=f"captioning ({config.variant} model), run {out.name}",
+                               eval_metric="dev_bleu4"),
                      *callbacks])
     if fitted.already_finished:
         log.info("%s already finished %d epoch(s); reporting its test scores", out, train_config.epochs)

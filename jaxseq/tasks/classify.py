@@ -1,4 +1,4 @@
-"""Many-to-one classification where only the ORDER of events carries the class (chapter 16's first example).
+"""Many-to-one classification where only the ORDER of events carries the class.
 
     result = classify.train_and_evaluate(ClassifyConfig(model="lstm"), TrainConfig(out_dir="runs/c/lstm"))
     accuracies = classify.compare("runs/c", models=("bag", "rnn", "lstm"))   # {"bag": 0.17, ...}
@@ -108,7 +108,9 @@ def train_and_evaluate(config: ClassifyConfig, train_config, *, callbacks=()) ->
                           train=training.ArrayBatches(train, train_config.batch_size, seed=seed),
                           run_config={"task": "order-classification", "model": config.model,
                                       "hidden": config.hidden_size, "num_steps": config.num_steps},
-                          callbacks=[training.LossCurve(title=f"order classification, {config.model}"), *callbacks])
+                          callbacks=[training.LossCurve(title=f"order classification ({config.model}), run "
+                                                                f"{pathlib.Path(train_config.out_dir).name}"),
+                                     *callbacks])
     params = training.restore_params(train_config.out_dir, init) if fitted.already_finished else fitted.params
     run = ClassifyRun(config.model, model, params, config.num_steps)
     return ClassifyResult(evaluate(run, test), pathlib.Path(train_config.out_dir), fitted.already_finished)

@@ -266,12 +266,12 @@ def train_and_evaluate(config: ForecastConfig, train_config, *, callbacks=()) ->
     if train_config.batch_size > len(x_train):
         raise ValueError(f"batch_size={train_config.batch_size} is larger than the {len(x_train)} training windows "
                          f"({len(series)} rows, lookback {config.lookback}); use a smaller batch_size")
-    out_name = pathlib.Path(train_config.out_dir).name
+    title = f"forecast ({config.model}, target {config.target}), run {pathlib.Path(train_config.out_dir).name}"
     fitted = training.fit(train_config, init_params=init_params, loss_fn=forecast_loss(model),
                           train=training.ArrayBatches({"x": x_train, "y": y_train}, train_config.batch_size,
                                                       seed=train_config.seed),
                           evaluate=evaluate, run_config=run_config,
-                          callbacks=[training.LossCurve(title=f"{out_name}: {config.model} forecast"), *callbacks])
+                          callbacks=[training.LossCurve(title=title), *callbacks])
     params = training.restore_params(train_config.out_dir, init_params, which="best")
 
     origins = data.origins("test")

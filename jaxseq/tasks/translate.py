@@ -1,4 +1,4 @@
-"""English->Vietnamese translation (chapter 19): train a seq2seq model with or without attention, score BLEU.
+"""English->Vietnamese translation: train a seq2seq model with or without attention, score BLEU.
 
     result = translate.train_and_evaluate(TranslateConfig(attention="additive"), TrainConfig(out_dir="runs/t"))
     run = translate.load_run("runs/t")
@@ -304,8 +304,8 @@ def train_and_evaluate(config: TranslateConfig, train_config, *, callbacks=()) -
                           loss_fn=lambda p, b, k: seq2seq.loss_fn(model, p, b, k), train=train,
                           evaluate=dev_loss, run_config=meta,
                           callbacks=[training.LambdaCallback(on_train_begin=write_run_files),
-                                     training.LossCurve(title=f"{out.name}: {config.attention} attention",
-                                                        eval_metric="dev_loss"), *callbacks])
+                                     training.LossCurve(title=f"translation ({config.attention} attention), run "
+                                                              f"{out.name}", eval_metric="dev_loss"), *callbacks])
     if fitted.already_finished:
         log.info("%s: already finished at step %d; translating the dev set with its best checkpoint", out,
                  fitted.step)

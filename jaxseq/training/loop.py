@@ -35,6 +35,8 @@ from jaxseq.training.state import (LossFn, Params, TrainState, create_train_stat
                                    optimizer_and_step)
 
 logger = logging.getLogger("jaxseq.training")
+# Its own child so that a caller quieting the loop's chatter (the tour) can still show why the first steps are slow.
+compile_logger = logging.getLogger("jaxseq.training.compile")
 
 
 class NonFiniteError(FloatingPointError):
@@ -47,7 +49,8 @@ def fit(config: TrainConfig, *, init_params: Callable[[jax.Array], Params], loss
     """Train, checkpoint and log into `config.out_dir`; resume when it already holds a run.
 
     Messages (resuming, already finished, evaluations, the summary, damaged checkpoints) go to the
-    `jaxseq.training` logger at INFO (WARNING for damage); attach a handler to see them. The tqdm progress bar
+    `jaxseq.training` logger at INFO (WARNING for damage), and a line before each batch shape's compilation to
+    `jaxseq.training.compile`; attach a handler to see them. The tqdm progress bar
     goes to stderr.
 
     Args:
@@ -323,11 +326,14 @@ class _Run:
     def loop(self, epoch: int, index: int) -> None:
         """Train from batch `index` of `epoch` to the end, evaluating, logging and saving on the way."""
         config = self.config
+        compiled: set = set()
         with _StopSignal() as stop:
             try:
                 while epoch < config.epochs:
                     for index in range(index, self.epochs_batches[epoch]):
-                        batch = put_batch(self.train.batch(epoch, index), self.mesh)
+                        host_batch = self.train.batch(epoch, index)
+                        self.say_compiling(host_batch, compiled)
+                        batch = put_batch(host_batch, self.mesh)
                         self.state, metrics = self.train_step(self.state, batch)
                         self.step += 1
                         self.recorder.add(self.step, epoch, index, metrics)
@@ -350,6 +356,21 @@ class _Run:
             finally:
                 self.progress.close()
                 self.recorder.close()
+
+    def say_compiling(self, batch: dict, compiled: set) -> None:
+        """A line before the step that compiles a batch shape not seen yet: XLA compiles the step once per shape
+        (seconds each), so without it a run looks stuck, or its progress bar's first estimate is far too long."""
+        shapes = tuple((name, np.shape(value)) for name, value in batch.items())
+        if shapes in compiled or not self.primary:
+            return
+        compiled.add(shapes)
+        known = getattr(self.train, "shapes", None)  # sources with length buckets say how many shapes they have
+        count = f" {len(compiled)} of {len(known())}" if callable(known) else ""
+        described = ", ".join(f"{name} {list(shape)}" for name, shape in shapes if len(shape) > 1) or str(shapes)
+        self.progress.clear()  # the line goes above the progress bar, not into it (as tqdm.write does)
+        compile_logger.info("compiling the training step for batch shape%s (%s); XLA compiles each shape once",
+                            count, described)
+        self.progress.refresh()
 
     def stop(self, signum: int, epoch: int, index: int) -> None:
         """Save (after a good step) and leave as the signal asks: KeyboardInterrupt or SystemExit(128 + signum)."""
