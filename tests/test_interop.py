@@ -87,7 +87,11 @@ def test_keras_bidirectional_and_bad_layers():
 
 
 # ----- PyTorch -------------------------------------------------------------------------------------------
-torch = import_or_skip("torch")
+# A fixture, not a module-level import: without torch only these tests skip, not the Keras ones above.
+@pytest.fixture
+def torch():
+    return import_or_skip("torch")
+
 
 TORCH_CASES = {
     "LSTM": (cells.lstm, interop.lstm_from_torch, interop.lstm_to_torch, {}),
@@ -97,7 +101,7 @@ TORCH_CASES = {
 }
 
 
-def _torch_objective(module, xs, dys):
+def _torch_objective(torch, module, xs, dys):
     x = torch.tensor(xs, requires_grad=True)
     ys, state = module(x)
     h = state[0] if isinstance(state, tuple) else state
@@ -107,13 +111,13 @@ def _torch_objective(module, xs, dys):
 
 
 @pytest.mark.parametrize("name", TORCH_CASES)
-def test_torch_parity_outputs_states_and_gradients(name):
+def test_torch_parity_outputs_states_and_gradients(name, torch):
     cell, from_torch, to_torch, kwargs = TORCH_CASES[name]
     torch.manual_seed(0)
     module = getattr(torch.nn, name.split("-")[0])(I, H, batch_first=True, **kwargs)
     xs, dys = _inputs(3)
     params = from_torch(module)
-    t_val, t_ys, t_state, t_gx = _torch_objective(module, xs, dys)
+    t_val, t_ys, t_state, t_gx = _torch_objective(torch, module, xs, dys)
     (j_val, (final, ys)), (j_gp, j_gx) = jax.value_and_grad(
         lambda p, x: _jaxseq_objective(cell, p, x, dys), argnums=(0, 1), has_aux=True)(params, xs)
     np.testing.assert_allclose(ys, t_ys.detach().numpy(), rtol=1e-5, atol=1e-5)
@@ -133,7 +137,7 @@ def test_torch_parity_outputs_states_and_gradients(name):
     np.testing.assert_allclose(back(torch.tensor(xs))[0].detach().numpy(), t_ys.detach().numpy(), atol=1e-6)
 
 
-def test_torch_stacked_bidirectional_lstm():
+def test_torch_stacked_bidirectional_lstm(torch):
     torch.manual_seed(0)
     module = torch.nn.LSTM(I, H, num_layers=2, bidirectional=True, batch_first=True)
     layers = interop.lstm_from_torch(module)

@@ -66,7 +66,7 @@ def fit(config: TrainConfig, *, init_params: Callable[[jax.Array], Params], loss
       tx: any optax transformation, replacing the one config's optimizer fields (`OPTIMIZER_FIELDS`) build; those
         fields are then neither used nor checked on resume. Wrap the optimizer in `optax.inject_hyperparams` to
         have its learning rate logged; put its hyperparameters in `run_config` to have them checked on resume.
-      callbacks: `Callback`s, called on the primary process (see `jaxseq.training.callbacks`).
+      callbacks: `Callback` objects, called on the primary process (see `jaxseq.training.callbacks`).
 
     Returns:
       FitResult(params, step, history, already_finished).
@@ -194,8 +194,14 @@ class _Run:
         return result
 
     def say(self, message: str) -> None:
-        if self.primary:
-            logger.info(message)
+        if not self.primary:
+            return
+        progress = getattr(self, "progress", None)  # messages before training starts have no bar
+        if progress is not None:
+            progress.clear()  # the line goes above the progress bar, not into it
+        logger.info(message)
+        if progress is not None:
+            progress.refresh()
 
     def restore(self, init_params) -> tuple[bool, int, int]:
         """Set `state` and `step` from the newest intact checkpoint (fresh when none); (resumed, epoch, index).
