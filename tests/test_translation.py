@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxseq import cli, decoding, metrics
+from jaxseq import cli, decoding, metrics, training
+from jaxseq.tasks import translate
 from jaxseq.data import translation as tr
 from jaxseq.models import seq2seq
 
@@ -269,6 +270,21 @@ def test_bleu_metrics():
         metrics.corpus_bleu(["a", "b"], ["a"])
 
 
+def test_tatoeba_hold_out_does_not_follow_the_training_seed(monkeypatch, tmp_path):
+    # Seeds must be scored on the same dev and test sentences, or their spread mixes in the split's.
+    seen = []
+
+    def stop_after_reading(*args, seed, **kwargs):
+        seen.append(seed)
+        raise LookupError("read")
+    monkeypatch.setattr(tr, "load_tatoeba", stop_after_reading)
+    for seed in (0, 1):
+        with pytest.raises(LookupError):
+            translate.train_and_evaluate(translate.TranslateConfig(),
+                                         training.TrainConfig(out_dir=str(tmp_path / str(seed)), seed=seed))
+    assert seen == [0, 0]
+
+
 # --- command line, end to end on a tiny IWSLT-style folder -----------------------------------------------------
 
 def test_translate_train_eval_predict(tmp_path, capsys):
@@ -314,6 +330,20 @@ def test_translate_train_eval_predict(tmp_path, capsys):
     assert cli.main(["translate", "compare", str(run), "--plot", str(tmp_path / "bleu.png")]) == 0
     out = capsys.readouterr().out
     assert "| dot | 2 |" in out and (tmp_path / "bleu.png").is_file()
+
+    # The run's own held-out splits: dev reproduces metrics.json; test needs tst2013 in the data folder.
+    assert cli.main(["translate", "eval", "--run", str(run), "--split", "dev", "--beam", "2"]) == 0
+    assert f"sacreBLEU {results['dev']['sacrebleu']:.2f}" in capsys.readouterr().out
+    assert cli.main(["translate", "eval", "--run", str(run), "--split", "test"]) == 2
+    assert "has no test split" in capsys.readouterr().err
+    (data / "tst2013.en").write_text("\n".join(en[1:3]) + "\n", encoding="utf-8")
+    (data / "tst2013.vi").write_text("\n".join(vi[1:3]) + "\n", encoding="utf-8")
+    report, detok = translate.evaluate_split(run, "test", beam=2)
+    assert report["sentences"] == 2 and len(detok) == 2
+    assert cli.main(["translate", "eval", "--run", str(run), "--split", "test", "--src", "a.en"]) == 2
+    assert "either --split or --src" in capsys.readouterr().err
+    assert cli.main(["translate", "eval", "--run", str(run), "--src", "a.en"]) == 2
+    assert "expected --split dev|test" in capsys.readouterr().err
 
     (data / "bad.vi").write_text("only one line\n", encoding="utf-8")
     assert cli.main(["translate", "eval", "--run", str(run), "--src", str(data / "tst2012.en"), "--ref",

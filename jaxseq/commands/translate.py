@@ -6,6 +6,7 @@ Examples::
 
     jaxseq translate train --attention additive --epochs 16 --out runs/tatoeba-additive   # shipped Tatoeba pairs
     jaxseq translate predict --run runs/tatoeba-additive "I love teaching" --beam 5 --plot attn.png
+    jaxseq translate eval --run runs/tatoeba-additive --split test         # the held-out Tatoeba test pairs
     jaxseq translate eval --run runs/tatoeba-additive --src my.en --ref my.vi --hyp-out my.hyp
     jaxseq translate compare runs/tatoeba-* --plot bleu_vs_length.png
 
@@ -27,6 +28,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("translate", help="seq2seq translation (English->Vietnamese) with attention",
                               description=__doc__)
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    defaults = translate.TranslateConfig()
 
     t = sub.add_parser("train", help="train a model and report dev BLEU")
     t.add_argument("--data", default="tatoeba", help="'tatoeba' (shipped) or a folder with train.{en,vi} and "
@@ -34,20 +36,23 @@ def register(subparsers) -> None:
     t.add_argument("--attention", default="additive",
                    choices=["none", "cosine", "additive", "location", "general", "dot", "scaled_dot"],
                    help="attention score function; none: the plain encoder-decoder")
-    t.add_argument("--epochs", type=int, default=10, help="passes over the training pairs")
+    t.add_argument("--epochs", type=int, default=translate.TRAINING_DEFAULTS["epochs"],
+                   help="passes over the training pairs")
     t.add_argument("--out", required=True, help="run folder (re-running it resumes)")
-    t.add_argument("--cell", default="lstm", choices=["lstm", "gru"], help="recurrent cell of both halves")
+    t.add_argument("--cell", default=defaults.cell, choices=["gru", "lstm"], help="recurrent cell of both halves")
     t.add_argument("--layers", type=int, default=1, help="encoder layers")
     t.add_argument("--dec-layers", type=int, default=1, help="decoder layers")
     t.add_argument("--unidirectional", action="store_true", help="forward-only encoder")
-    t.add_argument("--embed", type=int, default=64, help="word embedding size (source and target)")
-    t.add_argument("--hidden", type=int, default=64, help="encoder width per direction")
-    t.add_argument("--dropout", type=float, default=0.2, help="dropout rate")
+    t.add_argument("--embed", type=int, default=defaults.embed, help="word embedding size (source and target)")
+    t.add_argument("--hidden", type=int, default=defaults.hidden, help="encoder width per direction")
+    t.add_argument("--dropout", type=float, default=defaults.dropout, help="dropout rate")
     t.add_argument("--max-len", type=int, default=10, help="drop training pairs longer than this (tokens)")
     t.add_argument("--min-count", type=positive_int, default=2, help="vocabulary: minimum training count")
     t.add_argument("--max-vocab", type=int, default=None, help="vocabulary: maximum size (specials included)")
-    t.add_argument("--batch-size", type=int, default=64, help="sentence pairs per step")
-    t.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
+    t.add_argument("--batch-size", type=int, default=translate.TRAINING_DEFAULTS["batch_size"],
+                   help="sentence pairs per step")
+    t.add_argument("--lr", type=float, default=translate.TRAINING_DEFAULTS["learning_rate"],
+                   help="Adam learning rate")
     t.add_argument("--seed", type=int, default=0, help="seed of the initial weights, data order and dropout")
     t.add_argument("--bucket-widths", default=None,
                    help="comma-separated padded widths for length buckets (default: the library grid)")
@@ -56,10 +61,12 @@ def register(subparsers) -> None:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(run=run_train)
 
-    e = sub.add_parser("eval", help="BLEU of a trained run on a source/reference file pair")
+    e = sub.add_parser("eval", help="BLEU of a trained run on its dev or test split, or on a file pair")
     e.add_argument("--run", dest="run_dir", required=True, help="a translate train run folder")
-    e.add_argument("--src", required=True, help="English sentences, one per line")
-    e.add_argument("--ref", required=True, help="their Vietnamese reference translations, one per line")
+    e.add_argument("--split", choices=["dev", "test"], default=None,
+                   help="score the run's own held-out split (Tatoeba: 631 dev / 627 test pairs) instead of files")
+    e.add_argument("--src", help="English sentences, one per line (with --ref, instead of --split)")
+    e.add_argument("--ref", help="their Vietnamese reference translations, one per line")
     e.add_argument("--hyp-out", default=None, help="write the detokenised translations here, one per line")
     e.add_argument("--beam", type=positive_int, default=5, help="beam width (1 = greedy)")
     e.set_defaults(run=run_eval)
@@ -129,11 +136,18 @@ def _read_text_lines(path, flag: str) -> list[str]:
 def run_eval(args) -> int:
     if args.hyp_out and pathlib.Path(args.hyp_out).is_dir():
         raise ValueError(f"--hyp-out {args.hyp_out} is a folder; expected a file to write the translations to")
-    sources, references = _read_text_lines(args.src, "--src"), _read_text_lines(args.ref, "--ref")
-    if len(sources) != len(references):
-        raise ValueError(f"misaligned files: --src {args.src} has {len(sources)} lines, --ref {args.ref} has "
-                         f"{len(references)}")
-    report, detok = translate.evaluate(translate.load_run(args.run_dir), sources, references, beam=args.beam)
+    if args.split is not None:
+        if args.src or args.ref:
+            raise ValueError("give either --split or --src with --ref, not both")
+        report, detok = translate.evaluate_split(args.run_dir, args.split, beam=args.beam)
+    else:
+        if not (args.src and args.ref):
+            raise ValueError("expected --split dev|test, or both --src and --ref")
+        sources, references = _read_text_lines(args.src, "--src"), _read_text_lines(args.ref, "--ref")
+        if len(sources) != len(references):
+            raise ValueError(f"misaligned files: --src {args.src} has {len(sources)} lines, --ref {args.ref} has "
+                             f"{len(references)}")
+        report, detok = translate.evaluate(translate.load_run(args.run_dir), sources, references, beam=args.beam)
     if args.hyp_out:
         pathlib.Path(args.hyp_out).write_text("\n".join(detok) + "\n", encoding="utf-8")
     print(f"sacreBLEU {report['sacrebleu']:.2f}  signature: {report['sacrebleu_signature']}")
