@@ -1,4 +1,4 @@
-"""Matplotlib figures (headless Agg backend): one function per figure, each writing a PNG and returning its path.
+"""Matplotlib figures: one function per figure, each writing a PNG and returning its path.
 
 Sections are owned by topic (training, gradients, forecasting, captioning, translation); each function takes
 plain arrays so the figures can be redrawn from the JSON results files.
@@ -8,18 +8,24 @@ from __future__ import annotations
 import pathlib
 import re
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # no display on servers and CI; must precede pyplot
-import matplotlib.pyplot as plt  # noqa: E402
+
+def _subplots(*args, figsize, **kwargs):
+    """A figure outside pyplot, with ``Figure.subplots(*args, **kwargs)``: (figure, axes).
+
+    Not through pyplot, so drawing needs no display and leaves the caller's backend alone (a notebook's inline
+    figures keep working), and nothing is kept alive after the PNG is written.
+    """
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*args, **kwargs)
 
 
 def save_figure(fig, path) -> pathlib.Path:
-    """Write ``fig`` to ``path`` (parents created) and close it, so long runs do not leak figures."""
+    """Write ``fig`` to ``path`` (parents created)."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
@@ -39,7 +45,7 @@ def plot_forecast(dates, actual, forecasts: dict, path, *, title: str = "", ylab
         dashed grey, so a model that merely lags the truth by a day is visible against it.
     """
     dates = np.asarray(dates, "datetime64[D]").astype("datetime64[ms]").astype(object)
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw={"width_ratios": [2, 1]})
+    fig, axes = _subplots(1, 2, figsize=(13, 4.2), gridspec_kw={"width_ratios": [2, 1]})
     for ax, start in zip(axes, (0, max(0, len(dates) - zoom_days))):
         ax.plot(dates[start:], np.asarray(actual)[start:], color="black", linewidth=1.4, label="actual")
         for name, values in forecasts.items():
@@ -78,7 +84,7 @@ def loss_curve(train_steps, train_loss, path, *, eval_steps=None, eval_values=No
     if len(train_steps) != len(train_loss):
         raise ValueError(f"train_steps has {len(train_steps)} entries but train_loss has {len(train_loss)}")
     path = pathlib.Path(path)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = _subplots(figsize=(6, 3.5))
     lines = ax.plot(train_steps, train_loss, _marker(train_steps), label="train loss", lw=1.2, ms=3)
     values = list(train_loss)
     if eval_steps is not None and eval_values is not None:
@@ -118,7 +124,7 @@ def _marker(steps) -> str:
 def plot_gradnorms(timesteps, measured, theory, path, *, theory_label: str = "theory",
                    measured_label: str = "measured", extra: dict | None = None, title: str | None = None):
     """Log-scale ``‖∂s_T/∂s_t‖`` against ``t`` with the theory overlaid (``extra``: more labelled curves)."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _subplots(figsize=(6, 4))
     ax.semilogy(timesteps, measured, "o-", ms=3, label=measured_label)
     ax.semilogy(timesteps, theory, "k--", label=theory_label)
     for label, values in (extra or {}).items():
@@ -164,7 +170,7 @@ def plot_gradnorm_bands(distance, curves: dict, path, *, theory: dict | None = N
     ``theory[label] = values`` are drawn dashed, in the colour of the curve whose label starts the theory's
     label (so "tanh 0.9 bound" sits beside "tanh 0.9").
     """
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = _subplots(figsize=(6.5, 4.2))
     colours = {}
     for label, (median, low, high) in curves.items():
         (line,) = ax.semilogy(distance, median, label=label)
@@ -189,7 +195,7 @@ def plot_training_runs(runs: dict, path, *, metric: str = "loss", baseline: floa
 
     ``styles[label]`` (optional) holds matplotlib line keywords, e.g. ``{"color": "C0", "linestyle": "--"}``.
     """
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _subplots(figsize=(6, 4))
     for label, (steps, values) in runs.items():
         ax.plot(steps, values, label=label, **(styles or {}).get(label, {}))
     if baseline is not None:
@@ -215,7 +221,7 @@ def attention_map(weights, source_tokens, target_tokens, path, *, title: str | N
     if weights.shape != (len(target_tokens), len(source_tokens)):
         raise ValueError(f"weights must be [target={len(target_tokens)}, source={len(source_tokens)}], "
                          f"got {weights.shape}")
-    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * len(source_tokens), 1.0 + 0.45 * len(target_tokens)))
+    fig, ax = _subplots(figsize=(1.0 + 0.55 * len(source_tokens), 1.0 + 0.45 * len(target_tokens)))
     image = ax.imshow(weights, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
     ax.set_xticks(range(len(source_tokens)), source_tokens, rotation=60, ha="right")
     ax.set_yticks(range(len(target_tokens)), target_tokens)
@@ -229,7 +235,7 @@ def attention_map(weights, source_tokens, target_tokens, path, *, title: str | N
 
 def bleu_vs_length(curves: dict, path, *, title: str = "BLEU against source length"):
     """One line per model: ``curves[label] = rows`` from ``metrics.bleu_by_length``."""
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = _subplots(figsize=(6.5, 4))
     for label, rows in curves.items():
         ax.plot(range(len(rows)), [r["bleu"] for r in rows], marker="o", label=label)
         ticks = [f"{r['bin']}\n(n={r['sentences']})" for r in rows]

@@ -1,4 +1,4 @@
-"""English->Vietnamese translation: train a seq2seq model with or without attention, score BLEU.
+"""English->Vietnamese translation: train a seq2seq model with or without attention, score BLEU::
 
     result = translate.train_and_evaluate(TranslateConfig(attention="additive"),
                                           TrainConfig(out_dir="runs/t", **translate.TRAINING_DEFAULTS))

@@ -178,7 +178,7 @@ class _Run:
         if resumed:
             self.say(f"resuming {self.out} from step {self.step} (epoch {epoch}, batch {index})")
         self.state = replicate(self.state, self.mesh)
-        from tqdm.auto import tqdm
+        from tqdm import tqdm  # the text bar: tqdm.auto wants ipywidgets in notebooks and warns without them
 
         self.progress = tqdm(total=sum(self.epochs_batches), initial=self.step, unit="step", dynamic_ncols=True,
                              disable=not (self.config.progress and self.primary), file=sys.stderr)
