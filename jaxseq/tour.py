@@ -335,8 +335,8 @@ def translation(cfg: TourConfig, folder: pathlib.Path) -> str:
             f"{config.cell.upper()} encoder {config.hidden}+{config.hidden}, embeddings {config.embed}, dropout "
             f"{config.dropout}, batch {train_config.batch_size}, Adam {train_config.learning_rate:g}); dev BLEU with "
             f"beam {config.beam} (sacreBLEU on detokenised output, and tokenised). Reproduce a row: {command} "
-            "(ATTENTION: the row's). docs/translation.md compares all six score functions and three seeds, on the held-out test split "
-            "too.\n\n"
+            "(ATTENTION: the row's). docs/translation.md compares all six score functions and three seeds, on "
+            "the held-out test split too.\n\n"
             + _table(["attention", "sacreBLEU", "tokenised BLEU", "dev loss"], rows, ["", ".2f", ".2f", ".3f"]))
     if with_attention:
         run = translate.load_run(folder / with_attention)
