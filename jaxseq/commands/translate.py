@@ -6,14 +6,14 @@ Examples::
 
     jaxseq translate train --attention additive --epochs 16 --out runs/tatoeba-additive   # shipped Tatoeba pairs
     jaxseq translate predict --run runs/tatoeba-additive "I love teaching" --beam 5 --plot attn.png
-    jaxseq translate eval --run runs/tatoeba-additive --split test         # the held-out Tatoeba test pairs
-    jaxseq translate eval --run runs/tatoeba-additive --src my.en --ref my.vi --hyp-out my.hyp
+    jaxseq translate eval --run runs/tatoeba-additive --split test     # or --src my.en --ref my.vi
     jaxseq translate compare runs/tatoeba-* --plot bleu_vs_length.png
 
 ``train`` reads the shipped Tatoeba pairs (``--data tatoeba``, no download) or an IWSLT-style folder
 (``--data DIR`` with ``train.en/vi`` and ``tst2012.en/vi``), trains with ``jaxseq.training.fit``, then translates
 the dev set (beam search) and writes ``metrics.json`` (BLEU overall and by source length; results only, no
-timings) and ``dev.hyp`` into the run folder.
+timings) and ``dev.hyp`` into the run folder. ``eval`` scores a run on its own held-out split (``--split dev``
+or ``test``) or on any file pair (``--src`` and ``--ref``, one sentence per line).
 """
 from __future__ import annotations
 
