@@ -333,11 +333,12 @@ def train_and_evaluate(config: TranslateConfig, train_config, *, callbacks=()) -
     if train_config.best_metric is None:
         train_config = dataclasses.replace(train_config, best_metric="dev_loss")
     log.info("model: %s\nbuckets (source, target widths): %s", model, train.shapes())
+    described = "no attention" if config.attention == "none" else f"{config.attention} attention"
     fitted = training.fit(train_config, init_params=lambda k: seq2seq.init_params(model, k),
                           loss_fn=lambda p, b, k: seq2seq.loss_fn(model, p, b, k), train=train,
                           evaluate=dev_loss, run_config=meta,
                           callbacks=[training.LambdaCallback(on_train_begin=write_run_files),
-                                     training.LossCurve(title=f"translation ({config.attention} attention), run "
+                                     training.LossCurve(title=f"translation ({described}), run "
                                                               f"{out.name}", eval_metric="dev_loss"), *callbacks])
     if fitted.already_finished:
         log.info("%s: already finished at step %d; translating the dev set with its best checkpoint", out,
