@@ -287,7 +287,7 @@ def test_tatoeba_hold_out_does_not_follow_the_training_seed(monkeypatch, tmp_pat
 
 # --- command line, end to end on a tiny IWSLT-style folder -----------------------------------------------------
 
-def test_translate_train_eval_predict(tmp_path, capsys):
+def test_translate_train_eval_predict(tmp_path, capsys, monkeypatch):
     data = tmp_path / "iwslt"
     data.mkdir()
     en = ["I love teaching .", "I love music .", "You love music .", "It &apos;s good ."] * 4
@@ -297,7 +297,8 @@ def test_translate_train_eval_predict(tmp_path, capsys):
     (data / "tst2012.en").write_text("\ufeff" + "\n".join(en[:4]) + "\n", encoding="utf-8")
     (data / "tst2012.vi").write_text("\n".join(vi[:4]) + "\n", encoding="utf-8")
     run = tmp_path / "run"
-    args = ["translate", "train", "--data", str(data), "--attention", "dot", "--epochs", "2", "--out", str(run),
+    monkeypatch.chdir(tmp_path)  # --data given relative to here; --split below runs from another folder
+    args = ["translate", "train", "--data", "iwslt", "--attention", "dot", "--epochs", "2", "--out", str(run),
             "--hidden", "4", "--embed", "4", "--max-len", "6", "--min-count", "1", "--batch-size", "8",
             "--bucket-widths", "8", "--beam", "2", "--no-progress"]
     assert cli.main(args) == 0
@@ -332,6 +333,7 @@ def test_translate_train_eval_predict(tmp_path, capsys):
     assert "| dot | 2 |" in out and (tmp_path / "bleu.png").is_file()
 
     # The run's own held-out splits: dev reproduces metrics.json; test needs tst2013 in the data folder.
+    monkeypatch.chdir(run)
     assert cli.main(["translate", "eval", "--run", str(run), "--split", "dev", "--beam", "2"]) == 0
     assert f"sacreBLEU {results['dev']['sacrebleu']:.2f}" in capsys.readouterr().out
     assert cli.main(["translate", "eval", "--run", str(run), "--split", "test"]) == 2

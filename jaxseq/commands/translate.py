@@ -40,15 +40,18 @@ def register(subparsers) -> None:
                    help="passes over the training pairs")
     t.add_argument("--out", required=True, help="run folder (re-running it resumes)")
     t.add_argument("--cell", default=defaults.cell, choices=["gru", "lstm"], help="recurrent cell of both halves")
-    t.add_argument("--layers", type=int, default=1, help="encoder layers")
-    t.add_argument("--dec-layers", type=int, default=1, help="decoder layers")
+    t.add_argument("--layers", type=int, default=defaults.layers, help="encoder layers")
+    t.add_argument("--dec-layers", type=int, default=defaults.dec_layers, help="decoder layers")
     t.add_argument("--unidirectional", action="store_true", help="forward-only encoder")
     t.add_argument("--embed", type=int, default=defaults.embed, help="word embedding size (source and target)")
     t.add_argument("--hidden", type=int, default=defaults.hidden, help="encoder width per direction")
     t.add_argument("--dropout", type=float, default=defaults.dropout, help="dropout rate")
-    t.add_argument("--max-len", type=int, default=10, help="drop training pairs longer than this (tokens)")
-    t.add_argument("--min-count", type=positive_int, default=2, help="vocabulary: minimum training count")
-    t.add_argument("--max-vocab", type=int, default=None, help="vocabulary: maximum size (specials included)")
+    t.add_argument("--max-len", type=int, default=defaults.max_len,
+                   help="drop training pairs longer than this (tokens)")
+    t.add_argument("--min-count", type=positive_int, default=defaults.min_count,
+                   help="vocabulary: minimum training count")
+    t.add_argument("--max-vocab", type=int, default=defaults.max_vocab,
+                   help="vocabulary: maximum size (specials included)")
     t.add_argument("--batch-size", type=int, default=translate.TRAINING_DEFAULTS["batch_size"],
                    help="sentence pairs per step")
     t.add_argument("--lr", type=float, default=translate.TRAINING_DEFAULTS["learning_rate"],
@@ -56,7 +59,7 @@ def register(subparsers) -> None:
     t.add_argument("--seed", type=int, default=0, help="seed of the initial weights, data order and dropout")
     t.add_argument("--bucket-widths", default=None,
                    help="comma-separated padded widths for length buckets (default: the library grid)")
-    t.add_argument("--beam", type=int, default=5, help="beam width for the final dev translation")
+    t.add_argument("--beam", type=int, default=defaults.beam, help="beam width for the final dev translation")
     t.add_argument("--restart", action="store_true", help="discard an existing run in --out")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(run=run_train)
