@@ -66,7 +66,7 @@ def plain(text: str | None) -> str | None:
     if text is None:
         return None
     text = _LITERAL.sub(lambda m: m.group(1) or m.group(2), text)
-    return re.sub(r"(\S)::$", r"\1:", re.sub(r"\s*::$", ":", text, flags=re.MULTILINE), flags=re.MULTILINE)
+    return re.sub(r"\s*::$", ":", text, flags=re.MULTILINE)
 
 
 def worth_showing(default) -> bool:

@@ -43,7 +43,8 @@ def register(subparsers) -> None:
                    "attention: each step attends over a feature grid (features made with --grid)")
     t.add_argument("--embed-dim", type=positive_int, default=200, help="word embedding size")
     t.add_argument("--hidden", type=positive_int, default=256, help="LSTM units")
-    t.add_argument("--dropout", type=finite_float, default=0.5, help="dropout rate on the image features and word embeddings")
+    t.add_argument("--dropout", type=finite_float, default=0.5,
+                   help="dropout rate on the image features and word embeddings")
     t.add_argument("--min-count", type=positive_int, default=None,
                    help="vocabulary: words seen fewer times are dropped (default 10 for Flickr8k, 1 for synthetic)")
     t.add_argument("--batch-size", type=positive_int, default=64, help="captions per step")

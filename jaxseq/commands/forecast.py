@@ -79,8 +79,9 @@ def run_train(args) -> int:
     out = args.out or (f"runs/forecast-{pathlib.Path(args.csv).stem if args.csv else 'btc'}-{args.model}-"
                        f"{args.target}-h{args.horizon}-seed{args.seed}")
     # Absolute: Orbax refuses relative checkpoint paths.
-    train_config = TrainConfig(out_dir=str(pathlib.Path(out).resolve()), seed=args.seed, epochs=args.epochs, batch_size=args.batch_size,
-                               learning_rate=args.lr, restart=args.restart, progress=not args.no_progress)
+    train_config = TrainConfig(out_dir=str(pathlib.Path(out).resolve()), seed=args.seed, epochs=args.epochs,
+                               batch_size=args.batch_size, learning_rate=args.lr, restart=args.restart,
+                               progress=not args.no_progress)
     try:
         result = train_and_evaluate(config, train_config)
     except ValueError as error:

@@ -193,13 +193,14 @@ class _Run:
             callback.on_train_end(result, self.out)
         return result
 
-    def say(self, message: str) -> None:
+    def say(self, message: str, *args, to: logging.Logger = logger) -> None:
+        """An INFO line from the primary process, above the progress bar rather than into it."""
         if not self.primary:
             return
         progress = getattr(self, "progress", None)  # messages before training starts have no bar
         if progress is not None:
-            progress.clear()  # the line goes above the progress bar, not into it
-        logger.info(message)
+            progress.clear()
+        to.info(message, *args)
         if progress is not None:
             progress.refresh()
 
@@ -373,10 +374,8 @@ class _Run:
         known = getattr(self.train, "shapes", None)  # sources with length buckets say how many shapes they have
         count = f" {len(compiled)} of {len(known())}" if callable(known) else ""
         described = ", ".join(f"{name} {list(shape)}" for name, shape in shapes if len(shape) > 1) or str(shapes)
-        self.progress.clear()  # the line goes above the progress bar, not into it (as tqdm.write does)
-        compile_logger.info("compiling the training step for batch shape%s (%s); XLA compiles each shape once",
-                            count, described)
-        self.progress.refresh()
+        self.say("compiling the training step for batch shape%s (%s); XLA compiles each shape once", count,
+                 described, to=compile_logger)
 
     def stop(self, signum: int, epoch: int, index: int) -> None:
         """Save (after a good step) and leave as the signal asks: KeyboardInterrupt or SystemExit(128 + signum)."""
